@@ -1,0 +1,10 @@
+//! rbdback: a userspace Ceph RBD block backend for Xen.
+//!
+//! Three layers that know nothing of each other, wired per virtual block device:
+//! - [`ring`]: the blkif wire protocol, pure (bytes in, validated requests out).
+//! - [`xen`]: grant tables, event channels and xenstore (real bindings and a simulated Xen).
+//! - [`rados`]: storage engines over librados/librbd; never sees a grant or a ring.
+
+pub mod rados;
+pub mod ring;
+pub mod xen;

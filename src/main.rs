@@ -1,0 +1,6 @@
+//! The `rbdback` command.
+
+fn main() {
+    eprintln!("rbdback: no command yet");
+    std::process::exit(2);
+}
