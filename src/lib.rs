@@ -4,7 +4,9 @@
 //! - [`ring`]: the blkif wire protocol, pure (bytes in, validated requests out).
 //! - [`xen`]: grant tables, event channels and xenstore (real bindings and a simulated Xen).
 //! - [`rados`]: storage engines over librados/librbd; never sees a grant or a ring.
+//! - [`shm`]: the only code that touches guest-shared memory (volatile/atomic, bounds checked).
 
 pub mod rados;
 pub mod ring;
+pub mod shm;
 pub mod xen;
