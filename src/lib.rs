@@ -6,6 +6,7 @@
 //! - [`rados`]: storage engines over librados/librbd; never sees a grant or a ring.
 //! - [`shm`]: the only code that touches guest-shared memory (volatile/atomic, bounds checked).
 
+pub mod device;
 pub mod rados;
 pub mod ring;
 pub mod shm;

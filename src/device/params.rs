@@ -1,0 +1,430 @@
+//! The `params` node of a VBD: which RBD image a virtual disk is, and how to reach its cluster.
+//!
+//! Owns: parsing the operator's (or the toolstack's) disk target string into a [`DiskSpec`].
+//! Trusts: nothing; the string comes from xenstore (written by the toolstack, a hotplug script or
+//! the CSI sidecar) and every malformed part is a [`ParamsError`] that names it.
+//! Must never: open files or talk to the cluster — resolution happens in the storage layer.
+//!
+//! Two forms are accepted (documented for operators in `docs/deployment.md`):
+//!
+//! - QEMU's: `rbd:<pool>/[<namespace>/]<image>[@<snap>][:<key>=<value>]...`, with `\` escaping
+//!   the next character (so `:`, `@`, `/` and `\` can appear in names and values). Keys
+//!   `id`, `conf`, `keyring`, `key`, `engine` (`auto`, `direct`, `librbd`) and `rbd_cache`
+//!   are ours; any other key is passed to librados as a configuration option
+//!   (e.g. `mon_host`), exactly as QEMU does.
+//! - ceph-csi's volume handle: `csi:<handle>[:<key>=<value>]...` where the handle is
+//!   `<version:4 hex>-<len:4 hex>-<clusterID>-<poolID:16 hex>-<uuid>` (ceph-csi's
+//!   `CSIIdentifier`); the image is `<prefix><uuid>` with prefix `csi-vol-` unless the option
+//!   `prefix=` says otherwise, the pool is given by its id and `namespace=` sets the RADOS
+//!   namespace (ceph-csi keeps it in its cluster config, not in the handle).
+
+use thiserror::Error;
+
+/// How the pool is named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolRef {
+    /// By name (`rbd:` form).
+    Name(String),
+    /// By id (ceph-csi handles carry the pool id).
+    Id(i64),
+}
+
+/// Which storage engine serves the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineChoice {
+    /// The direct RADOS path where the image's features allow it, librbd otherwise.
+    #[default]
+    Auto,
+    /// Always the direct RADOS path (fail if the image needs librbd).
+    Direct,
+    /// Always librbd.
+    Librbd,
+}
+
+/// A parsed disk target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The pool holding the image.
+    pub pool: PoolRef,
+    /// RADOS namespace inside the pool, if any.
+    pub namespace: Option<String>,
+    /// Image name.
+    pub image: String,
+    /// Snapshot to serve (read-only), if any.
+    pub snapshot: Option<String>,
+    /// Ceph client id (without `client.`), default `admin`.
+    pub client_id: String,
+    /// ceph.conf to read; `None` means librados' default search.
+    pub conf: Option<String>,
+    /// Keyring file, if given.
+    pub keyring: Option<String>,
+    /// Secret key (base64), if given inline.
+    pub key: Option<String>,
+    /// Engine selection.
+    pub engine: EngineChoice,
+    /// librbd's cache for the librbd engine (`rbd_cache=true|false`), default off.
+    pub rbd_cache: bool,
+    /// Other `key=value` options passed to librados as configuration.
+    pub conf_options: Vec<(String, String)>,
+    /// ceph-csi cluster id when the disk was given as a CSI handle.
+    pub csi_cluster_id: Option<String>,
+}
+
+/// A malformed `params` value.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ParamsError {
+    /// Neither `rbd:` nor `csi:`.
+    #[error("params must start with `rbd:` or `csi:` (got {0:?})")]
+    UnknownScheme(String),
+    /// `rbd:` without `pool/image`.
+    #[error("params {0:?} has no `<pool>/<image>`")]
+    MissingImage(String),
+    /// Too many `/` parts.
+    #[error("params {0:?} has more than `<pool>/<namespace>/<image>`")]
+    TooManyParts(String),
+    /// An empty pool, namespace, image or snapshot name.
+    #[error("params {0:?} has an empty {1} name")]
+    EmptyName(String, &'static str),
+    /// An option without `=`.
+    #[error("option {0:?} is not `key=value`")]
+    BadOption(String),
+    /// An option with a bad value.
+    #[error("option {key}={value:?}: {why}")]
+    BadValue {
+        /// Option key.
+        key: String,
+        /// The rejected value.
+        value: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A dangling `\` at the end.
+    #[error("params {0:?} ends in a lone `\\`")]
+    DanglingEscape(String),
+    /// A ceph-csi handle that does not follow the documented layout.
+    #[error("ceph-csi volume handle {0:?} is malformed: {1}")]
+    BadCsiHandle(String, &'static str),
+}
+
+/// Splits `s` at unescaped `sep`, unescaping `\x` into `x` in every piece.
+fn split_escaped(s: &str, sep: char, whole: &str) -> Result<Vec<String>, ParamsError> {
+    let mut out = vec![String::new()];
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some(n) => push_char(&mut out, '\\', Some(n)),
+                None => return Err(ParamsError::DanglingEscape(whole.to_owned())),
+            }
+        } else if c == sep {
+            out.push(String::new());
+        } else {
+            push_char(&mut out, c, None);
+        }
+    }
+    Ok(out)
+}
+
+/// Appends `c` (or an escape kept for a later split level) to the last piece.
+fn push_char(out: &mut [String], c: char, escaped: Option<char>) {
+    if let Some(last) = out.last_mut() {
+        last.push(c);
+        if let Some(n) = escaped {
+            last.push(n);
+        }
+    }
+}
+
+/// Removes one level of `\` escapes.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(n) = chars.next() {
+                out.push(n);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, ParamsError> {
+    match value {
+        "true" | "1" | "on" | "yes" => Ok(true),
+        "false" | "0" | "off" | "no" => Ok(false),
+        _ => Err(ParamsError::BadValue {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            why: "expected true or false",
+        }),
+    }
+}
+
+fn nonempty(name: String, what: &'static str, whole: &str) -> Result<String, ParamsError> {
+    if name.is_empty() {
+        Err(ParamsError::EmptyName(whole.to_owned(), what))
+    } else {
+        Ok(name)
+    }
+}
+
+impl DiskSpec {
+    fn new(pool: PoolRef, image: String) -> Self {
+        DiskSpec {
+            pool,
+            namespace: None,
+            image,
+            snapshot: None,
+            client_id: "admin".to_owned(),
+            conf: None,
+            keyring: None,
+            key: None,
+            engine: EngineChoice::Auto,
+            rbd_cache: false,
+            conf_options: Vec::new(),
+            csi_cluster_id: None,
+        }
+    }
+
+    /// Parses a `params` value (see the module docs for the grammar).
+    pub fn parse(params: &str) -> Result<DiskSpec, ParamsError> {
+        let params = params.trim();
+        if let Some(rest) = params.strip_prefix("rbd:") {
+            Self::parse_rbd(rest, params)
+        } else if let Some(rest) = params.strip_prefix("csi:") {
+            Self::parse_csi(rest, params)
+        } else {
+            Err(ParamsError::UnknownScheme(params.to_owned()))
+        }
+    }
+
+    fn parse_rbd(rest: &str, whole: &str) -> Result<DiskSpec, ParamsError> {
+        let mut parts = split_escaped(rest, ':', whole)?.into_iter();
+        let path = parts.next().unwrap_or_default();
+        let (path, snap) = match split_escaped(&path, '@', whole)?.as_slice() {
+            [p] => (p.clone(), None),
+            [p, s] => (p.clone(), Some(nonempty(unescape(s), "snapshot", whole)?)),
+            _ => return Err(ParamsError::EmptyName(whole.to_owned(), "snapshot")),
+        };
+        let names: Vec<String> = split_escaped(&path, '/', whole)?
+            .iter()
+            .map(|s| unescape(s))
+            .collect();
+        let mut spec = match names.as_slice() {
+            [_] => return Err(ParamsError::MissingImage(whole.to_owned())),
+            [pool, image] => DiskSpec::new(
+                PoolRef::Name(nonempty(pool.clone(), "pool", whole)?),
+                nonempty(image.clone(), "image", whole)?,
+            ),
+            [pool, ns, image] => {
+                let mut s = DiskSpec::new(
+                    PoolRef::Name(nonempty(pool.clone(), "pool", whole)?),
+                    nonempty(image.clone(), "image", whole)?,
+                );
+                s.namespace = Some(nonempty(ns.clone(), "namespace", whole)?);
+                s
+            }
+            _ => return Err(ParamsError::TooManyParts(whole.to_owned())),
+        };
+        spec.snapshot = snap;
+        for opt in parts {
+            spec.apply_option(&opt)?;
+        }
+        Ok(spec)
+    }
+
+    fn parse_csi(rest: &str, whole: &str) -> Result<DiskSpec, ParamsError> {
+        let mut parts = split_escaped(rest, ':', whole)?.into_iter();
+        let handle = unescape(&parts.next().unwrap_or_default());
+        let bad = |why| ParamsError::BadCsiHandle(handle.clone(), why);
+        // <version:4>-<clusterIDLen:4>-<clusterID>-<poolID:16>-<uuid:36>
+        let version = handle.get(0..4).ok_or_else(|| bad("too short"))?;
+        if !version.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad("version is not 4 hex digits"));
+        }
+        if handle.get(4..5) != Some("-") || handle.get(9..10) != Some("-") {
+            return Err(bad(
+                "expected `-` after the version and the cluster id length",
+            ));
+        }
+        let len_hex = handle.get(5..9).ok_or_else(|| bad("too short"))?;
+        let cluster_len =
+            usize::from_str_radix(len_hex, 16).map_err(|_| bad("cluster id length is not hex"))?;
+        let cluster_end = 10 + cluster_len;
+        let cluster = handle
+            .get(10..cluster_end)
+            .ok_or_else(|| bad("shorter than its cluster id length"))?;
+        let tail = handle
+            .get(cluster_end..)
+            .and_then(|t| t.strip_prefix('-'))
+            .ok_or_else(|| bad("expected `-` after the cluster id"))?;
+        let pool_hex = tail
+            .get(0..16)
+            .ok_or_else(|| bad("no 16-hex-digit pool id"))?;
+        let pool_id =
+            i64::from_str_radix(pool_hex, 16).map_err(|_| bad("pool id is not 16 hex digits"))?;
+        let uuid = tail
+            .get(16..)
+            .and_then(|t| t.strip_prefix('-'))
+            .ok_or_else(|| bad("expected `-` after the pool id"))?;
+        if uuid.len() != 36 || !uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(bad("object uuid is not a 36-character uuid"));
+        }
+        let mut spec = DiskSpec::new(PoolRef::Id(pool_id), format!("csi-vol-{uuid}"));
+        spec.csi_cluster_id = Some(cluster.to_owned());
+        let uuid = uuid.to_owned();
+        for opt in parts {
+            if let Some(prefix) = unescape(&opt).strip_prefix("prefix=") {
+                spec.image = format!("{prefix}{uuid}");
+                continue;
+            }
+            spec.apply_option(&opt)?;
+        }
+        Ok(spec)
+    }
+
+    fn apply_option(&mut self, opt: &str) -> Result<(), ParamsError> {
+        let (key, value) = match split_escaped(opt, '=', opt)?.as_slice() {
+            [k, v] => (unescape(k), unescape(v)),
+            _ => return Err(ParamsError::BadOption(unescape(opt))),
+        };
+        if key.is_empty() {
+            return Err(ParamsError::BadOption(unescape(opt)));
+        }
+        match key.as_str() {
+            "id" => self.client_id = nonempty(value, "client id", opt)?,
+            "conf" => self.conf = Some(value),
+            "keyring" => self.keyring = Some(value),
+            "key" => self.key = Some(value),
+            "namespace" => self.namespace = Some(nonempty(value, "namespace", opt)?),
+            "engine" => {
+                self.engine = match value.as_str() {
+                    "auto" => EngineChoice::Auto,
+                    "direct" => EngineChoice::Direct,
+                    "librbd" => EngineChoice::Librbd,
+                    _ => {
+                        return Err(ParamsError::BadValue {
+                            key,
+                            value,
+                            why: "expected auto, direct or librbd",
+                        })
+                    }
+                }
+            }
+            "rbd_cache" => self.rbd_cache = parse_bool(&key, &value)?,
+            _ => self.conf_options.push((key, value)),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_form_with_everything() {
+        let s = DiskSpec::parse(
+            "rbd:vms/tenant1/disk0@base:id=xen:conf=/etc/ceph/ceph.conf:mon_host=127.0.0.1\\:6789:engine=librbd",
+        )
+        .unwrap();
+        assert_eq!(s.pool, PoolRef::Name("vms".into()));
+        assert_eq!(s.namespace.as_deref(), Some("tenant1"));
+        assert_eq!(s.image, "disk0");
+        assert_eq!(s.snapshot.as_deref(), Some("base"));
+        assert_eq!(s.client_id, "xen");
+        assert_eq!(s.conf.as_deref(), Some("/etc/ceph/ceph.conf"));
+        assert_eq!(s.engine, EngineChoice::Librbd);
+        assert_eq!(
+            s.conf_options,
+            vec![("mon_host".to_owned(), "127.0.0.1:6789".to_owned())]
+        );
+    }
+
+    #[test]
+    fn qemu_form_minimal_defaults() {
+        let s = DiskSpec::parse("rbd:rbd/test").unwrap();
+        assert_eq!(s.pool, PoolRef::Name("rbd".into()));
+        assert_eq!(s.image, "test");
+        assert_eq!(s.client_id, "admin");
+        assert_eq!(s.engine, EngineChoice::Auto);
+        assert!(!s.rbd_cache);
+        assert!(s.snapshot.is_none() && s.namespace.is_none());
+    }
+
+    #[test]
+    fn escaped_separators_stay_in_names() {
+        let s = DiskSpec::parse("rbd:p/we\\@ird\\:name").unwrap();
+        assert_eq!(s.image, "we@ird:name");
+    }
+
+    #[test]
+    fn malformed_forms_are_named() {
+        assert!(matches!(
+            DiskSpec::parse("/dev/sda"),
+            Err(ParamsError::UnknownScheme(_))
+        ));
+        assert!(matches!(
+            DiskSpec::parse("rbd:onlypool"),
+            Err(ParamsError::MissingImage(_))
+        ));
+        assert!(matches!(
+            DiskSpec::parse("rbd:a/b/c/d"),
+            Err(ParamsError::TooManyParts(_))
+        ));
+        assert!(matches!(
+            DiskSpec::parse("rbd:/img"),
+            Err(ParamsError::EmptyName(_, "pool"))
+        ));
+        assert!(matches!(
+            DiskSpec::parse("rbd:p/i@"),
+            Err(ParamsError::EmptyName(_, "snapshot"))
+        ));
+        assert!(matches!(
+            DiskSpec::parse("rbd:p/i:noequals"),
+            Err(ParamsError::BadOption(_))
+        ));
+        assert!(matches!(
+            DiskSpec::parse("rbd:p/i:engine=fast"),
+            Err(ParamsError::BadValue { .. })
+        ));
+        assert!(matches!(
+            DiskSpec::parse("rbd:p/i\\"),
+            Err(ParamsError::DanglingEscape(_))
+        ));
+    }
+
+    #[test]
+    fn csi_handle_resolves_pool_id_and_image() {
+        let h = "0001-0024-fc0b5b1c-ad3e-4e4b-9b1c-3a5e0f6a7a11-0000000000000002-b0285c97-a0ce-11eb-8c66-0a580a810086";
+        let s = DiskSpec::parse(&format!("csi:{h}:id=csi-rbd-node")).unwrap();
+        assert_eq!(s.pool, PoolRef::Id(2));
+        assert_eq!(s.image, "csi-vol-b0285c97-a0ce-11eb-8c66-0a580a810086");
+        assert_eq!(
+            s.csi_cluster_id.as_deref(),
+            Some("fc0b5b1c-ad3e-4e4b-9b1c-3a5e0f6a7a11")
+        );
+        assert_eq!(s.client_id, "csi-rbd-node");
+        let s = DiskSpec::parse(&format!("csi:{h}:prefix=k8s-")).unwrap();
+        assert_eq!(s.image, "k8s-b0285c97-a0ce-11eb-8c66-0a580a810086");
+    }
+
+    #[test]
+    fn csi_handle_malformed_is_rejected() {
+        for bad in [
+            "csi:",
+            "csi:0001",
+            "csi:0001-00ff-short",
+            "csi:0001-0004-abcd-zzzzzzzzzzzzzzzz-b0285c97-a0ce-11eb-8c66-0a580a810086",
+            "csi:0001-0004-abcd-0000000000000002-notauuid",
+        ] {
+            assert!(
+                matches!(DiskSpec::parse(bad), Err(ParamsError::BadCsiHandle(..))),
+                "{bad}"
+            );
+        }
+    }
+}
