@@ -7,3 +7,4 @@
 //! dataplane thread on the cluster, or let one VBD's failure stop another's.
 
 pub mod params;
+pub mod xenbus;

@@ -1,0 +1,357 @@
+//! The XenbusState handshake of one VBD, as a pure state machine.
+//!
+//! Owns: deciding what the backend does when the frontend's state (or the toolstack's `online`
+//! flag) changes — advertise features, connect the rings, disconnect, close, reconnect.
+//! Trusts: nothing: the frontend's `state` node is parsed into a total [`XenbusState`] and any
+//! value, order, repetition or skipped step yields a defined action list.
+//! Must never: touch xenstore or memory itself (the control thread executes the [`Action`]s),
+//! so the protocol can be tested without Xen.
+//!
+//! Protocol (Xen's `xen/include/public/io/xenbus.h`, Linux `xen-blkback/xenbus.c`):
+//! - backend probe: write the probe-time features, then `InitWait`;
+//! - frontend `Initialised` or `Connected`: read its ring nodes, map, then `Connected`;
+//! - frontend `Closing`: disconnect, `Closing`; frontend `Closed`: disconnect, `Closed`, and
+//!   if the toolstack set `online` to 0, the device is gone;
+//! - frontend back to `Initialising`/`InitWait` after `Closed`: a reboot or reconnect, so the
+//!   backend advertises again and waits.
+
+/// A xenbus state (`enum xenbus_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XenbusState {
+    /// 0
+    Unknown,
+    /// 1
+    Initialising,
+    /// 2
+    InitWait,
+    /// 3
+    Initialised,
+    /// 4
+    Connected,
+    /// 5
+    Closing,
+    /// 6
+    Closed,
+    /// 7
+    Reconfiguring,
+    /// 8
+    Reconfigured,
+}
+
+impl XenbusState {
+    /// Parses a `state` node. Anything that is not one of the nine values is `Unknown`.
+    pub fn parse(s: &str) -> XenbusState {
+        match s.trim().parse::<u32>() {
+            Ok(1) => XenbusState::Initialising,
+            Ok(2) => XenbusState::InitWait,
+            Ok(3) => XenbusState::Initialised,
+            Ok(4) => XenbusState::Connected,
+            Ok(5) => XenbusState::Closing,
+            Ok(6) => XenbusState::Closed,
+            Ok(7) => XenbusState::Reconfiguring,
+            Ok(8) => XenbusState::Reconfigured,
+            _ => XenbusState::Unknown,
+        }
+    }
+
+    /// The number written to xenstore.
+    pub fn as_u32(self) -> u32 {
+        match self {
+            XenbusState::Unknown => 0,
+            XenbusState::Initialising => 1,
+            XenbusState::InitWait => 2,
+            XenbusState::Initialised => 3,
+            XenbusState::Connected => 4,
+            XenbusState::Closing => 5,
+            XenbusState::Closed => 6,
+            XenbusState::Reconfiguring => 7,
+            XenbusState::Reconfigured => 8,
+        }
+    }
+}
+
+impl std::fmt::Display for XenbusState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.as_u32())
+    }
+}
+
+/// What the control thread must do, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Write the probe-time feature nodes (`feature-max-indirect-segments`,
+    /// `multi-queue-max-queues`, `max-ring-page-order`, ...).
+    Advertise,
+    /// Read the frontend's ring nodes, map the rings, bind the event channels, start the
+    /// queues and write the connect-time nodes (`sectors`, `info`, features) in one transaction.
+    Connect,
+    /// Stop the queues (bounded drain), unmap the rings, unbind the event channels.
+    Disconnect,
+    /// Write this value to the backend's `state` node.
+    SwitchState(XenbusState),
+    /// The device was removed by the toolstack: release everything and forget the VBD.
+    Remove,
+}
+
+/// The backend side of one VBD's handshake.
+#[derive(Debug, Clone)]
+pub struct Handshake {
+    state: XenbusState,
+    connected: bool,
+}
+
+impl Default for Handshake {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Handshake {
+    /// A backend that has not probed yet.
+    pub fn new() -> Self {
+        Handshake {
+            state: XenbusState::Initialising,
+            connected: false,
+        }
+    }
+
+    /// The backend's current state.
+    pub fn state(&self) -> XenbusState {
+        self.state
+    }
+
+    /// Whether the rings are mapped and the queues run.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    fn switch(&mut self, to: XenbusState, out: &mut Vec<Action>) {
+        if self.state != to {
+            self.state = to;
+            out.push(Action::SwitchState(to));
+        }
+    }
+
+    fn disconnect(&mut self, out: &mut Vec<Action>) {
+        if self.connected {
+            self.connected = false;
+            out.push(Action::Disconnect);
+        }
+    }
+
+    /// The probe: called once the backend's configuration (params, mode) is usable.
+    pub fn probe(&mut self) -> Vec<Action> {
+        let mut out = vec![Action::Advertise];
+        self.switch(XenbusState::InitWait, &mut out);
+        out
+    }
+
+    /// The connect step failed (bad ring refs, absurd order, mapping error): the caller has
+    /// written the reason to the `error` node; the backend closes like `xenbus_dev_fatal`.
+    pub fn connect_failed(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.disconnect(&mut out);
+        self.switch(XenbusState::Closing, &mut out);
+        out
+    }
+
+    /// The frontend broke the protocol while connected (bogus `req_prod`): close the VBD.
+    pub fn frontend_broken(&mut self) -> Vec<Action> {
+        self.connect_failed()
+    }
+
+    /// The frontend's `state` node changed (or a watch fired with the same value).
+    ///
+    /// `online` is the toolstack's `online` flag (libxl writes 0 before removing a device).
+    pub fn frontend_changed(&mut self, fe: XenbusState, online: bool) -> Vec<Action> {
+        let mut out = Vec::new();
+        match fe {
+            XenbusState::Initialising | XenbusState::InitWait => {
+                // A frontend starting over after Closed (reboot, kexec, driver reload):
+                // advertise again. While still probing, nothing to do.
+                if self.state == XenbusState::Closed {
+                    out.push(Action::Advertise);
+                    self.switch(XenbusState::InitWait, &mut out);
+                }
+            }
+            XenbusState::Initialised | XenbusState::Connected => {
+                // Linux blkback connects on either; a repeated Connected is ignored.
+                if self.connected {
+                    return out;
+                }
+                if self.state == XenbusState::Closing || self.state == XenbusState::Closed {
+                    // The frontend skipped Initialising after we closed: re-advertise
+                    // first so the features it reads are ours.
+                    out.push(Action::Advertise);
+                    self.state = XenbusState::InitWait;
+                }
+                if self.state == XenbusState::Initialising {
+                    // Probe never ran (should not happen): advertise before connecting.
+                    out.push(Action::Advertise);
+                    self.state = XenbusState::InitWait;
+                }
+                self.connected = true;
+                out.push(Action::Connect);
+                self.switch(XenbusState::Connected, &mut out);
+            }
+            XenbusState::Closing => {
+                self.disconnect(&mut out);
+                self.switch(XenbusState::Closing, &mut out);
+            }
+            XenbusState::Unknown
+                if !self.connected
+                    && matches!(
+                        self.state,
+                        XenbusState::Initialising | XenbusState::InitWait
+                    ) =>
+            {
+                // No frontend yet (node not written): keep waiting.
+            }
+            XenbusState::Closed | XenbusState::Unknown => {
+                // Unknown after a handshake means a removed or garbled frontend state node:
+                // treat the frontend as gone (Linux blkback unregisters the device).
+                self.disconnect(&mut out);
+                self.switch(XenbusState::Closed, &mut out);
+                if !online {
+                    out.push(Action::Remove);
+                }
+            }
+            XenbusState::Reconfiguring | XenbusState::Reconfigured => {
+                // Not used by blkif; blkback ignores them too.
+            }
+        }
+        out
+    }
+
+    /// The toolstack set `online` to 0 (or removed the backend directory).
+    pub fn offline(&mut self, frontend: XenbusState) -> Vec<Action> {
+        let mut out = Vec::new();
+        if matches!(frontend, XenbusState::Closed | XenbusState::Unknown) || !self.connected {
+            self.disconnect(&mut out);
+            self.switch(XenbusState::Closed, &mut out);
+            out.push(Action::Remove);
+        } else {
+            // Ask the frontend to let go first; Remove follows when it reaches Closed.
+            self.switch(XenbusState::Closing, &mut out);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Action::*;
+    use super::XenbusState::*;
+    use super::*;
+
+    #[test]
+    fn parse_is_total() {
+        assert_eq!(XenbusState::parse("4"), Connected);
+        assert_eq!(XenbusState::parse(" 6\n"), Closed);
+        assert_eq!(XenbusState::parse("9"), Unknown);
+        assert_eq!(XenbusState::parse("-1"), Unknown);
+        assert_eq!(XenbusState::parse("banana"), Unknown);
+        for n in 0..=8 {
+            assert_eq!(XenbusState::parse(&n.to_string()).as_u32(), n);
+        }
+    }
+
+    #[test]
+    fn normal_lifecycle() {
+        let mut h = Handshake::new();
+        assert_eq!(h.probe(), vec![Advertise, SwitchState(InitWait)]);
+        assert_eq!(h.frontend_changed(Initialising, true), vec![]);
+        assert_eq!(
+            h.frontend_changed(Initialised, true),
+            vec![Connect, SwitchState(Connected)]
+        );
+        assert!(h.is_connected());
+        assert_eq!(h.frontend_changed(Connected, true), vec![]);
+        assert_eq!(
+            h.frontend_changed(Closing, true),
+            vec![Disconnect, SwitchState(Closing)]
+        );
+        assert_eq!(h.frontend_changed(Closed, true), vec![SwitchState(Closed)]);
+        // reboot: the frontend starts over
+        assert_eq!(
+            h.frontend_changed(Initialising, true),
+            vec![Advertise, SwitchState(InitWait)]
+        );
+        assert_eq!(
+            h.frontend_changed(Connected, true),
+            vec![Connect, SwitchState(Connected)]
+        );
+    }
+
+    #[test]
+    fn skipped_closing_still_disconnects_once() {
+        let mut h = Handshake::new();
+        h.probe();
+        h.frontend_changed(Connected, true);
+        assert_eq!(
+            h.frontend_changed(Closed, true),
+            vec![Disconnect, SwitchState(Closed)]
+        );
+        assert_eq!(h.frontend_changed(Closed, true), vec![]);
+    }
+
+    #[test]
+    fn frontend_reconnects_without_initialising() {
+        let mut h = Handshake::new();
+        h.probe();
+        h.frontend_changed(Connected, true);
+        h.frontend_changed(Closing, true);
+        assert_eq!(
+            h.frontend_changed(Connected, true),
+            vec![Advertise, Connect, SwitchState(Connected)]
+        );
+    }
+
+    #[test]
+    fn detach_waits_for_frontend_then_removes() {
+        let mut h = Handshake::new();
+        h.probe();
+        h.frontend_changed(Connected, true);
+        assert_eq!(h.offline(Connected), vec![SwitchState(Closing)]);
+        assert_eq!(h.frontend_changed(Closing, false), vec![Disconnect]);
+        assert_eq!(
+            h.frontend_changed(Closed, false),
+            vec![SwitchState(Closed), Remove]
+        );
+    }
+
+    #[test]
+    fn detach_of_unconnected_device_is_immediate() {
+        let mut h = Handshake::new();
+        h.probe();
+        assert_eq!(h.offline(InitWait), vec![SwitchState(Closed), Remove]);
+    }
+
+    #[test]
+    fn missing_frontend_state_before_handshake_is_ignored() {
+        let mut h = Handshake::new();
+        h.probe();
+        assert_eq!(h.frontend_changed(Unknown, true), vec![]);
+        assert_eq!(h.state(), InitWait);
+    }
+
+    #[test]
+    fn connect_failure_closes() {
+        let mut h = Handshake::new();
+        h.probe();
+        h.frontend_changed(Initialised, true);
+        assert_eq!(h.connect_failed(), vec![Disconnect, SwitchState(Closing)]);
+        assert!(!h.is_connected());
+    }
+
+    #[test]
+    fn garbage_frontend_state_is_treated_as_gone() {
+        let mut h = Handshake::new();
+        h.probe();
+        h.frontend_changed(Connected, true);
+        assert_eq!(
+            h.frontend_changed(XenbusState::parse("77"), true),
+            vec![Disconnect, SwitchState(Closed)]
+        );
+    }
+}
