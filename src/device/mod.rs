@@ -6,5 +6,6 @@
 //! Must never: touch guest memory except through [`crate::shm`] and [`crate::xen`], block a
 //! dataplane thread on the cluster, or let one VBD's failure stop another's.
 
+pub mod frontend;
 pub mod params;
 pub mod xenbus;
