@@ -139,10 +139,14 @@ impl BackRing {
     /// Reads `req_prod` (Acquire: the slots it covers are visible after it) and checks it.
     ///
     /// ring.h `RING_REQUEST_PROD_OVERFLOW`: a frontend can never have more than a ring's
-    /// worth of requests unanswered, so `req_prod - rsp_prod_pvt > size` means it is broken.
+    /// worth of requests unanswered, so `req_prod - rsp_prod_pvt > size` means it is broken;
+    /// so does a `req_prod` behind `req_cons` (indices only move forward).
     fn unconsumed(&self, mem: &SharedMem<'_>) -> Result<u32, RingError> {
         let req_prod = mem.load_u32_acquire(SRING_REQ_PROD)?;
-        if req_prod.wrapping_sub(self.rsp_prod_pvt) > self.capacity {
+        let unanswered = req_prod.wrapping_sub(self.rsp_prod_pvt);
+        // A req_prod that moved back behind req_cons is just as broken (found by fuzzing:
+        // req_prod - req_cons would otherwise wrap to ~4 billion).
+        if unanswered > self.capacity || unanswered < self.outstanding() {
             return Err(RingError::BogusReqProd {
                 req_prod,
                 rsp_prod_pvt: self.rsp_prod_pvt,
@@ -329,6 +333,26 @@ mod tests {
         // A req_prod "behind" req_cons is a huge unsigned distance: also refused.
         mem.store_u32(SRING_REQ_PROD, u32::MAX).unwrap();
         assert!(back.pending_requests(&mem).is_err());
+    }
+
+    #[test]
+    fn req_prod_moving_backwards_is_a_broken_frontend() {
+        let (mut buf, mut front, mut back) = setup(Abi::Native, 0);
+        let mem = SharedMem::from_mut_slice(&mut buf);
+        front.init_shared(&mem).unwrap();
+        for i in 0..5 {
+            front.queue(&mem, &WireRequest::flush(i)).unwrap();
+        }
+        front.push_requests(&mem).unwrap();
+        let mut slots = Vec::new();
+        assert_eq!(back.take_requests(&mem, &mut slots, usize::MAX).unwrap(), 5);
+        mem.store_u32(SRING_REQ_PROD, 3).unwrap();
+        assert!(matches!(
+            back.take_requests(&mem, &mut slots, usize::MAX),
+            Err(RingError::BogusReqProd { req_prod: 3, .. })
+        ));
+        assert_eq!(slots.len(), 5);
+        assert_eq!(back.outstanding(), 5);
     }
 
     #[test]
