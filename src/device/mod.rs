@@ -6,6 +6,7 @@
 //! Must never: touch guest memory except through [`crate::shm`] and [`crate::xen`], block a
 //! dataplane thread on the cluster, or let one VBD's failure stop another's.
 
+pub mod dataplane;
 pub mod frontend;
 pub mod params;
 pub mod xenbus;
