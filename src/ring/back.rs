@@ -59,6 +59,11 @@ impl From<OutOfBounds> for RingError {
 }
 
 /// Backend state of one blkif ring; holds no reference to the ring's memory.
+///
+/// Every method takes the ring's memory as a [`SharedMem`]: the `2^order` pages granted as
+/// `ring-ref0..N` (or `ring-ref`), mapped contiguously in that order, at least
+/// [`BackRing::ring_bytes`] long and 4-byte aligned (page-aligned in practice). Passing the
+/// view per call lets the device layer keep the mapping guard and the ring state side by side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackRing {
     abi: Abi,
