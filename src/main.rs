@@ -1,11 +1,28 @@
 //! The `rbdback` command.
 //!
-//! `rbdback demo`: for now a ring-layer demo. A mock blkfront fills a blkif ring with a mixed
-//! workload (reads, writes, indirect requests, flushes, discards and some invalid requests);
-//! the back ring takes, validates and answers them against an in-memory disk; the frontend
-//! checks every status and every byte read, and the throughput is printed.
+//! - `rbdback serve --domid N [--kind vbd]`: serve one guest's RBD disks (one process per VM).
+//! - `rbdback supervise [--kind vbd]`: dom0 service; keeps one `serve` process per guest that
+//!   has RBD disks under `backend/<kind>`.
+//! - `rbdback demo`: a guest's I/O through the whole stack (local Ceph, simulated Xen).
+//! - `rbdback ring-demo`: the ring layer alone: a mock blkfront fills a blkif ring with a mixed
+//!   workload (reads, writes, indirect requests, flushes, discards and some invalid requests);
+//!   the back ring takes, validates and answers them against an in-memory disk; the frontend
+//!   checks every status and every byte read, and the throughput is printed.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use rbdback::device::backend::{serve, supervise, ServeConfig};
+use rbdback::device::vbd::{chain, Options, RadosOpener};
+use rbdback::xen::real::RealPlatform;
+use rbdback::xen::xenstore::Xenstore;
+use rbdback::xen::Platform;
+
+const USAGE: &str = "usage:
+  rbdback serve --domid N [--kind vbd] [--backend-domid 0] [--stay]
+  rbdback supervise [--kind vbd] [--backend-domid 0]
+  rbdback demo [--ceph-conf FILE] [--requests N] [--qd N] [--queues N] [--writes PCT]
+  rbdback ring-demo [--abi x86_64-abi|x86_32-abi] [--order 0-4] [--requests N]";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -16,15 +33,110 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or(&[]);
     match args.first().map(String::as_str) {
-        Some("demo") => run_demo(args.get(1..).unwrap_or(&[])),
+        Some("serve") => run_serve(rest),
+        Some("supervise") => run_supervise(rest),
+        Some("demo") => run_full_demo(rest),
+        Some("ring-demo") => run_demo(rest),
         _ => {
-            eprintln!(
-                "usage: rbdback demo [--abi x86_64-abi|x86_32-abi] [--order 0-4] [--requests N]"
-            );
+            eprintln!("{USAGE}");
             ExitCode::from(2)
         }
     }
+}
+
+/// Value of `--name` in `args`.
+fn opt<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+fn num<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T, String> {
+    match opt(args, name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("{name} {v:?} is not a valid number")),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("rbdback: {msg}");
+    ExitCode::FAILURE
+}
+
+fn run_serve(args: &[String]) -> ExitCode {
+    let domid = match opt(args, "--domid").map(str::parse::<u16>) {
+        Some(Ok(d)) => d,
+        _ => return fail("serve needs --domid N (the guest's domain id)"),
+    };
+    let backend_domid = match num(args, "--backend-domid", 0u16) {
+        Ok(d) => d,
+        Err(e) => return fail(&e),
+    };
+    let cfg = ServeConfig {
+        kind: opt(args, "--kind").unwrap_or("vbd").to_owned(),
+        backend_domid,
+        domid,
+        exit_when_empty: !args.iter().any(|a| a == "--stay"),
+        options: Options::default(),
+    };
+    let platform = Arc::new(RealPlatform::new());
+    let (_stop_tx, stop_rx) = std::sync::mpsc::channel();
+    match serve(platform, Arc::new(RadosOpener), &cfg, &stop_rx) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&chain(&e)),
+    }
+}
+
+fn run_supervise(args: &[String]) -> ExitCode {
+    let backend_domid = match num(args, "--backend-domid", 0u16) {
+        Ok(d) => d,
+        Err(e) => return fail(&e),
+    };
+    let kind = opt(args, "--kind").unwrap_or("vbd");
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return fail(&format!("cannot find our own executable: {e}")),
+    };
+    let xs = match RealPlatform::new().xenstore() {
+        Ok(x) => x,
+        Err(e) => return fail(&chain(&e)),
+    };
+    let (_stop_tx, stop_rx) = std::sync::mpsc::channel();
+    let extra = vec!["--backend-domid".to_owned(), backend_domid.to_string()];
+    match supervise(&xs, kind, backend_domid, &exe, &extra, &stop_rx) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&chain(&e)),
+    }
+}
+
+#[cfg(feature = "test-utils")]
+fn run_full_demo(args: &[String]) -> ExitCode {
+    let mut o = rbdback::demo::DemoOptions::default();
+    let parsed = (|| -> Result<(), String> {
+        o.ceph_conf = opt(args, "--ceph-conf").map(std::path::PathBuf::from);
+        o.requests = num(args, "--requests", o.requests)?;
+        o.qd = num(args, "--qd", o.qd)?;
+        o.queues = num(args, "--queues", o.queues)?;
+        o.write_pct = num(args, "--writes", o.write_pct)?;
+        Ok(())
+    })();
+    if let Err(e) = parsed {
+        return fail(&e);
+    }
+    match rbdback::demo::run(&o) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("demo failed: {}", chain(&e))),
+    }
+}
+
+#[cfg(not(feature = "test-utils"))]
+fn run_full_demo(_args: &[String]) -> ExitCode {
+    fail("demo needs the simulated guest: build with `--features test-utils`")
 }
 
 #[cfg(feature = "test-utils")]

@@ -590,6 +590,24 @@ impl Dataplane {
         Ok(Serviced { notify, throttled })
     }
 
+    /// While stopping: answer finished engine operations (and start barrier-held requests
+    /// already taken) without taking new requests; says whether to notify.
+    pub fn drain_completions(
+        &mut self,
+        mem: &SharedMem<'_>,
+        grants: &mut impl GrantIo,
+        engine: &mut impl EngineQueue,
+    ) -> Result<bool, DataplaneError> {
+        let mut done = std::mem::take(&mut self.done);
+        engine.reap(&mut done);
+        for d in done.drain(..) {
+            self.complete(mem, grants, engine, d)?;
+        }
+        self.done = done;
+        self.run_deferred(mem, grants, engine)?;
+        Ok(self.ring.publish_responses(mem)?)
+    }
+
     /// Before sleeping: whether requests arrived meanwhile (then call [`Self::service`] again).
     pub fn final_check(&mut self, mem: &SharedMem<'_>) -> Result<bool, DataplaneError> {
         Ok(self.ring.final_check_for_requests(mem)?)

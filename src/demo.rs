@@ -1,0 +1,237 @@
+//! `rbdback demo`: a guest's I/O through the whole stack, on the embedded default.
+//!
+//! A local Ceph cluster (started by `tools/ceph-cluster` unless one is given), the simulated
+//! Xen, the real backend (`device::backend::serve`, the same code `rbdback serve` runs) and a
+//! simulated guest whose blkfront-like frontend runs a verified mixed workload through the
+//! ring. Prints progress, IOPS, latency and the verification result, then cleans up.
+//!
+//! Must never: leave the image or the cluster behind after it started them.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::device::backend::{serve, ServeConfig};
+use crate::device::testfront::{
+    run_verified, toolstack_attach, toolstack_detach, AttachSpec, FrontTestError, SimBlkfront,
+};
+use crate::device::vbd::{Options, RadosOpener};
+use crate::ring::Abi;
+use crate::xen::sim::SimXen;
+use crate::xen::XenError;
+
+/// Demo settings.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// An existing cluster's ceph.conf; `None` starts the project's local cluster.
+    pub ceph_conf: Option<PathBuf>,
+    /// Requests to run.
+    pub requests: u64,
+    /// Queue depth per queue.
+    pub qd: usize,
+    /// Queues to ask for.
+    pub queues: u32,
+    /// Percent writes.
+    pub write_pct: u32,
+    /// Image size in MiB.
+    pub size_mib: u64,
+    /// Ring page order.
+    pub ring_order: u32,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            ceph_conf: None,
+            requests: 20_000,
+            qd: 32,
+            queues: 2,
+            write_pct: 50,
+            size_mib: 256,
+            ring_order: 2,
+        }
+    }
+}
+
+/// The demo failed.
+#[derive(Debug, Error)]
+pub enum DemoError {
+    /// The cluster tool failed.
+    #[error("cannot start the local Ceph cluster: {0}")]
+    Cluster(String),
+    /// `rbd create`/`rm` failed.
+    #[error("rbd command failed: {0}")]
+    Rbd(String),
+    /// Simulated Xen.
+    #[error("simulated xen")]
+    Xen(#[from] XenError),
+    /// The simulated guest.
+    #[error("simulated guest")]
+    Front(#[from] FrontTestError),
+    /// Data did not verify.
+    #[error("{0} reads returned data that was not written")]
+    Mismatch(u64),
+    /// Requests failed.
+    #[error("{0} requests failed")]
+    Errors(u64),
+}
+
+fn tools_dir() -> PathBuf {
+    std::env::var_os("RBDBACK_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tools")))
+}
+
+fn start_cluster() -> Result<PathBuf, DemoError> {
+    let tool = tools_dir().join("ceph-cluster");
+    eprintln!("demo: starting the local Ceph cluster ({})", tool.display());
+    let out = Command::new(&tool)
+        .arg("up")
+        .output()
+        .map_err(|e| DemoError::Cluster(format!("{}: {e}", tool.display())))?;
+    if !out.status.success() {
+        return Err(DemoError::Cluster(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            l.trim()
+                .trim_start_matches("export ")
+                .strip_prefix("CEPH_CONF=")
+                .map(|v| PathBuf::from(v.trim()))
+        })
+        .ok_or_else(|| DemoError::Cluster("no CEPH_CONF in the tool's output".into()))
+}
+
+fn rbd(conf: &PathBuf, args: &[&str]) -> Result<(), DemoError> {
+    let out = Command::new("rbd")
+        .arg("-c")
+        .arg(conf)
+        .args(args)
+        .output()
+        .map_err(|e| DemoError::Rbd(e.to_string()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(DemoError::Rbd(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ))
+    }
+}
+
+/// Runs the demo; prints its report to stdout.
+pub fn run(o: &DemoOptions) -> Result<(), DemoError> {
+    let conf = match &o.ceph_conf {
+        Some(c) => c.clone(),
+        None => start_cluster()?,
+    };
+    let image = format!("rbdback-demo-{}", std::process::id());
+    rbd(
+        &conf,
+        &["create", "--size", &format!("{}M", o.size_mib), &format!("rbd/{image}")],
+    )?;
+    let result = run_on(o, &conf, &image);
+    let _ = rbd(&conf, &["rm", "--no-progress", &format!("rbd/{image}")]);
+    if o.ceph_conf.is_none() {
+        let _ = Command::new(tools_dir().join("ceph-cluster"))
+            .arg("down")
+            .status();
+    }
+    result
+}
+
+fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), DemoError> {
+    let xen = SimXen::start()?;
+    let platform = Arc::new(xen.platform());
+    let guest_domid = 7;
+    let cfg = ServeConfig {
+        kind: "vbd".into(),
+        backend_domid: 0,
+        domid: guest_domid,
+        exit_when_empty: true,
+        options: Options::default(),
+    };
+    let (stop_tx, stop_rx) = mpsc::channel();
+    let p2 = Arc::clone(&platform);
+    let server = std::thread::spawn(move || serve(p2, Arc::new(RadosOpener), &cfg, &stop_rx));
+
+    let params = format!("rbd:rbd/{image}:conf={}", conf.display());
+    let mut spec = AttachSpec::new(&params);
+    spec.abi = Abi::X86_64;
+    spec.queues = o.queues;
+    spec.ring_order = o.ring_order;
+    spec.data_pages = 1024;
+    let dom0 = xen.platform().xenstore_client()?;
+    let (be, fe) = toolstack_attach(&dom0, 0, guest_domid, &spec).map_err(XenError::from)?;
+    let guest = xen.frontend(guest_domid)?;
+    let t0 = Instant::now();
+    let mut front = SimBlkfront::connect(guest, &be, &fe, &spec, Duration::from_secs(60))?;
+    println!(
+        "demo: guest {guest_domid} connected to rbd/{image} in {:.1}s: {} sectors, {} queue(s), discard {}, indirect {}",
+        t0.elapsed().as_secs_f64(),
+        front.sectors,
+        front.queue_count(),
+        front.discard,
+        front.max_indirect
+    );
+    let span = front.sectors.min(64 * 1024 * 2); // the first 64 MiB
+    let report = run_verified(
+        &mut front,
+        o.requests,
+        o.qd,
+        o.write_pct,
+        span,
+        0x5eed,
+        |total, r| {
+            let secs = r.elapsed.as_secs_f64().max(1e-9);
+            eprint!(
+                "\rdemo: {}/{} requests, {:.0} IOPS, {} errors, {} mismatches   ",
+                r.completed,
+                total,
+                r.completed as f64 / secs,
+                r.errors,
+                r.mismatches
+            );
+        },
+    )?;
+    eprintln!();
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "demo: {} x 4 KiB requests ({}% writes) at queue depth {} per queue in {:.2}s",
+        report.completed, o.write_pct, o.qd, secs
+    );
+    println!(
+        "demo: {:.0} IOPS, {:.1} MiB/s, latency p50 {} us, p99 {} us, max {} us",
+        report.completed as f64 / secs,
+        report.bytes as f64 / secs / 1048576.0,
+        report.percentile(50.0),
+        report.percentile(99.0),
+        report.latencies_us.last().copied().unwrap_or(0)
+    );
+    let verdict = if report.mismatches == 0 && report.errors == 0 {
+        "PASS"
+    } else {
+        "FAIL"
+    };
+    println!(
+        "demo: verification {verdict}: {} reads checked against what was written, {} mismatches, {} errors",
+        report.completed, report.mismatches, report.errors
+    );
+    front.close(Duration::from_secs(30))?;
+    toolstack_detach(&dom0, &be).map_err(XenError::from)?;
+    let _ = stop_tx.send(());
+    let _ = server.join();
+    if report.mismatches > 0 {
+        return Err(DemoError::Mismatch(report.mismatches));
+    }
+    if report.errors > 0 {
+        return Err(DemoError::Errors(report.errors));
+    }
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! One `rbdback serve` process: finds the VBDs of one guest in xenstore and runs a control
+//! thread per VBD; and `rbdback supervise`, which keeps one `serve` process per guest.
+//!
+//! Owns: discovery (`backend/<kind>/<domid>/*`), the claim rule, the per-VBD threads.
+//! Trusts: nothing: a VBD whose `params` is not an RBD target, or that a kernel backend driver
+//! has bound, is left alone.
+//! Must never: let one VBD's failure or removal stop the others.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::xen::xenstore::{XsError, Xenstore};
+use crate::xen::{DomId, Platform, XenError};
+
+use super::vbd::{run_vbd, ImageOpener, Options, VbdEnd, VbdId};
+
+/// What `serve` serves.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Backend kind directory (`vbd`).
+    pub kind: String,
+    /// Our domain (0 in dom0).
+    pub backend_domid: DomId,
+    /// The guest.
+    pub domid: DomId,
+    /// Exit once the guest has no VBD left (a per-VM process); false keeps waiting.
+    pub exit_when_empty: bool,
+    /// Advertised limits and tunables.
+    pub options: Options,
+}
+
+/// Whether `params` names a disk rbdback serves.
+pub fn is_rbd_params(params: &str) -> bool {
+    let p = params.trim_start();
+    p.starts_with("rbd:") || p.starts_with("csi:")
+}
+
+/// Whether a kernel backend (xen-blkback) has bound this device: then it is not ours until
+/// the hotplug script unbinds it (see docs/deployment.md).
+pub fn kernel_bound(kind: &str, domid: DomId, devid: u32) -> bool {
+    Path::new(&format!(
+        "/sys/bus/xen-backend/devices/{kind}-{domid}-{devid}/driver"
+    ))
+    .exists()
+}
+
+struct Running {
+    stop: Sender<()>,
+    thread: JoinHandle<VbdEnd>,
+}
+
+/// Serves the guest's VBDs until `stop` fires (or, with `exit_when_empty`, until none is left).
+pub fn serve<P: Platform>(
+    platform: Arc<P>,
+    opener: Arc<dyn ImageOpener>,
+    cfg: &ServeConfig,
+    stop: &mpsc::Receiver<()>,
+) -> Result<(), XenError> {
+    let xs = Arc::new(platform.xenstore()?);
+    let gnttab = Arc::new(platform.gnttab()?);
+    let dir = format!(
+        "/local/domain/{}/backend/{}/{}",
+        cfg.backend_domid, cfg.kind, cfg.domid
+    );
+    let watch = xs.watch(&dir).map_err(XenError::from)?;
+    let mut running: HashMap<u32, Running> = HashMap::new();
+    let mut done: HashMap<u32, Instant> = HashMap::new();
+    let mut seen_any = false;
+    info!(dir = %dir, "serving");
+    loop {
+        if stop.try_recv().is_ok() {
+            break;
+        }
+        let _ = watch.recv_timeout(Duration::from_millis(500));
+        while watch.try_recv().is_some() {}
+        // Reap VBD threads that ended.
+        let ended: Vec<u32> = running
+            .iter()
+            .filter(|(_, r)| r.thread.is_finished())
+            .map(|(d, _)| *d)
+            .collect();
+        for devid in ended {
+            if let Some(r) = running.remove(&devid) {
+                let end = r.thread.join();
+                info!(devid, ?end, "vbd thread ended");
+                done.insert(devid, Instant::now());
+            }
+        }
+        let devids = match list_devids(&xs, &dir) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "cannot list devices");
+                continue;
+            }
+        };
+        // A device that ended is forgotten once the toolstack removed its directory, so a
+        // re-attach with the same devid is served again.
+        done.retain(|d, _| devids.contains(d));
+        for devid in devids {
+            if running.contains_key(&devid) || done.contains_key(&devid) {
+                continue;
+            }
+            let be = format!("{dir}/{devid}");
+            let params = match xs.read(&format!("{be}/params")) {
+                Ok(Some(p)) => p,
+                _ => continue, // not written yet; the watch fires again when it is
+            };
+            if !is_rbd_params(&params) || kernel_bound(&cfg.kind, cfg.domid, devid) {
+                continue;
+            }
+            seen_any = true;
+            let id = VbdId {
+                kind: cfg.kind.clone(),
+                backend_domid: cfg.backend_domid,
+                domid: cfg.domid,
+                devid,
+            };
+            let (tx, rx) = mpsc::channel();
+            let (p, g, x, o) = (
+                Arc::clone(&platform),
+                Arc::clone(&gnttab),
+                Arc::clone(&xs),
+                Arc::clone(&opener),
+            );
+            let opts = cfg.options;
+            let name = format!("rbdback-vbd-{devid}");
+            match std::thread::Builder::new()
+                .name(name)
+                .spawn(move || run_vbd(p, g, x, o, id, opts, rx))
+            {
+                Ok(thread) => {
+                    info!(devid, "vbd claimed");
+                    running.insert(devid, Running { stop: tx, thread });
+                }
+                Err(e) => warn!(devid, error = %e, "cannot start the vbd thread"),
+            }
+        }
+        if cfg.exit_when_empty && seen_any && running.is_empty() {
+            info!("no device left; exiting");
+            break;
+        }
+    }
+    for (_, r) in running.drain() {
+        let _ = r.stop.send(());
+        let _ = r.thread.join();
+    }
+    Ok(())
+}
+
+fn list_devids(xs: &Xenstore, dir: &str) -> Result<Vec<u32>, XsError> {
+    Ok(xs
+        .directory(dir)?
+        .iter()
+        .filter_map(|d| d.parse::<u32>().ok())
+        .collect())
+}
+
+/// `rbdback supervise`: one `serve` child per guest with RBD disks under `backend/<kind>`,
+/// restarted (with back-off) if it dies while the guest still has devices.
+pub fn supervise(
+    xs: &Xenstore,
+    kind: &str,
+    backend_domid: DomId,
+    exe: &Path,
+    extra_args: &[String],
+    stop: &mpsc::Receiver<()>,
+) -> Result<(), XsError> {
+    let dir = format!("/local/domain/{backend_domid}/backend/{kind}");
+    let watch = xs.watch(&dir)?;
+    let mut children: HashMap<DomId, (Child, Instant, u32)> = HashMap::new();
+    info!(dir = %dir, "supervising");
+    loop {
+        if stop.try_recv().is_ok() {
+            break;
+        }
+        let _ = watch.recv_timeout(Duration::from_secs(1));
+        while watch.try_recv().is_some() {}
+        let mut wanted = Vec::new();
+        for dom in xs.directory(&dir)? {
+            let Ok(domid) = dom.parse::<DomId>() else { continue };
+            let ddir = format!("{dir}/{domid}");
+            let has_rbd = xs.directory(&ddir)?.iter().any(|dev| {
+                matches!(xs.read(&format!("{ddir}/{dev}/params")), Ok(Some(p)) if is_rbd_params(&p))
+            });
+            if has_rbd {
+                wanted.push(domid);
+            }
+        }
+        // Reap exited children.
+        for (domid, (child, _, _)) in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                info!(domid, %status, "serve process exited");
+            }
+        }
+        children.retain(|_, (c, _, _)| matches!(c.try_wait(), Ok(None)));
+        for domid in wanted {
+            if children.contains_key(&domid) {
+                continue;
+            }
+            let mut cmd = Command::new(exe);
+            cmd.arg("serve")
+                .arg("--domid")
+                .arg(domid.to_string())
+                .arg("--kind")
+                .arg(kind)
+                .args(extra_args);
+            match cmd.spawn() {
+                Ok(child) => {
+                    info!(domid, pid = child.id(), "started serve process");
+                    children.insert(domid, (child, Instant::now(), 0));
+                }
+                Err(e) => warn!(domid, error = %e, "cannot start serve process"),
+            }
+        }
+    }
+    for (_, (mut c, _, _)) in children.drain() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! One dataplane thread per ring queue: waits on the event channel and the engine's
+//! completion eventfd, and runs the [`Dataplane`] until told to stop.
+//!
+//! Owns: the ring mapping, the bound event channel, the engine queue and the thread.
+//! Trusts: nothing from the guest (all of it goes through the dataplane's validation).
+//! Must never: unmap the ring or drop buffers while engine operations are in flight; on stop it
+//! drains with a bounded wait and leaks what did not drain rather than freeing it.
+
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::EventFd;
+use tracing::{debug, info, warn};
+
+use crate::rados;
+use crate::ring::BackRing;
+use crate::xen::{DomId, EventChannels, GrantMapping, GrantTable, Port};
+
+use super::dataplane::{Dataplane, EngineDone, EngineOp, EngineQueue, QueueConfig, Stats};
+use super::grants::CopyGrants;
+
+/// How long a stopping queue waits for in-flight engine operations.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a queue thread ended.
+#[derive(Debug)]
+pub enum QueueExit {
+    /// Asked to stop; everything drained.
+    Stopped(Stats),
+    /// Asked to stop, but engine operations did not finish in time: their buffers (and the
+    /// engine queue) were leaked on purpose.
+    Leaked(Stats, usize),
+    /// The frontend broke the protocol; the VBD must be closed with this reason.
+    Broken(String),
+    /// An event channel or poll error.
+    Failed(String),
+}
+
+impl EngineQueue for rados::Queue {
+    fn submit(&mut self, tag: u64, op: EngineOp) -> Result<(), (EngineOp, String)> {
+        let op = match op {
+            EngineOp::Read { offset, buf } => rados::BlockOp::Read { offset, buf },
+            EngineOp::Write { offset, buf } => rados::BlockOp::Write { offset, buf },
+            EngineOp::Discard { offset, len } => rados::BlockOp::Discard { offset, len },
+            EngineOp::Flush => rados::BlockOp::Flush,
+        };
+        rados::Queue::submit(self, tag, op).map_err(|e| {
+            let op = match e.op {
+                rados::BlockOp::Read { offset, buf } => EngineOp::Read { offset, buf },
+                rados::BlockOp::Write { offset, buf } => EngineOp::Write { offset, buf },
+                rados::BlockOp::Discard { offset, len }
+                | rados::BlockOp::WriteZeroes { offset, len } => {
+                    EngineOp::Discard { offset, len }
+                }
+                rados::BlockOp::Flush => EngineOp::Flush,
+            };
+            (op, e.error.to_string())
+        })
+    }
+
+    fn reap(&mut self, out: &mut Vec<EngineDone>) {
+        let mut done = Vec::new();
+        rados::Queue::reap(self, &mut done);
+        out.extend(done.into_iter().map(|c| EngineDone {
+            tag: c.tag,
+            result: c.result.map_err(|e| e.to_string()),
+            buf: c.buf,
+        }));
+    }
+}
+
+/// Everything a queue thread needs; built by the VBD's connect step.
+pub struct QueueParts<G: GrantTable, E: EventChannels> {
+    /// Queue index (for logs).
+    pub index: usize,
+    /// The frontend's domain.
+    pub domid: DomId,
+    /// The mapped ring pages.
+    pub ring_map: G::Mapping,
+    /// Grant table for data copies.
+    pub gnttab: Arc<G>,
+    /// Event channel handle with `port` bound.
+    pub evtchn: E,
+    /// Our local port.
+    pub port: Port,
+    /// The ring's geometry and validation limits.
+    pub dataplane: Dataplane,
+    /// The engine queue.
+    pub engine: rados::Queue,
+    /// Disk size in sectors, updated by the control thread on resize.
+    pub capacity: Arc<AtomicU64>,
+}
+
+/// A running queue thread.
+#[derive(Debug)]
+pub struct QueueHandle {
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<QueueExit>>,
+}
+
+impl QueueHandle {
+    /// Starts the thread; [`Self::is_finished`] turns true if it ends on its own.
+    pub fn spawn<G, E>(parts: QueueParts<G, E>, span: tracing::Span) -> std::io::Result<QueueHandle>
+    where
+        G: GrantTable + 'static,
+        E: EventChannels + 'static,
+        G::Mapping: 'static,
+    {
+        let stop = Arc::new(EventFd::new().map_err(std::io::Error::from)?);
+        let stop2 = Arc::clone(&stop);
+        let name = format!("rbdback-q{}", parts.index);
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let _g = span.enter();
+            run(parts, &stop2)
+        })?;
+        Ok(QueueHandle {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks the thread to stop and waits for it (bounded by [`DRAIN_TIMEOUT`] inside it).
+    pub fn stop(mut self) -> QueueExit {
+        let _ = self.stop.write(1);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(exit)) => exit,
+            Some(Err(_)) => QueueExit::Failed("queue thread panicked".into()),
+            None => QueueExit::Failed("queue thread already joined".into()),
+        }
+    }
+
+    /// Whether the thread has ended by itself.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd) -> QueueExit {
+    let mut grants = CopyGrants::new(Arc::clone(&p.gnttab), p.domid);
+    info!(queue = p.index, port = p.port, "queue started");
+    // Requests may already be waiting (the frontend published before we bound).
+    let mut work = true;
+    loop {
+        let cap = p.capacity.load(Ordering::Relaxed);
+        p.dataplane.set_capacity(cap);
+        if work {
+            let mem = p.ring_map.mem();
+            loop {
+                match p.dataplane.service(&mem, &mut grants, &mut p.engine) {
+                    Ok(s) => {
+                        if s.notify {
+                            if let Err(e) = p.evtchn.notify(p.port) {
+                                return QueueExit::Failed(format!("notify: {e}"));
+                            }
+                        }
+                    }
+                    Err(e) => return broken(&p, &e),
+                }
+                match p.dataplane.final_check(&mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => return broken(&p, &e),
+                }
+            }
+        }
+        let (ev, eng, st) = match wait3(&p.evtchn, &p.engine, Some(stop), PollTimeout::NONE) {
+            Ok(r) => r,
+            Err(e) => return QueueExit::Failed(format!("poll: {e}")),
+        };
+        if st {
+            return drain(p, grants);
+        }
+        if ev {
+            loop {
+                match p.evtchn.pending() {
+                    Ok(Some(port)) => {
+                        if let Err(e) = p.evtchn.unmask(port) {
+                            return QueueExit::Failed(format!("unmask: {e}"));
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return QueueExit::Failed(format!("pending: {e}")),
+                }
+            }
+        }
+        work = ev || eng;
+    }
+}
+
+fn broken<G: GrantTable, E: EventChannels>(
+    p: &QueueParts<G, E>,
+    e: &dyn std::error::Error,
+) -> QueueExit {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    warn!(queue = p.index, error = %msg, "frontend broke the ring protocol; stopping the queue");
+    QueueExit::Broken(msg)
+}
+
+/// Polls the event channel, the engine and the stop eventfd.
+fn wait3<E: EventChannels>(
+    evtchn: &E,
+    engine: &rados::Queue,
+    stop: Option<&EventFd>,
+    timeout: PollTimeout,
+) -> nix::Result<(bool, bool, bool)> {
+    let mut fds = vec![
+        PollFd::new(evtchn.as_fd(), PollFlags::POLLIN),
+        PollFd::new(engine.as_fd(), PollFlags::POLLIN),
+    ];
+    if let Some(stop) = stop {
+        fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
+    }
+    loop {
+        match poll(&mut fds, timeout) {
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let ready = |f: &PollFd<'_>| {
+        f.revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLERR))
+    };
+    let at = |i: usize| fds.get(i).is_some_and(ready);
+    Ok((at(0), at(1), at(2)))
+}
+
+/// Stop: keep answering completions (so the guest sees its responses) until the engine is
+/// idle or [`DRAIN_TIMEOUT`] passes; new requests are not taken.
+fn drain<G: GrantTable, E: EventChannels>(
+    mut p: QueueParts<G, E>,
+    mut grants: CopyGrants<G>,
+) -> QueueExit {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while p.dataplane.engine_ops() > 0 && Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let _ = wait3(&p.evtchn, &p.engine, None, PollTimeout::from(ms));
+        let mem = p.ring_map.mem();
+        match p.dataplane.drain_completions(&mem, &mut grants, &mut p.engine) {
+            Ok(true) => {
+                let _ = p.evtchn.notify(p.port);
+            }
+            Ok(false) => {}
+            Err(e) => return broken(&p, &e),
+        }
+    }
+    let stats = p.dataplane.stats();
+    let left = p.dataplane.engine_ops();
+    if left > 0 {
+        warn!(
+            queue = p.index,
+            in_flight = left,
+            "engine operations did not finish in time; leaking their buffers"
+        );
+        // RADOS may still write into these buffers: never free them.
+        std::mem::forget(p.engine);
+        std::mem::forget(p.dataplane);
+        return QueueExit::Leaked(stats, left);
+    }
+    debug!(queue = p.index, "queue drained");
+    QueueExit::Stopped(stats)
+}

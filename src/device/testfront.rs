@@ -1,0 +1,714 @@
+//! A simulated guest with a Linux-blkfront-like block frontend, over the simulated Xen.
+//!
+//! Owns: the toolstack's part of attaching a disk (the xenstore nodes libxl writes), the
+//! frontend's handshake (`talk_to_blkback`), its rings, event channels and data pages, and a
+//! request pipeline for tests, fuzzing, benches and the demo.
+//! Trusts: the backend only as far as Linux blkfront does (responses are checked).
+//! Must never: be used outside tests and the demo (`test-utils`).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::ring::abi::PAGE_SIZE;
+use crate::ring::front::{FrontError, MockFrontend, WireRequest};
+use crate::ring::{Abi, Response, Segment, Status};
+use crate::xen::sim::{SimFrontend, SimPages};
+use crate::xen::xenstore::{XsError, Xenstore};
+use crate::xen::{DomId, GrantRef, Port, XenError};
+
+use super::xenbus::XenbusState;
+
+/// Something went wrong in the simulated guest.
+#[derive(Debug, Error)]
+pub enum FrontTestError {
+    /// Xen simulation error.
+    #[error("xen")]
+    Xen(#[from] XenError),
+    /// Xenstore error.
+    #[error("xenstore")]
+    Xs(#[from] XsError),
+    /// Ring error.
+    #[error("ring")]
+    Ring(#[from] FrontError),
+    /// The backend did not reach a state in time.
+    #[error("backend did not reach state {want} within {secs}s (it is in {got})")]
+    Timeout {
+        /// Wanted state.
+        want: XenbusState,
+        /// Last seen.
+        got: XenbusState,
+        /// Seconds waited.
+        secs: u64,
+    },
+    /// A response we did not expect.
+    #[error("unexpected response id {0:#x}")]
+    UnknownResponse(u64),
+}
+
+/// How the toolstack attaches the disk and how the guest's blkfront is configured.
+#[derive(Debug, Clone)]
+pub struct AttachSpec {
+    /// Backend kind directory (`vbd`).
+    pub kind: String,
+    /// Virtual device number (51712 = xvda).
+    pub devid: u32,
+    /// `params` (the RBD target).
+    pub params: String,
+    /// `r` or `w`.
+    pub mode: String,
+    /// Ring ABI the guest uses.
+    pub abi: Abi,
+    /// Ring page order to ask for (capped by the backend's maximum).
+    pub ring_order: u32,
+    /// Queues to ask for (capped by the backend's maximum).
+    pub queues: u32,
+    /// Data pages to grant for I/O.
+    pub data_pages: usize,
+}
+
+impl AttachSpec {
+    /// xvda, read-write, x86_64 ABI, one queue, order 0, 256 data pages.
+    pub fn new(params: &str) -> AttachSpec {
+        AttachSpec {
+            kind: "vbd".into(),
+            devid: 51712,
+            params: params.into(),
+            mode: "w".into(),
+            abi: Abi::X86_64,
+            ring_order: 0,
+            queues: 1,
+            data_pages: 256,
+        }
+    }
+}
+
+/// Writes the nodes libxl writes for a disk (backend and frontend directories), as dom0.
+pub fn toolstack_attach(
+    xs: &Xenstore,
+    backend_domid: DomId,
+    domid: DomId,
+    spec: &AttachSpec,
+) -> Result<(String, String), XsError> {
+    let be = format!(
+        "/local/domain/{backend_domid}/backend/{}/{domid}/{}",
+        spec.kind, spec.devid
+    );
+    let fe = format!("/local/domain/{domid}/device/vbd/{}", spec.devid);
+    xs.transaction(|tx| {
+        tx.mkdir(&be)?;
+        tx.write(&format!("{be}/frontend"), &fe)?;
+        tx.write(&format!("{be}/frontend-id"), &domid.to_string())?;
+        tx.write(&format!("{be}/online"), "1")?;
+        tx.write(&format!("{be}/removable"), "0")?;
+        tx.write(&format!("{be}/type"), "phy")?;
+        tx.write(&format!("{be}/mode"), &spec.mode)?;
+        tx.write(&format!("{be}/device-type"), "disk")?;
+        tx.write(&format!("{be}/discard-enable"), "1")?;
+        tx.write(&format!("{be}/params"), &spec.params)?;
+        tx.write(&format!("{be}/state"), "1")?;
+        tx.mkdir(&fe)?;
+        tx.write(&format!("{fe}/backend"), &be)?;
+        tx.write(&format!("{fe}/backend-id"), &backend_domid.to_string())?;
+        tx.write(&format!("{fe}/virtual-device"), &spec.devid.to_string())?;
+        tx.write(&format!("{fe}/device-type"), "disk")?;
+        tx.write(&format!("{fe}/state"), "1")?;
+        Ok(())
+    })?;
+    // The guest owns its device directory (libxl gives it write access).
+    let perms = xs.get_perms(&fe)?;
+    let mut new = perms.clone();
+    if let Some(first) = new.first_mut() {
+        first.domid = domid;
+    }
+    xs.set_perms(&fe, &new)?;
+    Ok((be, fe))
+}
+
+/// The toolstack's detach: `online = 0`, then `state = 5` (Closing) as libxl does.
+pub fn toolstack_detach(xs: &Xenstore, be: &str) -> Result<(), XsError> {
+    xs.write(&format!("{be}/online"), "0")?;
+    xs.write(&format!("{be}/state"), "5")
+}
+
+struct FrontQueue {
+    ring: SimPages,
+    front: MockFrontend,
+    port: Port,
+}
+
+/// One outstanding request of the pipeline.
+#[derive(Debug, Clone, Copy)]
+struct Outstanding {
+    started: Instant,
+    first_page: usize,
+    pages: usize,
+    read: bool,
+}
+
+/// The frontend of one disk in a simulated guest.
+pub struct SimBlkfront {
+    dom: SimFrontend,
+    xs: Xenstore,
+    /// Backend directory.
+    pub be: String,
+    /// Frontend directory.
+    pub fe: String,
+    abi: Abi,
+    queues: Vec<FrontQueue>,
+    data: SimPages,
+    data_refs: Vec<GrantRef>,
+    /// Disk size in sectors, as the backend advertised.
+    pub sectors: u64,
+    /// The backend's `info` node.
+    pub info: u32,
+    /// Whether the backend advertised discard.
+    pub discard: bool,
+    /// Indirect segments the backend allows.
+    pub max_indirect: u32,
+    next_id: u64,
+}
+
+impl std::fmt::Debug for SimBlkfront {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimBlkfront")
+            .field("fe", &self.fe)
+            .field("queues", &self.queues.len())
+            .finish()
+    }
+}
+
+fn wait_state(
+    xs: &Xenstore,
+    path: &str,
+    want: &[XenbusState],
+    timeout: Duration,
+) -> Result<XenbusState, FrontTestError> {
+    let deadline = Instant::now() + timeout;
+    let watch = xs.watch(path)?;
+    loop {
+        let got = xs
+            .read(path)?
+            .map_or(XenbusState::Unknown, |s| XenbusState::parse(&s));
+        if want.contains(&got) {
+            return Ok(got);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(FrontTestError::Timeout {
+                want: want.first().copied().unwrap_or(XenbusState::Unknown),
+                got,
+                secs: timeout.as_secs(),
+            });
+        }
+        let _ = watch.recv_timeout((deadline - now).min(Duration::from_millis(100)));
+    }
+}
+
+impl SimBlkfront {
+    /// Runs blkfront's side of the handshake on an attached disk and waits for Connected.
+    pub fn connect(
+        dom: SimFrontend,
+        be: &str,
+        fe: &str,
+        spec: &AttachSpec,
+        timeout: Duration,
+    ) -> Result<SimBlkfront, FrontTestError> {
+        let xs = dom.xenstore()?;
+        let backend_domid: DomId = 0;
+        wait_state(
+            &xs,
+            &format!("{be}/state"),
+            &[XenbusState::InitWait],
+            timeout,
+        )?;
+        let num = |n: &str| -> Result<u32, FrontTestError> {
+            Ok(xs
+                .read(&format!("{be}/{n}"))?
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0))
+        };
+        let order = spec.ring_order.min(num("max-ring-page-order")?);
+        let nq = spec.queues.clamp(1, num("multi-queue-max-queues")?.max(1));
+        let max_indirect = num("feature-max-indirect-segments")?;
+        let mut queues = Vec::new();
+        let pages = 1usize << order;
+        for _ in 0..nq {
+            let ring = dom.alloc_pages(pages)?;
+            let order8 = u8::try_from(order).unwrap_or(0);
+            let mut front = MockFrontend::new(spec.abi, order8)?;
+            front.init_shared(&ring.mem())?;
+            let port = dom.alloc_unbound(backend_domid)?;
+            queues.push(FrontQueue { ring, front, port });
+        }
+        let mut refs_per_queue = Vec::new();
+        for q in &queues {
+            let mut refs = Vec::new();
+            for i in 0..pages {
+                refs.push(dom.grant(&q.ring, i, backend_domid, false)?);
+            }
+            refs_per_queue.push(refs);
+        }
+        let data = dom.alloc_pages(spec.data_pages)?;
+        let mut data_refs = Vec::new();
+        for i in 0..spec.data_pages {
+            data_refs.push(dom.grant(&data, i, backend_domid, false)?);
+        }
+        let protocol = match spec.abi {
+            Abi::X86_32 => "x86_32-abi",
+            Abi::X86_64 => "x86_64-abi",
+            Abi::Native => "native",
+        };
+        xs.transaction(|tx| {
+            let w = |n: &str, v: &str| tx.write(&format!("{fe}/{n}"), v);
+            w("protocol", protocol)?;
+            w("feature-persistent", "1")?;
+            if order > 0 {
+                w("ring-page-order", &order.to_string())?;
+            }
+            if nq > 1 {
+                w("multi-queue-num-queues", &nq.to_string())?;
+            }
+            for (qi, (q, refs)) in queues.iter().zip(&refs_per_queue).enumerate() {
+                let dir = if nq > 1 {
+                    format!("queue-{qi}/")
+                } else {
+                    String::new()
+                };
+                if order == 0 {
+                    w(&format!("{dir}ring-ref"), &refs[0].to_string())?;
+                } else {
+                    for (i, r) in refs.iter().enumerate() {
+                        w(&format!("{dir}ring-ref{i}"), &r.to_string())?;
+                    }
+                }
+                w(&format!("{dir}event-channel"), &q.port.to_string())?;
+            }
+            w("state", "3")?;
+            Ok(())
+        })?;
+        wait_state(
+            &xs,
+            &format!("{be}/state"),
+            &[XenbusState::Connected],
+            timeout,
+        )?;
+        let rd = |n: &str| -> Result<Option<String>, FrontTestError> {
+            Ok(xs.read(&format!("{be}/{n}"))?)
+        };
+        let sectors = rd("sectors")?
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let info = rd("info")?.and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        let discard = rd("feature-discard")?.as_deref() == Some("1");
+        xs.write(&format!("{fe}/state"), "4")?;
+        Ok(SimBlkfront {
+            dom,
+            xs,
+            be: be.to_owned(),
+            fe: fe.to_owned(),
+            abi: spec.abi,
+            queues,
+            data,
+            data_refs,
+            sectors,
+            info,
+            discard,
+            max_indirect,
+            next_id: 1,
+        })
+    }
+
+    /// Number of queues negotiated.
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// The guest's xenstore connection.
+    pub fn xenstore(&self) -> &Xenstore {
+        &self.xs
+    }
+
+    /// Data page `i` as shared memory (the guest's view).
+    pub fn data_page(&self, i: usize) -> crate::shm::SharedMem<'_> {
+        self.data.page(i)
+    }
+
+    /// Grant reference of data page `i`.
+    pub fn data_ref(&self, i: usize) -> GrantRef {
+        self.data_refs.get(i).copied().unwrap_or(u32::MAX)
+    }
+
+    /// Number of granted data pages.
+    pub fn data_pages(&self) -> usize {
+        self.data_refs.len()
+    }
+
+    /// A fresh request id.
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Queues requests on queue `q`, publishes them and notifies the backend if asked.
+    pub fn submit(&mut self, q: usize, reqs: &[WireRequest]) -> Result<(), FrontTestError> {
+        let Some(fq) = self.queues.get_mut(q) else {
+            return Ok(());
+        };
+        let mem = fq.ring.mem();
+        for r in reqs {
+            fq.front.queue(&mem, r)?;
+        }
+        if fq.front.push_requests(&mem)? {
+            self.dom.notify(fq.port)?;
+        }
+        Ok(())
+    }
+
+    /// Collects responses on queue `q`, waiting up to `timeout` for at least one.
+    pub fn responses(
+        &mut self,
+        q: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Response>, FrontTestError> {
+        let mut out = Vec::new();
+        let Some(fq) = self.queues.get_mut(q) else {
+            return Ok(out);
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            fq.front.take_responses(&fq.ring.mem(), &mut out)?;
+            if !out.is_empty() || fq.front.in_flight() == 0 {
+                return Ok(out);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(out);
+            }
+            let _ = self
+                .dom
+                .wait(fq.port, (deadline - now).min(Duration::from_millis(50)))?;
+        }
+    }
+
+    /// Requests in flight on queue `q`.
+    pub fn in_flight(&self, q: usize) -> u32 {
+        self.queues.get(q).map_or(0, |f| f.front.in_flight())
+    }
+
+    /// Synchronous write of whole pages at `sector` using data pages from `first_page`.
+    pub fn write_sync(
+        &mut self,
+        q: usize,
+        sector: u64,
+        first_page: usize,
+        data: &[u8],
+    ) -> Result<Status, FrontTestError> {
+        let pages = data.len().div_ceil(PAGE_SIZE);
+        for (i, chunk) in data.chunks(PAGE_SIZE).enumerate() {
+            let _ = self.data.page(first_page + i).write(0, chunk);
+        }
+        let segs = self.segments(first_page, pages, data.len());
+        let id = self.next_id();
+        let req = if segs.len() > 11 {
+            self.indirect(crate::ring::request::op::WRITE, id, sector, &segs)?
+        } else {
+            WireRequest::write(id, sector, segs)
+        };
+        self.one(q, req)
+    }
+
+    /// Synchronous read of `len` bytes (a multiple of 512) at `sector`.
+    pub fn read_sync(
+        &mut self,
+        q: usize,
+        sector: u64,
+        first_page: usize,
+        len: usize,
+    ) -> Result<(Status, Vec<u8>), FrontTestError> {
+        let pages = len.div_ceil(PAGE_SIZE);
+        let segs = self.segments(first_page, pages, len);
+        let id = self.next_id();
+        let req = if segs.len() > 11 {
+            self.indirect(crate::ring::request::op::READ, id, sector, &segs)?
+        } else {
+            WireRequest::read(id, sector, segs)
+        };
+        let st = self.one(q, req)?;
+        let mut out = vec![0u8; len];
+        for (i, chunk) in out.chunks_mut(PAGE_SIZE).enumerate() {
+            let _ = self.data.page(first_page + i).read(0, chunk);
+        }
+        Ok((st, out))
+    }
+
+    /// Sends one request and waits for its response.
+    pub fn one(&mut self, q: usize, req: WireRequest) -> Result<Status, FrontTestError> {
+        let id = req.id();
+        self.submit(q, &[req])?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            for r in self.responses(q, Duration::from_millis(200))? {
+                if r.id == id {
+                    return Ok(r.status);
+                }
+                return Err(FrontTestError::UnknownResponse(r.id));
+            }
+        }
+        Err(FrontTestError::Timeout {
+            want: XenbusState::Connected,
+            got: XenbusState::Connected,
+            secs: 30,
+        })
+    }
+
+    /// Segments covering `len` bytes of whole pages starting at data page `first`.
+    pub fn segments(&self, first: usize, pages: usize, len: usize) -> Vec<Segment> {
+        (0..pages)
+            .map(|i| {
+                let bytes = (len - i * PAGE_SIZE).min(PAGE_SIZE);
+                let last = u8::try_from(bytes.div_ceil(512).saturating_sub(1)).unwrap_or(7);
+                Segment {
+                    gref: self.data_ref(first + i),
+                    first_sect: 0,
+                    last_sect: last,
+                }
+            })
+            .collect()
+    }
+
+    /// Builds an indirect request, writing its descriptor pages into the last data pages.
+    pub fn indirect(
+        &mut self,
+        op: u8,
+        id: u64,
+        sector: u64,
+        segs: &[Segment],
+    ) -> Result<WireRequest, FrontTestError> {
+        let pages = crate::ring::front::indirect_pages(segs);
+        let n = self.data_refs.len();
+        let mut grefs = Vec::new();
+        for (i, p) in pages.iter().enumerate() {
+            let idx = n - 1 - i;
+            let _ = self.data.page(idx).write(0, p);
+            grefs.push(self.data_ref(idx));
+        }
+        Ok(WireRequest::Indirect {
+            indirect_op: op,
+            nr_segments: u16::try_from(segs.len()).unwrap_or(u16::MAX),
+            id,
+            sector,
+            grefs,
+        })
+    }
+
+    /// The frontend's close: Closing, wait for the backend's Closing/Closed, then Closed.
+    pub fn close(&mut self, timeout: Duration) -> Result<(), FrontTestError> {
+        self.xs.write(&format!("{}/state", self.fe), "5")?;
+        wait_state(
+            &self.xs,
+            &format!("{}/state", self.be),
+            &[XenbusState::Closing, XenbusState::Closed],
+            timeout,
+        )?;
+        self.xs.write(&format!("{}/state", self.fe), "6")?;
+        wait_state(
+            &self.xs,
+            &format!("{}/state", self.be),
+            &[XenbusState::Closed],
+            timeout,
+        )?;
+        Ok(())
+    }
+
+    /// The shared ring of queue `q` (the guest's view), for tests that break the protocol.
+    pub fn ring_mem(&self, q: usize) -> crate::shm::SharedMem<'_> {
+        match self.queues.get(q) {
+            Some(fq) => fq.ring.mem(),
+            None => crate::shm::SharedMem::from_mut_slice(&mut []),
+        }
+    }
+
+    /// The guest's event channel port of queue `q`.
+    pub fn port(&self, q: usize) -> Port {
+        self.queues.get(q).map_or(0, |f| f.port)
+    }
+
+    /// The simulated domain (to grant, revoke and notify directly in tests).
+    pub fn domain(&self) -> &SimFrontend {
+        &self.dom
+    }
+
+    /// The ABI in use.
+    pub fn abi(&self) -> Abi {
+        self.abi
+    }
+}
+
+/// Latency and throughput of a pipelined run.
+#[derive(Debug, Clone, Default)]
+pub struct RunReport {
+    /// Requests completed.
+    pub completed: u64,
+    /// Requests that returned an error status.
+    pub errors: u64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Latencies in microseconds (sorted).
+    pub latencies_us: Vec<u64>,
+    /// Reads whose data did not match the model.
+    pub mismatches: u64,
+}
+
+impl RunReport {
+    /// The p-th percentile latency in µs.
+    pub fn percentile(&self, p: f64) -> u64 {
+        if self.latencies_us.is_empty() {
+            return 0;
+        }
+        let n = self.latencies_us.len();
+        let idx = ((p / 100.0) * (n as f64 - 1.0)).round();
+        let idx = if idx.is_finite() && idx >= 0.0 {
+            // Bounded by n - 1 above.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let i = idx as usize;
+            i.min(n - 1)
+        } else {
+            0
+        };
+        self.latencies_us.get(idx).copied().unwrap_or(0)
+    }
+}
+
+/// A verified random workload: `total` requests of `blocks` 4 KiB pages over the first
+/// `span_sectors` of the disk, `write_pct` percent writes, `qd` in flight per queue. Every
+/// read is checked against a model of what was written (fresh disks read as zeros).
+pub fn run_verified(
+    front: &mut SimBlkfront,
+    total: u64,
+    qd: usize,
+    write_pct: u32,
+    span_sectors: u64,
+    seed: u64,
+    mut progress: impl FnMut(u64, &RunReport),
+) -> Result<RunReport, FrontTestError> {
+    let mut rng = seed | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let nq = front.queue_count();
+    let slots_per_q = (front.data_pages() / nq.max(1)).saturating_sub(8).max(1);
+    let qd = qd.min(slots_per_q).max(1);
+    // The model: version of each 4 KiB block (0 = never written = zeros).
+    let blocks = (span_sectors / 8).max(1);
+    let mut model: HashMap<u64, u64> = HashMap::new();
+    let mut report = RunReport::default();
+    let mut free: Vec<Vec<usize>> = (0..nq)
+        .map(|q| (0..qd).map(|s| q * slots_per_q + s).collect())
+        .collect();
+    let mut outstanding: Vec<HashMap<u64, (Outstanding, u64, u64)>> = vec![HashMap::new(); nq];
+    let start = Instant::now();
+    let mut issued = 0u64;
+    let mut version = 0u64;
+    let fill = |buf: &mut [u8], block: u64, ver: u64| {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (block.wrapping_mul(31).wrapping_add(ver.wrapping_mul(7)).wrapping_add(i as u64)
+                % 251) as u8;
+        }
+    };
+    let mut buf = vec![0u8; PAGE_SIZE];
+    while report.completed < total {
+        for q in 0..nq {
+            let mut batch = Vec::new();
+            while issued < total {
+                let Some(page) = free.get_mut(q).and_then(Vec::pop) else {
+                    break;
+                };
+                let block = next() % blocks;
+                // Don't overlap an in-flight request on the same block: keeps the model exact.
+                if outstanding
+                    .iter()
+                    .any(|m| m.values().any(|(_, b, _)| *b == block))
+                {
+                    if let Some(f) = free.get_mut(q) {
+                        f.push(page);
+                    }
+                    break;
+                }
+                let write = u32::try_from(next() % 100).unwrap_or(0) < write_pct;
+                let id = front.next_id();
+                let seg = front.segments(page, 1, PAGE_SIZE);
+                let req = if write {
+                    version += 1;
+                    fill(&mut buf, block, version);
+                    let _ = front.data_page(page).write(0, &buf);
+                    WireRequest::write(id, block * 8, seg)
+                } else {
+                    WireRequest::read(id, block * 8, seg)
+                };
+                let o = Outstanding {
+                    started: Instant::now(),
+                    first_page: page,
+                    pages: 1,
+                    read: !write,
+                };
+                if let Some(m) = outstanding.get_mut(q) {
+                    m.insert(id, (o, block, if write { version } else { 0 }));
+                }
+                batch.push(req);
+                issued += 1;
+            }
+            if !batch.is_empty() {
+                front.submit(q, &batch)?;
+            }
+        }
+        for q in 0..nq {
+            let wait = if front.in_flight(q) > 0 {
+                Duration::from_millis(100)
+            } else {
+                Duration::ZERO
+            };
+            for r in front.responses(q, wait)? {
+                let Some((o, block, ver)) = outstanding.get_mut(q).and_then(|m| m.remove(&r.id))
+                else {
+                    return Err(FrontTestError::UnknownResponse(r.id));
+                };
+                let us = u64::try_from(o.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                report.latencies_us.push(us);
+                report.completed += 1;
+                report.bytes += (o.pages * PAGE_SIZE) as u64;
+                if r.status != Status::Okay {
+                    report.errors += 1;
+                } else if o.read {
+                    let mut got = vec![0u8; PAGE_SIZE];
+                    let _ = front.data_page(o.first_page).read(0, &mut got);
+                    let mut want = vec![0u8; PAGE_SIZE];
+                    if let Some(v) = model.get(&block) {
+                        fill(&mut want, block, *v);
+                    }
+                    if got != want {
+                        report.mismatches += 1;
+                    }
+                } else {
+                    model.insert(block, ver);
+                }
+                if let Some(f) = free.get_mut(q) {
+                    f.push(o.first_page);
+                }
+                if report.completed % 1000 == 0 {
+                    report.elapsed = start.elapsed();
+                    progress(total, &report);
+                }
+            }
+        }
+    }
+    report.elapsed = start.elapsed();
+    report.latencies_us.sort_unstable();
+    Ok(report)
+}

@@ -1,0 +1,594 @@
+//! The control thread of one VBD: reads its configuration, opens the image, runs the
+//! XenbusState handshake, connects and disconnects queues, follows resizes and detaches.
+//!
+//! Owns: the VBD's xenstore nodes under its backend directory, its `error` node, its queues.
+//! Trusts: nothing the frontend writes; `params` and `mode` come from the toolstack but are
+//! still validated and any failure is reported (log + `error/<backend path>/error`).
+//! Must never: let a failure leave its own VBD (other VBDs run in their own threads), or block
+//! forever: every wait has a timeout so stop requests and removals are seen.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tracing::{debug, info, info_span, warn};
+
+use crate::rados::{self, Image, ImageSpec};
+use crate::ring::{self, BackRing};
+use crate::xen::xenstore::{XsError, Xenstore};
+use crate::xen::{DomId, EventChannels, GrantTable, Platform, XenError};
+
+use super::dataplane::{Dataplane, QueueConfig};
+use super::frontend::{FrontendConfig, FrontendError, Limits};
+use super::params::{DiskSpec, EngineChoice, ParamsError, PoolRef};
+use super::queue::{QueueExit, QueueHandle, QueueParts};
+use super::xenbus::{Action, Handshake, XenbusState};
+
+/// `info` bits (blkif.h `VDISK_*`).
+const VDISK_CDROM: u32 = 1;
+const VDISK_READONLY: u32 = 4;
+
+/// Which VBD: `backend/<kind>/<domid>/<devid>` of backend domain `backend_domid`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VbdId {
+    /// Backend kind (`vbd` for libxl's phy disks).
+    pub kind: String,
+    /// Backend domain (0 for dom0).
+    pub backend_domid: DomId,
+    /// Frontend domain.
+    pub domid: DomId,
+    /// Device id (the virtual device number).
+    pub devid: u32,
+}
+
+impl VbdId {
+    /// Absolute backend directory.
+    pub fn backend_path(&self) -> String {
+        format!(
+            "/local/domain/{}/backend/{}/{}/{}",
+            self.backend_domid, self.kind, self.domid, self.devid
+        )
+    }
+
+    /// The node xenbus drivers report errors in (`xenbus_dev_error`: `error/<nodename>/error`).
+    pub fn error_path(&self) -> String {
+        format!(
+            "/local/domain/{}/error/backend/{}/{}/{}/error",
+            self.backend_domid, self.kind, self.domid, self.devid
+        )
+    }
+}
+
+/// What the backend advertises.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// `max-ring-page-order` (0..=4).
+    pub max_ring_page_order: u32,
+    /// `multi-queue-max-queues`.
+    pub max_queues: u32,
+    /// `feature-max-indirect-segments`.
+    pub max_indirect_segments: u16,
+    /// Per-queue tunables.
+    pub queue: QueueConfig,
+    /// How often the image size is re-read for online resize.
+    pub resize_poll: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Options {
+            max_ring_page_order: 4,
+            max_queues: u32::try_from(cpus.clamp(1, 4)).unwrap_or(1),
+            max_indirect_segments: ring::request::DEFAULT_MAX_INDIRECT_SEGMENTS,
+            queue: QueueConfig::default(),
+            resize_poll: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a VBD could not be served (written to its `error` node).
+#[derive(Debug, Error)]
+pub enum VbdError {
+    /// A toolstack node is missing.
+    #[error("backend node {0} is missing")]
+    MissingNode(String),
+    /// `params` is malformed.
+    #[error("bad params")]
+    Params(#[from] ParamsError),
+    /// The image could not be opened.
+    #[error("cannot open the RBD image")]
+    Open(#[source] rados::RadosError),
+    /// The frontend's connect nodes are unusable.
+    #[error("bad frontend configuration")]
+    Frontend(#[from] FrontendError),
+    /// Mapping rings or binding event channels failed.
+    #[error("cannot connect the rings")]
+    Xen(#[from] XenError),
+    /// A xenstore operation failed.
+    #[error("xenstore")]
+    Xenstore(#[from] XsError),
+    /// The storage engine refused to give a queue.
+    #[error("cannot create an engine queue")]
+    Engine(#[source] rados::RadosError),
+    /// Spawning a thread or creating an eventfd failed.
+    #[error("cannot start a queue thread")]
+    Thread(#[from] std::io::Error),
+    /// A queue found the frontend breaking the protocol.
+    #[error("frontend broke the ring protocol: {0}")]
+    Broken(String),
+}
+
+/// The error and its causes on one line, for logs and xenstore.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// How a VBD's thread ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VbdEnd {
+    /// The toolstack removed the device (or set `online` to 0 and the frontend closed).
+    Removed,
+    /// The process is stopping.
+    Stopped,
+}
+
+/// Builds the engine's image description from the disk spec and the VBD's mode.
+pub fn image_spec(spec: &DiskSpec, read_only: bool) -> ImageSpec {
+    ImageSpec {
+        pool: match &spec.pool {
+            PoolRef::Name(n) => rados::PoolRef::Name(n.clone()),
+            PoolRef::Id(i) => rados::PoolRef::Id(*i),
+        },
+        namespace: spec.namespace.clone(),
+        image: spec.image.clone(),
+        snapshot: spec.snapshot.clone(),
+        client_id: spec.client_id.clone(),
+        conf: spec.conf.clone(),
+        keyring: spec.keyring.clone(),
+        key: spec.key.clone(),
+        conf_options: spec.conf_options.clone(),
+        engine: match spec.engine {
+            EngineChoice::Auto => rados::EngineChoice::Auto,
+            EngineChoice::Direct => rados::EngineChoice::Direct,
+            EngineChoice::Librbd => rados::EngineChoice::Librbd,
+        },
+        rbd_cache: spec.rbd_cache,
+        // A snapshot is read-only whatever the mode says.
+        read_only: read_only || spec.snapshot.is_some(),
+    }
+}
+
+/// Opens images; tests and the demo substitute an in-memory image.
+pub trait ImageOpener: Send + Sync {
+    /// Opens the image `spec` describes.
+    fn open(&self, spec: &ImageSpec) -> Result<Arc<Image>, rados::RadosError>;
+}
+
+/// The production opener: [`Image::open`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RadosOpener;
+
+impl ImageOpener for RadosOpener {
+    fn open(&self, spec: &ImageSpec) -> Result<Arc<Image>, rados::RadosError> {
+        Image::open(spec)
+    }
+}
+
+struct Connected {
+    queues: Vec<QueueHandle>,
+}
+
+struct Vbd<P: Platform> {
+    id: VbdId,
+    be: String,
+    fe: String,
+    fe_domid: DomId,
+    platform: Arc<P>,
+    gnttab: Arc<P::Gnttab>,
+    xs: Arc<Xenstore>,
+    opts: Options,
+    image: Option<Arc<Image>>,
+    read_only: bool,
+    cdrom: bool,
+    discard: bool,
+    capacity: Arc<AtomicU64>,
+    hs: Handshake,
+    conn: Option<Connected>,
+}
+
+fn node(xs: &Xenstore, path: &str) -> Result<String, VbdError> {
+    xs.read(path)?
+        .ok_or_else(|| VbdError::MissingNode(path.to_owned()))
+}
+
+impl<P: Platform> Vbd<P> {
+    fn write(&self, name: &str, value: &str) -> Result<(), XsError> {
+        self.xs.write(&format!("{}/{name}", self.be), value)
+    }
+
+    fn report(&self, e: &dyn std::error::Error) {
+        let msg = chain(e);
+        warn!(error = %msg, "vbd error");
+        // xenbus_dev_error's format: "<errno> <message>"; we have no errno, use EIO's.
+        if let Err(xe) = self.xs.write(&self.id.error_path(), &format!("5 {msg}")) {
+            warn!(error = %xe, "cannot write the error node");
+        }
+    }
+
+    fn advertise(&self) -> Result<(), XsError> {
+        let o = &self.opts;
+        self.xs.transaction(|tx| {
+            tx.write(
+                &format!("{}/feature-max-indirect-segments", self.be),
+                &o.max_indirect_segments.to_string(),
+            )?;
+            tx.write(
+                &format!("{}/multi-queue-max-queues", self.be),
+                &o.max_queues.to_string(),
+            )?;
+            tx.write(
+                &format!("{}/max-ring-page-order", self.be),
+                &o.max_ring_page_order.to_string(),
+            )?;
+            Ok(())
+        })
+    }
+
+    fn ring_limits(&self) -> ring::Limits {
+        let mut l = ring::Limits::new(self.capacity.load(Ordering::Relaxed));
+        l.read_only = self.read_only;
+        l.max_indirect_segments = self.opts.max_indirect_segments;
+        l.discard = self.discard && !self.read_only;
+        l.discard_secure = false;
+        l.flush = true;
+        l.barrier = true;
+        l
+    }
+
+    fn connect(&mut self) -> Result<(), VbdError> {
+        let image = self
+            .image
+            .clone()
+            .ok_or_else(|| VbdError::MissingNode(format!("{}/params", self.be)))?;
+        let fe = self.fe.clone();
+        let xs = Arc::clone(&self.xs);
+        let mut read = |n: &str| xs.read(&format!("{fe}/{n}")).ok().flatten();
+        let cfg = FrontendConfig::read(
+            &mut read,
+            Limits {
+                max_ring_page_order: self.opts.max_ring_page_order,
+                max_queues: self.opts.max_queues,
+                persistent: false,
+            },
+        )?;
+        info!(
+            abi = ?cfg.abi,
+            order = cfg.ring_page_order,
+            queues = cfg.queues.len(),
+            "frontend connecting"
+        );
+        let order = u8::try_from(cfg.ring_page_order).unwrap_or(u8::MAX);
+        let mut queues = Vec::new();
+        for (index, q) in cfg.queues.iter().enumerate() {
+            let ring_map = self.gnttab.map(self.fe_domid, &q.ring_refs, true)?;
+            let mut evtchn = self.platform.evtchn()?;
+            let port = evtchn.bind_interdomain(self.fe_domid, q.event_channel)?;
+            let back = BackRing::new(cfg.abi, order).map_err(|e| VbdError::Broken(e.to_string()))?;
+            let dataplane = Dataplane::new(back, self.ring_limits(), self.opts.queue);
+            let engine = image.queue().map_err(VbdError::Engine)?;
+            let parts = QueueParts {
+                index,
+                domid: self.fe_domid,
+                ring_map,
+                gnttab: Arc::clone(&self.gnttab),
+                evtchn,
+                port,
+                dataplane,
+                engine,
+                capacity: Arc::clone(&self.capacity),
+            };
+            let span = info_span!("queue", q = index);
+            match QueueHandle::spawn(parts, span) {
+                Ok(h) => queues.push(h),
+                Err(e) => {
+                    for h in queues {
+                        let _ = h.stop();
+                    }
+                    return Err(VbdError::Thread(e));
+                }
+            }
+        }
+        self.conn = Some(Connected { queues });
+        let sectors = self.capacity.load(Ordering::Relaxed);
+        let info = if self.read_only { VDISK_READONLY } else { 0 }
+            | if self.cdrom { VDISK_CDROM } else { 0 };
+        let discard = self.discard && !self.read_only;
+        let granularity = image.info().discard_granularity;
+        let be = self.be.clone();
+        let res = self.xs.transaction(|tx| {
+            let w = |n: &str, v: &str| tx.write(&format!("{be}/{n}"), v);
+            w("feature-flush-cache", "1")?;
+            w("feature-barrier", "1")?;
+            w("feature-persistent", "0")?;
+            if discard {
+                w("feature-discard", "1")?;
+                w("discard-granularity", &granularity.max(512).to_string())?;
+                w("discard-alignment", "0")?;
+                w("discard-secure", "0")?;
+            } else {
+                w("feature-discard", "0")?;
+            }
+            w("sectors", &sectors.to_string())?;
+            w("info", &info.to_string())?;
+            w("sector-size", "512")?;
+            w("physical-sector-size", "512")?;
+            Ok(())
+        });
+        if let Err(e) = res {
+            self.disconnect();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    fn disconnect(&mut self) {
+        if let Some(c) = self.conn.take() {
+            for q in c.queues {
+                match q.stop() {
+                    QueueExit::Stopped(s) => debug!(?s, "queue stopped"),
+                    QueueExit::Leaked(s, n) => warn!(?s, in_flight = n, "queue leaked buffers"),
+                    QueueExit::Broken(r) => warn!(reason = %r, "queue had stopped: broken frontend"),
+                    QueueExit::Failed(r) => warn!(reason = %r, "queue had failed"),
+                }
+            }
+            info!("disconnected");
+        }
+    }
+
+    /// Runs actions; returns true when the VBD is gone.
+    fn execute(&mut self, actions: Vec<Action>) -> Result<bool, XsError> {
+        for a in actions {
+            match a {
+                Action::Advertise => self.advertise()?,
+                Action::Connect => {
+                    if let Err(e) = self.connect() {
+                        self.report(&e);
+                        let more = self.hs.connect_failed();
+                        return self.execute(more);
+                    }
+                }
+                Action::Disconnect => self.disconnect(),
+                Action::SwitchState(s) => {
+                    debug!(state = %s, "backend state");
+                    self.write("state", &s.to_string())?;
+                }
+                Action::Remove => {
+                    self.disconnect();
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn frontend_state(&self) -> XenbusState {
+        match self.xs.read(&format!("{}/state", self.fe)) {
+            Ok(Some(s)) => XenbusState::parse(&s),
+            _ => XenbusState::Unknown,
+        }
+    }
+
+    /// `online` as the toolstack sets it; a vanished backend directory counts as offline.
+    fn online(&self) -> Result<bool, XsError> {
+        match self.xs.read(&format!("{}/online", self.be))? {
+            Some(v) => Ok(v.trim() != "0"),
+            None => Ok(self.xs.read(&format!("{}/frontend", self.be))?.is_some()),
+        }
+    }
+
+    fn check_resize(&mut self) {
+        let Some(image) = &self.image else { return };
+        match image.refresh_size() {
+            Ok(Some(bytes)) => {
+                let sectors = bytes / 512;
+                info!(sectors, "image resized");
+                self.capacity.store(sectors, Ordering::Relaxed);
+                if self.conn.is_some() {
+                    // blkback's xen_update_blkif_size: rewrite sectors, then state, so the
+                    // frontend's watch on state fires and it re-reads the size.
+                    let be = self.be.clone();
+                    let state = self.hs.state();
+                    let r = self.xs.transaction(|tx| {
+                        tx.write(&format!("{be}/sectors"), &sectors.to_string())?;
+                        tx.write(&format!("{be}/state"), &state.to_string())?;
+                        Ok(())
+                    });
+                    if let Err(e) = r {
+                        warn!(error = %e, "cannot publish the new size");
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => debug!(error = %chain(&e), "size refresh failed"),
+        }
+    }
+}
+
+/// Serves one VBD until it is removed or `stop` fires. Never panics on bad input.
+pub fn run_vbd<P: Platform>(
+    platform: Arc<P>,
+    gnttab: Arc<P::Gnttab>,
+    xs: Arc<Xenstore>,
+    opener: Arc<dyn ImageOpener>,
+    id: VbdId,
+    opts: Options,
+    stop: Receiver<()>,
+) -> VbdEnd {
+    let span = info_span!("vbd", domid = id.domid, devid = id.devid);
+    let _g = span.enter();
+    let be = id.backend_path();
+    let setup = (|| -> Result<(String, DomId, String, String), VbdError> {
+        let fe = node(&xs, &format!("{be}/frontend"))?;
+        let fe_domid = node(&xs, &format!("{be}/frontend-id"))?
+            .trim()
+            .parse::<DomId>()
+            .map_err(|_| VbdError::MissingNode(format!("{be}/frontend-id (not a domid)")))?;
+        let params = node(&xs, &format!("{be}/params"))?;
+        let mode = xs.read(&format!("{be}/mode"))?.unwrap_or_else(|| "w".into());
+        Ok((fe, fe_domid, params, mode))
+    })();
+    let mut vbd = Vbd {
+        id: id.clone(),
+        be: be.clone(),
+        fe: String::new(),
+        fe_domid: 0,
+        platform,
+        gnttab,
+        xs: Arc::clone(&xs),
+        opts,
+        image: None,
+        read_only: false,
+        cdrom: false,
+        discard: true,
+        capacity: Arc::new(AtomicU64::new(0)),
+        hs: Handshake::new(),
+        conn: None,
+    };
+    let mut usable = false;
+    match setup {
+        Err(e) => vbd.report(&e),
+        Ok((fe, fe_domid, params, mode)) => {
+            vbd.fe = fe;
+            vbd.fe_domid = fe_domid;
+            vbd.read_only = !mode.trim().starts_with('w');
+            vbd.cdrom = matches!(
+                xs.read(&format!("{be}/device-type")).ok().flatten().as_deref(),
+                Some("cdrom")
+            );
+            vbd.discard = !matches!(
+                xs.read(&format!("{be}/discard-enable")).ok().flatten().as_deref(),
+                Some("0")
+            );
+            match DiskSpec::parse(&params)
+                .map_err(VbdError::from)
+                .and_then(|spec| {
+                    let ispec = image_spec(&spec, vbd.read_only);
+                    info!(image = %spec.image, engine = ?spec.engine, "opening image");
+                    opener.open(&ispec).map_err(VbdError::Open)
+                }) {
+                Ok(image) => {
+                    vbd.read_only = vbd.read_only || image.info().read_only;
+                    vbd.capacity.store(image.size() / 512, Ordering::Relaxed);
+                    vbd.image = Some(image);
+                    usable = true;
+                }
+                Err(e) => vbd.report(&e),
+            }
+        }
+    }
+    let first = if usable {
+        let _ = xs.rm(&id.error_path());
+        vbd.hs.probe()
+    } else {
+        // xenbus_dev_fatal: the backend goes to Closing and stays there.
+        vbd.hs.connect_failed()
+    };
+    if let Err(e) = vbd.execute(first) {
+        warn!(error = %e, "cannot write the probe nodes");
+    }
+
+    let watch_fe = if vbd.fe.is_empty() {
+        None
+    } else {
+        xs.watch(&format!("{}/state", vbd.fe)).ok()
+    };
+    let watch_be = xs.watch(&be).ok();
+    let mut last_resize = Instant::now();
+    loop {
+        match stop.try_recv() {
+            Ok(()) | Err(TryRecvError::Disconnected) => {
+                vbd.disconnect();
+                return VbdEnd::Stopped;
+            }
+            Err(TryRecvError::Empty) => {}
+        }
+        // Wait for any watch (both have eventfds; a short timeout keeps the loop simple and
+        // bounds how late a stop or broken-queue signal is seen).
+        let mut got = false;
+        if let Some(w) = &watch_fe {
+            while w.try_recv().is_some() {
+                got = true;
+            }
+        }
+        if let Some(w) = &watch_be {
+            let wait = if got {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(200)
+            };
+            if w.recv_timeout(wait).is_some() {
+                while w.try_recv().is_some() {}
+            }
+        } else if !got {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if let Some(c) = &vbd.conn {
+            if c.queues.iter().any(QueueHandle::is_finished) {
+                let e = VbdError::Broken("a queue stopped (see the log)".into());
+                vbd.report(&e);
+                let acts = vbd.hs.frontend_broken();
+                if let Ok(true) = vbd.execute(acts) {
+                    return VbdEnd::Removed;
+                }
+            }
+        }
+        let online = match vbd.online() {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(error = %e, "xenstore read failed");
+                continue;
+            }
+        };
+        let fe_state = vbd.frontend_state();
+        let acts = if online {
+            if usable {
+                vbd.hs.frontend_changed(fe_state, true)
+            } else {
+                Vec::new()
+            }
+        } else if usable {
+            let mut a = vbd.hs.offline(fe_state);
+            if !a.contains(&Action::Remove) {
+                a.extend(vbd.hs.frontend_changed(fe_state, false));
+            }
+            a
+        } else {
+            vec![Action::Remove]
+        };
+        match vbd.execute(acts) {
+            Ok(true) => {
+                info!("device removed");
+                let _ = xs.rm(&id.error_path());
+                return VbdEnd::Removed;
+            }
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "xenstore write failed"),
+        }
+        if usable && last_resize.elapsed() >= vbd.opts.resize_poll {
+            last_resize = Instant::now();
+            vbd.check_resize();
+        }
+    }
+}
+
