@@ -11,3 +11,6 @@ pub mod rados;
 pub mod ring;
 pub mod shm;
 pub mod xen;
+
+#[cfg(feature = "test-utils")]
+pub mod demo;

@@ -10,3 +10,10 @@ pub mod dataplane;
 pub mod frontend;
 pub mod params;
 pub mod xenbus;
+pub mod backend;
+pub mod grants;
+pub mod persistent;
+pub mod queue;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testfront;
+pub mod vbd;

@@ -21,7 +21,34 @@ use crate::ring::BackRing;
 use crate::xen::{DomId, EventChannels, GrantMapping, GrantTable, Port};
 
 use super::dataplane::{Dataplane, EngineDone, EngineOp, EngineQueue, QueueConfig, Stats};
+use super::dataplane::{GrantFault, GrantIo, GrantSpan};
 use super::grants::CopyGrants;
+use super::persistent::{PersistentGrants, DEFAULT_MAX_PERSISTENT};
+
+/// How a queue reaches guest data: grant copy, or persistent mappings when negotiated.
+#[derive(Debug)]
+pub enum Access<G: GrantTable> {
+    /// One hypervisor grant copy per request.
+    Copy(CopyGrants<G>),
+    /// A bounded set of long-lived mappings.
+    Persistent(PersistentGrants<G>),
+}
+
+impl<G: GrantTable> GrantIo for Access<G> {
+    fn copy_from_guest(&mut self, spans: &[GrantSpan], dst: &mut [u8]) -> Result<(), GrantFault> {
+        match self {
+            Access::Copy(c) => c.copy_from_guest(spans, dst),
+            Access::Persistent(p) => p.copy_from_guest(spans, dst),
+        }
+    }
+
+    fn copy_to_guest(&mut self, spans: &[GrantSpan], src: &[u8]) -> Result<(), GrantFault> {
+        match self {
+            Access::Copy(c) => c.copy_to_guest(spans, src),
+            Access::Persistent(p) => p.copy_to_guest(spans, src),
+        }
+    }
+}
 
 /// How long a stopping queue waits for in-flight engine operations.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -93,6 +120,8 @@ pub struct QueueParts<G: GrantTable, E: EventChannels> {
     pub engine: rados::Queue,
     /// Disk size in sectors, updated by the control thread on resize.
     pub capacity: Arc<AtomicU64>,
+    /// Both ends negotiated `feature-persistent`.
+    pub persistent: bool,
 }
 
 /// A running queue thread.
@@ -140,8 +169,16 @@ impl QueueHandle {
 }
 
 fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd) -> QueueExit {
-    let mut grants = CopyGrants::new(Arc::clone(&p.gnttab), p.domid);
-    info!(queue = p.index, port = p.port, "queue started");
+    let mut grants = if p.persistent {
+        Access::Persistent(PersistentGrants::new(
+            Arc::clone(&p.gnttab),
+            p.domid,
+            DEFAULT_MAX_PERSISTENT,
+        ))
+    } else {
+        Access::Copy(CopyGrants::new(Arc::clone(&p.gnttab), p.domid))
+    };
+    info!(queue = p.index, port = p.port, persistent = p.persistent, "queue started");
     // Requests may already be waiting (the frontend published before we bound).
     let mut work = true;
     loop {
@@ -239,7 +276,7 @@ fn wait3<E: EventChannels>(
 /// idle or [`DRAIN_TIMEOUT`] passes; new requests are not taken.
 fn drain<G: GrantTable, E: EventChannels>(
     mut p: QueueParts<G, E>,
-    mut grants: CopyGrants<G>,
+    mut grants: Access<G>,
 ) -> QueueExit {
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     while p.dataplane.engine_ops() > 0 && Instant::now() < deadline {

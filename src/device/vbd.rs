@@ -269,7 +269,7 @@ impl<P: Platform> Vbd<P> {
             Limits {
                 max_ring_page_order: self.opts.max_ring_page_order,
                 max_queues: self.opts.max_queues,
-                persistent: false,
+                persistent: true,
             },
         )?;
         info!(
@@ -297,6 +297,7 @@ impl<P: Platform> Vbd<P> {
                 dataplane,
                 engine,
                 capacity: Arc::clone(&self.capacity),
+                persistent: cfg.persistent,
             };
             let span = info_span!("queue", q = index);
             match QueueHandle::spawn(parts, span) {
@@ -320,7 +321,7 @@ impl<P: Platform> Vbd<P> {
             let w = |n: &str, v: &str| tx.write(&format!("{be}/{n}"), v);
             w("feature-flush-cache", "1")?;
             w("feature-barrier", "1")?;
-            w("feature-persistent", "0")?;
+            w("feature-persistent", "1")?;
             if discard {
                 w("feature-discard", "1")?;
                 w("discard-granularity", &granularity.max(512).to_string())?;
