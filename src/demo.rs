@@ -22,7 +22,7 @@ use crate::device::testfront::{
 use crate::device::vbd::{Options, RadosOpener};
 use crate::ring::Abi;
 use crate::xen::sim::SimXen;
-use crate::xen::XenError;
+use crate::xen::{Platform, XenError};
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -134,7 +134,12 @@ pub fn run(o: &DemoOptions) -> Result<(), DemoError> {
     let image = format!("rbdback-demo-{}", std::process::id());
     rbd(
         &conf,
-        &["create", "--size", &format!("{}M", o.size_mib), &format!("rbd/{image}")],
+        &[
+            "create",
+            "--size",
+            &format!("{}M", o.size_mib),
+            &format!("rbd/{image}"),
+        ],
     )?;
     let result = run_on(o, &conf, &image);
     let _ = rbd(&conf, &["rm", "--no-progress", &format!("rbd/{image}")]);
@@ -167,7 +172,7 @@ fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), De
     spec.queues = o.queues;
     spec.ring_order = o.ring_order;
     spec.data_pages = 1024;
-    let dom0 = xen.platform().xenstore_client()?;
+    let dom0 = platform.xenstore()?;
     let (be, fe) = toolstack_attach(&dom0, 0, guest_domid, &spec).map_err(XenError::from)?;
     let guest = xen.frontend(guest_domid)?;
     let t0 = Instant::now();

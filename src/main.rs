@@ -15,7 +15,6 @@ use std::sync::Arc;
 use rbdback::device::backend::{serve, supervise, ServeConfig};
 use rbdback::device::vbd::{chain, Options, RadosOpener};
 use rbdback::xen::real::RealPlatform;
-use rbdback::xen::xenstore::Xenstore;
 use rbdback::xen::Platform;
 
 const USAGE: &str = "usage:

@@ -1,5 +1,6 @@
 //! Whole sessions over the simulated Xen against the in-memory engine: the production
 //! backend (`serve` → per-VBD control thread → per-queue dataplane) and a blkfront-like guest.
+#![allow(clippy::cast_possible_truncation)] // test patterns truncate on purpose
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -127,7 +128,9 @@ fn every_abi_and_order_moves_data() {
 #[test]
 fn indirect_requests_move_a_megabyte() {
     let rig = Rig::start();
-    let mut f = rig.attach(&AttachSpec::new("rbd:mem/16"));
+    let mut spec = AttachSpec::new("rbd:mem/16");
+    spec.data_pages = 264; // 256 data pages + room for the descriptor pages at the end
+    let mut f = rig.attach(&spec);
     let data = pattern(256 * 4096, 3);
     assert_eq!(f.write_sync(0, 0, 0, &data).unwrap(), Status::Okay);
     let (st, back) = f.read_sync(0, 0, 0, data.len()).unwrap();
@@ -161,7 +164,8 @@ fn flush_barrier_and_discard() {
     let id = f.next_id();
     let segs = f.segments(0, 1, 4096);
     assert_eq!(
-        f.one(0, WireRequest::rw(op::WRITE_BARRIER, id, 16, segs)).unwrap(),
+        f.one(0, WireRequest::rw(op::WRITE_BARRIER, id, 16, segs))
+            .unwrap(),
         Status::Okay
     );
     let id = f.next_id();
@@ -224,10 +228,14 @@ fn malformed_requests_get_errors_and_the_ring_goes_on() {
     f.domain().revoke(gref).unwrap();
     let id = f.next_id();
     assert_eq!(
-        f.one(0, WireRequest::read(id, 0, f.segments(3, 1, 4096))).unwrap(),
+        f.one(0, WireRequest::read(id, 0, f.segments(3, 1, 4096)))
+            .unwrap(),
         Status::Error
     );
-    assert_eq!(f.write_sync(0, 0, 0, &pattern(4096, 2)).unwrap(), Status::Okay);
+    assert_eq!(
+        f.write_sync(0, 0, 0, &pattern(4096, 2)).unwrap(),
+        Status::Okay
+    );
 }
 
 #[test]
@@ -243,7 +251,11 @@ fn reconnect_after_close_serves_again() {
     let be = f.be.clone();
     drop(f);
     let guest = rig.xen.frontend(GUEST).unwrap();
-    guest.xenstore().unwrap().write(&format!("{fe}/state"), "1").unwrap();
+    guest
+        .xenstore()
+        .unwrap()
+        .write(&format!("{fe}/state"), "1")
+        .unwrap();
     let mut f = SimBlkfront::connect(guest, &be, &fe, &spec, T).unwrap();
     let (st, back) = f.read_sync(0, 0, 0, 4096).unwrap();
     assert_eq!(st, Status::Okay);
@@ -267,8 +279,14 @@ fn bad_params_are_reported_and_other_disks_keep_working() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let msg = msg.expect("error node written");
-    assert!(msg.contains("pool/image") || msg.contains("params"), "{msg}");
-    assert_eq!(rig.dom0.read(&format!("{be}/state")).unwrap().as_deref(), Some("5"));
+    assert!(
+        msg.contains("pool/image") || msg.contains("params"),
+        "{msg}"
+    );
+    assert_eq!(
+        rig.dom0.read(&format!("{be}/state")).unwrap().as_deref(),
+        Some("5")
+    );
     assert_eq!(
         good.write_sync(0, 0, 0, &pattern(4096, 8)).unwrap(),
         Status::Okay
@@ -278,7 +296,7 @@ fn bad_params_are_reported_and_other_disks_keep_working() {
 #[test]
 fn broken_frontend_gets_its_vbd_closed() {
     let rig = Rig::start();
-    let mut f = rig.attach(&AttachSpec::new("rbd:mem/8"));
+    let f = rig.attach(&AttachSpec::new("rbd:mem/8"));
     // Publish a req_prod far beyond the ring: a broken (or hostile) frontend.
     let ring = f.ring_mem(0);
     ring.store_u32_release(0, 1_000_000).unwrap();
@@ -295,10 +313,15 @@ fn broken_frontend_gets_its_vbd_closed() {
     assert_eq!(state.as_deref(), Some("5"), "backend closing");
     let err = rig
         .dom0
-        .read(&format!("/local/domain/0/error/backend/vbd/{GUEST}/51712/error"))
+        .read(&format!(
+            "/local/domain/0/error/backend/vbd/{GUEST}/51712/error"
+        ))
         .unwrap()
         .unwrap_or_default();
-    assert!(err.contains("ring protocol") || err.contains("queue"), "{err}");
+    assert!(
+        err.contains("ring protocol") || err.contains("queue"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -308,7 +331,10 @@ fn detach_removes_the_device() {
     toolstack_detach(&rig.dom0, &f.be).unwrap();
     f.close(T).unwrap();
     assert_eq!(
-        rig.dom0.read(&format!("{}/state", f.be)).unwrap().as_deref(),
+        rig.dom0
+            .read(&format!("{}/state", f.be))
+            .unwrap()
+            .as_deref(),
         Some("6")
     );
 }

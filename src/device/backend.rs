@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::xen::xenstore::{XsError, Xenstore};
+use crate::xen::xenstore::{Xenstore, XsError};
 use crate::xen::{DomId, Platform, XenError};
 
 use super::vbd::{run_vbd, ImageOpener, Options, VbdEnd, VbdId};
@@ -184,7 +184,9 @@ pub fn supervise(
         while watch.try_recv().is_some() {}
         let mut wanted = Vec::new();
         for dom in xs.directory(&dir)? {
-            let Ok(domid) = dom.parse::<DomId>() else { continue };
+            let Ok(domid) = dom.parse::<DomId>() else {
+                continue;
+            };
             let ddir = format!("{dir}/{domid}");
             let has_rbd = xs.directory(&ddir)?.iter().any(|dev| {
                 matches!(xs.read(&format!("{ddir}/{dev}/params")), Ok(Some(p)) if is_rbd_params(&p))

@@ -6,14 +6,14 @@
 //! Must never: touch guest memory except through [`crate::shm`] and [`crate::xen`], block a
 //! dataplane thread on the cluster, or let one VBD's failure stop another's.
 
+pub mod backend;
 pub mod dataplane;
 pub mod frontend;
-pub mod params;
-pub mod xenbus;
-pub mod backend;
 pub mod grants;
+pub mod params;
 pub mod persistent;
 pub mod queue;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testfront;
 pub mod vbd;
+pub mod xenbus;

@@ -17,10 +17,9 @@ use nix::sys::eventfd::EventFd;
 use tracing::{debug, info, warn};
 
 use crate::rados;
-use crate::ring::BackRing;
 use crate::xen::{DomId, EventChannels, GrantMapping, GrantTable, Port};
 
-use super::dataplane::{Dataplane, EngineDone, EngineOp, EngineQueue, QueueConfig, Stats};
+use super::dataplane::{Dataplane, EngineDone, EngineOp, EngineQueue, Stats};
 use super::dataplane::{GrantFault, GrantIo, GrantSpan};
 use super::grants::CopyGrants;
 use super::persistent::{PersistentGrants, DEFAULT_MAX_PERSISTENT};
@@ -80,9 +79,7 @@ impl EngineQueue for rados::Queue {
                 rados::BlockOp::Read { offset, buf } => EngineOp::Read { offset, buf },
                 rados::BlockOp::Write { offset, buf } => EngineOp::Write { offset, buf },
                 rados::BlockOp::Discard { offset, len }
-                | rados::BlockOp::WriteZeroes { offset, len } => {
-                    EngineOp::Discard { offset, len }
-                }
+                | rados::BlockOp::WriteZeroes { offset, len } => EngineOp::Discard { offset, len },
                 rados::BlockOp::Flush => EngineOp::Flush,
             };
             (op, e.error.to_string())
@@ -122,6 +119,16 @@ pub struct QueueParts<G: GrantTable, E: EventChannels> {
     pub capacity: Arc<AtomicU64>,
     /// Both ends negotiated `feature-persistent`.
     pub persistent: bool,
+}
+
+impl<G: GrantTable, E: EventChannels> std::fmt::Debug for QueueParts<G, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueParts")
+            .field("index", &self.index)
+            .field("domid", &self.domid)
+            .field("port", &self.port)
+            .finish()
+    }
 }
 
 /// A running queue thread.
@@ -178,7 +185,12 @@ fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd)
     } else {
         Access::Copy(CopyGrants::new(Arc::clone(&p.gnttab), p.domid))
     };
-    info!(queue = p.index, port = p.port, persistent = p.persistent, "queue started");
+    info!(
+        queue = p.index,
+        port = p.port,
+        persistent = p.persistent,
+        "queue started"
+    );
     // Requests may already be waiting (the frontend published before we bound).
     let mut work = true;
     loop {
@@ -284,7 +296,10 @@ fn drain<G: GrantTable, E: EventChannels>(
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
         let _ = wait3(&p.evtchn, &p.engine, None, PollTimeout::from(ms));
         let mem = p.ring_map.mem();
-        match p.dataplane.drain_completions(&mem, &mut grants, &mut p.engine) {
+        match p
+            .dataplane
+            .drain_completions(&mem, &mut grants, &mut p.engine)
+        {
             Ok(true) => {
                 let _ = p.evtchn.notify(p.port);
             }

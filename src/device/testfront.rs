@@ -15,7 +15,7 @@ use crate::ring::abi::PAGE_SIZE;
 use crate::ring::front::{FrontError, MockFrontend, WireRequest};
 use crate::ring::{Abi, Response, Segment, Status};
 use crate::xen::sim::{SimFrontend, SimPages};
-use crate::xen::xenstore::{XsError, Xenstore};
+use crate::xen::xenstore::{Perm, Xenstore, XsError};
 use crate::xen::{DomId, GrantRef, Port, XenError};
 
 use super::xenbus::XenbusState;
@@ -96,8 +96,18 @@ pub fn toolstack_attach(
         spec.kind, spec.devid
     );
     let fe = format!("/local/domain/{domid}/device/vbd/{}", spec.devid);
+    // As libxl: the backend directory belongs to the backend domain and the guest may read
+    // it; the frontend directory belongs to the guest and the backend may read it.
+    let perm = |domid: DomId, read: bool| Perm {
+        domid,
+        read,
+        write: false,
+    };
+    xs.mkdir(&be)?;
+    xs.set_perms(&be, &[perm(backend_domid, false), perm(domid, true)])?;
+    xs.mkdir(&fe)?;
+    xs.set_perms(&fe, &[perm(domid, false), perm(backend_domid, true)])?;
     xs.transaction(|tx| {
-        tx.mkdir(&be)?;
         tx.write(&format!("{be}/frontend"), &fe)?;
         tx.write(&format!("{be}/frontend-id"), &domid.to_string())?;
         tx.write(&format!("{be}/online"), "1")?;
@@ -108,7 +118,6 @@ pub fn toolstack_attach(
         tx.write(&format!("{be}/discard-enable"), "1")?;
         tx.write(&format!("{be}/params"), &spec.params)?;
         tx.write(&format!("{be}/state"), "1")?;
-        tx.mkdir(&fe)?;
         tx.write(&format!("{fe}/backend"), &be)?;
         tx.write(&format!("{fe}/backend-id"), &backend_domid.to_string())?;
         tx.write(&format!("{fe}/virtual-device"), &spec.devid.to_string())?;
@@ -116,13 +125,6 @@ pub fn toolstack_attach(
         tx.write(&format!("{fe}/state"), "1")?;
         Ok(())
     })?;
-    // The guest owns its device directory (libxl gives it write access).
-    let perms = xs.get_perms(&fe)?;
-    let mut new = perms.clone();
-    if let Some(first) = new.first_mut() {
-        first.domid = domid;
-    }
-    xs.set_perms(&fe, &new)?;
     Ok((be, fe))
 }
 
@@ -449,11 +451,12 @@ impl SimBlkfront {
         self.submit(q, &[req])?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            for r in self.responses(q, Duration::from_millis(200))? {
-                if r.id == id {
-                    return Ok(r.status);
-                }
-                return Err(FrontTestError::UnknownResponse(r.id));
+            if let Some(r) = self.responses(q, Duration::from_millis(200))?.first() {
+                return if r.id == id {
+                    Ok(r.status)
+                } else {
+                    Err(FrontTestError::UnknownResponse(r.id))
+                };
             }
         }
         Err(FrontTestError::Timeout {
@@ -618,7 +621,10 @@ pub fn run_verified(
     let mut version = 0u64;
     let fill = |buf: &mut [u8], block: u64, ver: u64| {
         for (i, b) in buf.iter_mut().enumerate() {
-            *b = (block.wrapping_mul(31).wrapping_add(ver.wrapping_mul(7)).wrapping_add(i as u64)
+            *b = (block
+                .wrapping_mul(31)
+                .wrapping_add(ver.wrapping_mul(7))
+                .wrapping_add(i as u64)
                 % 251) as u8;
         }
     };

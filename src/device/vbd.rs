@@ -7,7 +7,6 @@
 //! Must never: let a failure leave its own VBD (other VBDs run in their own threads), or block
 //! forever: every wait has a timeout so stop requests and removals are seen.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -18,7 +17,7 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::rados::{self, Image, ImageSpec};
 use crate::ring::{self, BackRing};
-use crate::xen::xenstore::{XsError, Xenstore};
+use crate::xen::xenstore::{Xenstore, XsError};
 use crate::xen::{DomId, EventChannels, GrantTable, Platform, XenError};
 
 use super::dataplane::{Dataplane, QueueConfig};
@@ -284,7 +283,8 @@ impl<P: Platform> Vbd<P> {
             let ring_map = self.gnttab.map(self.fe_domid, &q.ring_refs, true)?;
             let mut evtchn = self.platform.evtchn()?;
             let port = evtchn.bind_interdomain(self.fe_domid, q.event_channel)?;
-            let back = BackRing::new(cfg.abi, order).map_err(|e| VbdError::Broken(e.to_string()))?;
+            let back =
+                BackRing::new(cfg.abi, order).map_err(|e| VbdError::Broken(e.to_string()))?;
             let dataplane = Dataplane::new(back, self.ring_limits(), self.opts.queue);
             let engine = image.queue().map_err(VbdError::Engine)?;
             let parts = QueueParts {
@@ -349,7 +349,9 @@ impl<P: Platform> Vbd<P> {
                 match q.stop() {
                     QueueExit::Stopped(s) => debug!(?s, "queue stopped"),
                     QueueExit::Leaked(s, n) => warn!(?s, in_flight = n, "queue leaked buffers"),
-                    QueueExit::Broken(r) => warn!(reason = %r, "queue had stopped: broken frontend"),
+                    QueueExit::Broken(r) => {
+                        warn!(reason = %r, "queue had stopped: broken frontend")
+                    }
                     QueueExit::Failed(r) => warn!(reason = %r, "queue had failed"),
                 }
             }
@@ -446,7 +448,9 @@ pub fn run_vbd<P: Platform>(
             .parse::<DomId>()
             .map_err(|_| VbdError::MissingNode(format!("{be}/frontend-id (not a domid)")))?;
         let params = node(&xs, &format!("{be}/params"))?;
-        let mode = xs.read(&format!("{be}/mode"))?.unwrap_or_else(|| "w".into());
+        let mode = xs
+            .read(&format!("{be}/mode"))?
+            .unwrap_or_else(|| "w".into());
         Ok((fe, fe_domid, params, mode))
     })();
     let mut vbd = Vbd {
@@ -474,11 +478,17 @@ pub fn run_vbd<P: Platform>(
             vbd.fe_domid = fe_domid;
             vbd.read_only = !mode.trim().starts_with('w');
             vbd.cdrom = matches!(
-                xs.read(&format!("{be}/device-type")).ok().flatten().as_deref(),
+                xs.read(&format!("{be}/device-type"))
+                    .ok()
+                    .flatten()
+                    .as_deref(),
                 Some("cdrom")
             );
             vbd.discard = !matches!(
-                xs.read(&format!("{be}/discard-enable")).ok().flatten().as_deref(),
+                xs.read(&format!("{be}/discard-enable"))
+                    .ok()
+                    .flatten()
+                    .as_deref(),
                 Some("0")
             );
             match DiskSpec::parse(&params)
@@ -592,4 +602,3 @@ pub fn run_vbd<P: Platform>(
         }
     }
 }
-

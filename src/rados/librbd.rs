@@ -1,0 +1,432 @@
+//! The librbd engine: rbd_aio_* on an image opened through librbd.
+//!
+//! Owns: the cluster connection, the pool context and the image handle of one VBD, and the
+//! C completion callback, which only moves the finished operation (tag, result, buffer) into
+//! the submitting queue's mailbox.
+//! Trusts: librbd's contract: a completion fires exactly once, after which librbd no longer
+//! touches the buffer (`rbd_aio_get_return_value` is 0 for writes, the byte count for reads).
+//! Must never: free or move a buffer while its operation is in flight (the buffer lives in the
+//! boxed callback context until the callback returns it), or run device logic in the callback.
+//!
+//! Durability: with `rbd_cache = false` (our default, set explicitly) a write completes when
+//! the OSDs have committed it, so an acknowledged write is durable and flush is cheap. With
+//! `rbd_cache = true` librbd acknowledges writes from its cache, and only a completed flush
+//! makes them durable (the guest's flushes are passed through).
+
+use std::ffi::{c_void, CString};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::sys;
+use super::{
+    BlockOp, Completion, EngineKind, Errno, ImageInfo, ImageSpec, Mailbox, PoolRef, RadosError,
+    SubmitError,
+};
+
+/// Seconds librados waits for the monitors before an open fails (unreachable cluster).
+pub const MOUNT_TIMEOUT_SECS: u32 = 20;
+
+fn cstr(s: &str, what: &str) -> Result<CString, RadosError> {
+    CString::new(s).map_err(|_| RadosError::Invalid(format!("{what} contains a NUL byte")))
+}
+
+/// A cluster handle (`rados_t`), shut down on drop.
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    h: sys::rados_t,
+}
+
+// SAFETY: a rados_t is internally synchronised and documented as usable from many threads.
+unsafe impl Send for Cluster {}
+// SAFETY: as above.
+unsafe impl Sync for Cluster {}
+
+impl Cluster {
+    /// Connects as `client.<id>` with the spec's configuration, bounded by the mount timeout.
+    pub(crate) fn connect(spec: &ImageSpec) -> Result<Cluster, RadosError> {
+        let client = spec.client_id.clone();
+        let fail = |what: &str, rc: i32| RadosError::Connect {
+            client: client.clone(),
+            what: what.to_owned(),
+            errno: Errno(rc),
+        };
+        let name = cstr(&format!("client.{}", spec.client_id), "client id")?;
+        let cluster_name = cstr("ceph", "cluster name")?;
+        let mut h: sys::rados_t = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; the strings outlive the call.
+        let rc = unsafe { sys::rados_create2(&mut h, cluster_name.as_ptr(), name.as_ptr(), 0) };
+        if rc < 0 {
+            return Err(fail("rados_create2", rc));
+        }
+        let c = Cluster { h };
+        let conf = spec
+            .conf
+            .as_deref()
+            .map(|p| cstr(p, "conf path"))
+            .transpose()?;
+        // SAFETY: valid handle; NULL means the default search path and $CEPH_CONF.
+        let rc = unsafe {
+            sys::rados_conf_read_file(c.h, conf.as_ref().map_or(std::ptr::null(), |p| p.as_ptr()))
+        };
+        if rc < 0 {
+            return Err(fail(
+                &format!(
+                    "reading {}",
+                    spec.conf.as_deref().unwrap_or("the default ceph.conf")
+                ),
+                rc,
+            ));
+        }
+        // SAFETY: valid handle; NULL reads $CEPH_ARGS.
+        let rc = unsafe { sys::rados_conf_parse_env(c.h, std::ptr::null()) };
+        if rc < 0 {
+            return Err(fail("parsing $CEPH_ARGS", rc));
+        }
+        let t = MOUNT_TIMEOUT_SECS.to_string();
+        let mut opts: Vec<(&str, &str)> = vec![
+            ("client_mount_timeout", &t),
+            ("rados_mon_op_timeout", &t),
+            ("rbd_cache", if spec.rbd_cache { "true" } else { "false" }),
+        ];
+        if let Some(k) = &spec.keyring {
+            opts.push(("keyring", k));
+        }
+        if let Some(k) = &spec.key {
+            opts.push(("key", k));
+        }
+        for (k, v) in &spec.conf_options {
+            opts.push((k, v));
+        }
+        for (k, v) in opts {
+            c.set(k, v)
+                .map_err(|rc| fail(&format!("setting {k}"), rc))?;
+        }
+        // SAFETY: valid, configured handle; blocks at most the mount timeout.
+        let rc = unsafe { sys::rados_connect(c.h) };
+        if rc < 0 {
+            return Err(fail("rados_connect", rc));
+        }
+        Ok(c)
+    }
+
+    fn set(&self, key: &str, value: &str) -> Result<(), i32> {
+        let k = CString::new(key).map_err(|_| -libc::EINVAL)?;
+        let v = CString::new(value).map_err(|_| -libc::EINVAL)?;
+        // SAFETY: valid handle, NUL-terminated strings that outlive the call.
+        let rc = unsafe { sys::rados_conf_set(self.h, k.as_ptr(), v.as_ptr()) };
+        if rc < 0 {
+            Err(rc)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// An I/O context on the spec's pool and namespace.
+    pub(crate) fn ioctx(&self, spec: &ImageSpec) -> Result<IoCtx, RadosError> {
+        let mut io: sys::rados_ioctx_t = std::ptr::null_mut();
+        let (rc, pool_name) = match &spec.pool {
+            PoolRef::Name(n) => {
+                let p = cstr(n, "pool name")?;
+                // SAFETY: valid handle; out-pointer to a local.
+                (
+                    unsafe { sys::rados_ioctx_create(self.h, p.as_ptr(), &mut io) },
+                    n.clone(),
+                )
+            }
+            // SAFETY: valid handle; out-pointer to a local.
+            PoolRef::Id(id) => (
+                unsafe { sys::rados_ioctx_create2(self.h, *id, &mut io) },
+                format!("#{id}"),
+            ),
+        };
+        if rc == -libc::ENOENT {
+            return Err(RadosError::NoPool(pool_name));
+        }
+        if rc < 0 {
+            return Err(RadosError::Call {
+                what: "rados_ioctx_create",
+                errno: Errno(rc),
+            });
+        }
+        let ctx = IoCtx {
+            h: io,
+            pool: pool_name,
+        };
+        if let Some(ns) = &spec.namespace {
+            let n = cstr(ns, "namespace")?;
+            // SAFETY: valid ioctx; the string is copied by librados.
+            unsafe { sys::rados_ioctx_set_namespace(ctx.h, n.as_ptr()) };
+        }
+        Ok(ctx)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: shut down once; every ioctx and image made from it is dropped first (they
+        // are fields declared before the cluster in LibrbdImage).
+        unsafe { sys::rados_shutdown(self.h) };
+    }
+}
+
+/// A pool context (`rados_ioctx_t`).
+#[derive(Debug)]
+pub(crate) struct IoCtx {
+    pub(crate) h: sys::rados_ioctx_t,
+    pub(crate) pool: String,
+}
+
+// SAFETY: librados ioctx handles are thread-safe for I/O.
+unsafe impl Send for IoCtx {}
+// SAFETY: as above.
+unsafe impl Sync for IoCtx {}
+
+impl Drop for IoCtx {
+    fn drop(&mut self) {
+        // SAFETY: destroyed once, before the cluster shuts down.
+        unsafe { sys::rados_ioctx_destroy(self.h) };
+    }
+}
+
+/// An image opened through librbd. Field order is drop order: image, ioctx, cluster.
+#[derive(Debug)]
+pub struct LibrbdImage {
+    img: NonNull<c_void>,
+    _io: IoCtx,
+    _cluster: Cluster,
+    name: String,
+    read_only: bool,
+    features: u64,
+    obj_size: u64,
+    last_size: AtomicU64,
+}
+
+// SAFETY: librbd image handles are thread-safe; concurrent aio submissions from several
+// threads are supported (QEMU and fio do the same).
+unsafe impl Send for LibrbdImage {}
+// SAFETY: as above.
+unsafe impl Sync for LibrbdImage {}
+
+impl LibrbdImage {
+    /// Connects and opens the image.
+    pub fn open(spec: &ImageSpec) -> Result<LibrbdImage, RadosError> {
+        let cluster = Cluster::connect(spec)?;
+        let io = cluster.ioctx(spec)?;
+        let name = cstr(&spec.image, "image name")?;
+        let snap = spec
+            .snapshot
+            .as_deref()
+            .map(|s| cstr(s, "snapshot"))
+            .transpose()?;
+        let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        let read_only = spec.read_only || spec.snapshot.is_some();
+        let mut img: sys::rbd_image_t = std::ptr::null_mut();
+        let rc = if read_only {
+            // SAFETY: valid ioctx; out-pointer to a local; strings outlive the call.
+            unsafe { sys::rbd_open_read_only(io.h, name.as_ptr(), &mut img, snap_ptr) }
+        } else {
+            // SAFETY: as above.
+            unsafe { sys::rbd_open(io.h, name.as_ptr(), &mut img, snap_ptr) }
+        };
+        if rc == -libc::ENOENT {
+            return Err(RadosError::NoImage {
+                pool: io.pool.clone(),
+                image: spec.image.clone(),
+            });
+        }
+        if rc < 0 {
+            return Err(RadosError::Call {
+                what: "rbd_open",
+                errno: Errno(rc),
+            });
+        }
+        let img = NonNull::new(img).ok_or(RadosError::Call {
+            what: "rbd_open returned no image",
+            errno: Errno(-libc::EIO),
+        })?;
+        let mut features = 0u64;
+        // SAFETY: valid image; out-pointer to a local.
+        unsafe { sys::rbd_get_features(img.as_ptr(), &mut features) };
+        // SAFETY: zero is a valid rbd_image_info_t.
+        let mut info: sys::rbd_image_info_t = unsafe { std::mem::zeroed() };
+        // SAFETY: valid image; the struct size is passed.
+        unsafe {
+            sys::rbd_stat(
+                img.as_ptr(),
+                &mut info,
+                std::mem::size_of::<sys::rbd_image_info_t>(),
+            )
+        };
+        let me = LibrbdImage {
+            img,
+            _io: io,
+            _cluster: cluster,
+            name: spec.image.clone(),
+            read_only,
+            features,
+            obj_size: info.obj_size,
+            last_size: AtomicU64::new(0),
+        };
+        me.last_size.store(me.size(), Ordering::Relaxed);
+        Ok(me)
+    }
+
+    /// Facts for [`super::Image::info`].
+    pub fn info(&self) -> ImageInfo {
+        ImageInfo {
+            engine: EngineKind::Librbd,
+            features: self.features,
+            object_size: self.obj_size,
+            read_only: self.read_only,
+            discard_zeroes: true,
+            discard_granularity: 512,
+        }
+    }
+
+    /// Current size in bytes (librbd refreshes the header when it changed).
+    pub fn size(&self) -> u64 {
+        let mut s = 0u64;
+        // SAFETY: valid image; out-pointer to a local.
+        unsafe { sys::rbd_get_size(self.img.as_ptr(), &mut s) };
+        s
+    }
+
+    /// `Some(new)` if the size changed since the last call.
+    pub fn refresh_size(&self) -> Result<Option<u64>, RadosError> {
+        let now = self.size();
+        let before = self.last_size.swap(now, Ordering::Relaxed);
+        Ok((now != before).then_some(now))
+    }
+
+    /// Starts `op`; the completion goes to `mailbox`.
+    pub(crate) fn submit(
+        &self,
+        tag: u64,
+        op: BlockOp,
+        mailbox: &Arc<Mailbox>,
+    ) -> Result<(), SubmitError> {
+        let (what, offset) = match &op {
+            BlockOp::Read { offset, .. } => ("read", *offset),
+            BlockOp::Write { offset, .. } => ("write", *offset),
+            BlockOp::Discard { offset, .. } => ("discard", *offset),
+            BlockOp::WriteZeroes { offset, .. } => ("write zeroes", *offset),
+            BlockOp::Flush => ("flush", 0),
+        };
+        let ctx = Box::new(Ctx {
+            tag,
+            mailbox: Arc::clone(mailbox),
+            op: Some(op),
+            what,
+            offset,
+        });
+        let raw = Box::into_raw(ctx);
+        let mut comp: sys::rbd_completion_t = std::ptr::null_mut();
+        // SAFETY: `raw` is a leaked Box reclaimed exactly once: by the callback, or below if
+        // the completion or the submission could not be made.
+        let rc =
+            unsafe { sys::rbd_aio_create_completion(raw.cast(), Some(on_complete), &mut comp) };
+        if rc < 0 {
+            // SAFETY: no completion exists, so the callback will never run: reclaim the box.
+            let ctx = unsafe { Box::from_raw(raw) };
+            return Err(submit_err(*ctx, "rbd_aio_create_completion", rc));
+        }
+        let img = self.img.as_ptr();
+        // SAFETY: `raw` stays valid until the callback reclaims it, which cannot happen before
+        // the submission below; this is the only reference to it meanwhile.
+        let op = unsafe { (*raw).op.as_mut() };
+        // Buffer pointers point into the Vec owned by the context (heap data does not move),
+        // valid until the callback hands the buffer back.
+        let rc = match op {
+            Some(BlockOp::Read { offset, buf }) => {
+                // SAFETY: see above; `buf` is writable for buf.len() bytes.
+                unsafe { sys::rbd_aio_read(img, *offset, buf.len(), buf.as_mut_ptr().cast(), comp) }
+            }
+            Some(BlockOp::Write { offset, buf }) => {
+                // SAFETY: see above; `buf` is readable for buf.len() bytes.
+                unsafe { sys::rbd_aio_write(img, *offset, buf.len(), buf.as_ptr().cast(), comp) }
+            }
+            Some(BlockOp::Discard { offset, len }) => {
+                // SAFETY: valid image and completion.
+                unsafe { sys::rbd_aio_discard(img, *offset, *len, comp) }
+            }
+            Some(BlockOp::WriteZeroes { offset, len }) => {
+                let len = usize::try_from(*len).unwrap_or(0);
+                // SAFETY: valid image and completion.
+                unsafe { sys::rbd_aio_write_zeroes(img, *offset, len, comp, 0, 0) }
+            }
+            Some(BlockOp::Flush) => {
+                // SAFETY: valid image and completion.
+                unsafe { sys::rbd_aio_flush(img, comp) }
+            }
+            None => -libc::EINVAL,
+        };
+        if rc < 0 {
+            // SAFETY: the submission failed, so librbd will not call back: release the
+            // completion and reclaim the box.
+            unsafe { sys::rbd_aio_release(comp) };
+            // SAFETY: as above, reclaimed once.
+            let ctx = unsafe { Box::from_raw(raw) };
+            return Err(submit_err(*ctx, what, rc));
+        }
+        Ok(())
+    }
+}
+
+fn submit_err(mut ctx: Ctx, what: &'static str, rc: i32) -> SubmitError {
+    SubmitError {
+        op: ctx.op.take().unwrap_or(BlockOp::Flush),
+        error: RadosError::Call {
+            what,
+            errno: Errno(rc),
+        },
+    }
+}
+
+/// What the callback needs; owns the operation (and its buffer) while librbd works.
+struct Ctx {
+    tag: u64,
+    mailbox: Arc<Mailbox>,
+    op: Option<BlockOp>,
+    what: &'static str,
+    offset: u64,
+}
+
+/// librbd's completion callback (runs on a librbd thread): hand the result over, nothing more.
+extern "C" fn on_complete(comp: sys::rbd_completion_t, arg: *mut c_void) {
+    // SAFETY: `arg` is the Box leaked in submit, reclaimed only here (librbd calls back once).
+    let mut ctx = unsafe { Box::from_raw(arg.cast::<Ctx>()) };
+    // SAFETY: `comp` is the completion this callback was registered on; released once.
+    let rv = unsafe { sys::rbd_aio_get_return_value(comp) };
+    // SAFETY: as above.
+    unsafe { sys::rbd_aio_release(comp) };
+    let op = ctx.op.take();
+    let result = match (&op, rv) {
+        (_, rv) if rv < 0 => Err(RadosError::Io {
+            what: ctx.what,
+            offset: ctx.offset,
+            errno: Errno(i32::try_from(rv).unwrap_or(-libc::EIO)),
+        }),
+        (Some(BlockOp::Read { buf, .. }), rv) if usize::try_from(rv).ok() != Some(buf.len()) => {
+            Err(RadosError::Io {
+                what: "short read",
+                offset: ctx.offset,
+                errno: Errno(-libc::EIO),
+            })
+        }
+        _ => Ok(()),
+    };
+    ctx.mailbox.push(Completion {
+        tag: ctx.tag,
+        result,
+        buf: op.and_then(BlockOp::into_buf),
+    });
+}
+
+impl Drop for LibrbdImage {
+    fn drop(&mut self) {
+        // SAFETY: closed once; rbd_close waits for in-flight aio to complete.
+        unsafe { sys::rbd_close(self.img.as_ptr()) };
+        let _ = &self.name;
+    }
+}
