@@ -125,6 +125,25 @@ fn rbd(conf: &PathBuf, args: &[&str]) -> Result<(), DemoError> {
     }
 }
 
+fn export_image(conf: &std::path::Path, image: &str) -> Result<Vec<u8>, DemoError> {
+    let path = std::env::temp_dir().join(format!("{image}.export"));
+    let _ = std::fs::remove_file(&path);
+    let conf = conf.to_path_buf();
+    rbd(
+        &conf,
+        &[
+            "export",
+            "--no-progress",
+            &format!("rbd/{image}"),
+            &path.display().to_string(),
+        ],
+    )?;
+    let data =
+        std::fs::read(&path).map_err(|e| DemoError::Rbd(format!("reading the export: {e}")))?;
+    let _ = std::fs::remove_file(&path);
+    Ok(data)
+}
+
 /// Runs the demo; prints its report to stdout.
 pub fn run(o: &DemoOptions) -> Result<(), DemoError> {
     let conf = match &o.ceph_conf {
@@ -226,12 +245,26 @@ fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), De
     };
     println!(
         "demo: verification {verdict}: {} reads checked against what was written, {} mismatches, {} errors",
-        report.completed, report.mismatches, report.errors
+        report.reads_checked, report.mismatches, report.errors
     );
     front.close(Duration::from_secs(30))?;
     toolstack_detach(&dom0, &be).map_err(XenError::from)?;
     let _ = stop_tx.send(());
     let _ = server.join();
+    // What the cluster holds must be what the guest wrote: compare `rbd export` with the model.
+    let blocks = span / 8;
+    let export = export_image(conf, image)?;
+    let bad = report.diff_image(&export, blocks);
+    println!(
+        "demo: rbd export of the first {} MiB: {} of {} blocks differ from what the guest wrote ({})",
+        blocks * 4096 / 1048576,
+        bad.len(),
+        blocks,
+        if bad.is_empty() { "PASS" } else { "FAIL" }
+    );
+    if !bad.is_empty() {
+        return Err(DemoError::Mismatch(bad.len() as u64));
+    }
     if report.mismatches > 0 {
         return Err(DemoError::Mismatch(report.mismatches));
     }

@@ -564,6 +564,45 @@ pub struct RunReport {
     pub latencies_us: Vec<u64>,
     /// Reads whose data did not match the model.
     pub mismatches: u64,
+    /// Reads whose data was checked against the model.
+    pub reads_checked: u64,
+    /// What each written 4 KiB block (by index) holds: the version of its last write.
+    pub model: HashMap<u64, u64>,
+}
+
+/// The 4 KiB pattern [`run_verified`] writes to `block` at version `ver` (0: zeros).
+pub fn block_pattern(block: u64, ver: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; PAGE_SIZE];
+    if ver != 0 {
+        fill_block(&mut buf, block, ver);
+    }
+    buf
+}
+
+fn fill_block(buf: &mut [u8], block: u64, ver: u64) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let v = block
+            .wrapping_mul(31)
+            .wrapping_add(ver.wrapping_mul(7))
+            .wrapping_add(i as u64)
+            % 251;
+        *b = u8::try_from(v).unwrap_or(0);
+    }
+}
+
+impl RunReport {
+    /// Blocks of `image` (the disk's bytes, e.g. from `rbd export`) that differ from what the
+    /// run wrote (never-written blocks must be zeros), within the first `blocks` blocks.
+    pub fn diff_image(&self, image: &[u8], blocks: u64) -> Vec<u64> {
+        (0..blocks)
+            .filter(|b| {
+                let start = usize::try_from(b * PAGE_SIZE as u64).unwrap_or(usize::MAX);
+                let got = image.get(start..start + PAGE_SIZE);
+                let want = block_pattern(*b, self.model.get(b).copied().unwrap_or(0));
+                got != Some(&want[..])
+            })
+            .collect()
+    }
 }
 
 impl RunReport {
@@ -698,6 +737,7 @@ pub fn run_verified(
                     if let Some(v) = model.get(&block) {
                         fill(&mut want, block, *v);
                     }
+                    report.reads_checked += 1;
                     if got != want {
                         report.mismatches += 1;
                     }
@@ -716,5 +756,6 @@ pub fn run_verified(
     }
     report.elapsed = start.elapsed();
     report.latencies_us.sort_unstable();
+    report.model = model;
     Ok(report)
 }

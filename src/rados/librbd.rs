@@ -25,7 +25,7 @@ use super::{
 };
 
 /// Seconds librados waits for the monitors before an open fails (unreachable cluster).
-pub const MOUNT_TIMEOUT_SECS: u32 = 20;
+pub const MOUNT_TIMEOUT_SECS: u32 = 10;
 
 fn cstr(s: &str, what: &str) -> Result<CString, RadosError> {
     CString::new(s).map_err(|_| RadosError::Invalid(format!("{what} contains a NUL byte")))

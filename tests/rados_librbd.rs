@@ -1,0 +1,225 @@
+//! The librbd engine on the project's local Ceph cluster, checked with Ceph's own tools.
+
+use std::time::{Duration, Instant};
+
+use rbdback::rados::testing::cluster;
+use rbdback::rados::{BlockOp, Completion, EngineChoice, EngineKind, Image, Queue, RadosError};
+
+fn wait_all(q: &mut Queue, n: usize) -> Vec<Completion> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.len() < n && Instant::now() < deadline {
+        q.reap(&mut out);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(out.len(), n, "completions");
+    out
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| u8::try_from((i as u64 * 13 + seed * 101) % 251).unwrap_or(0))
+        .collect()
+}
+
+#[test]
+fn writes_equal_rbd_export_and_reads_come_back() {
+    let c = cluster();
+    let name = c.create_image("librbd-export", 16, None);
+    let mut spec = c.spec(&name);
+    spec.engine = EngineChoice::Librbd;
+    let img = Image::open(&spec).unwrap();
+    assert_eq!(img.info().engine, EngineKind::Librbd);
+    assert_eq!(img.size(), 16 << 20);
+    let mut q = img.queue().unwrap();
+    let mut expect = vec![0u8; 16 << 20];
+    // 64 writes in flight at once: 4 KiB, 512-byte and 1 MiB pieces across object boundaries.
+    let mut n = 0;
+    for i in 0..64u64 {
+        let (off, len) = match i % 3 {
+            0 => (i * 65536, 4096),
+            1 => (i * 65536 + 512 * 3, 512),
+            _ => ((4 << 20) - 512 * 1024 + i * 4096, 1 << 20),
+        };
+        let data = pattern(len, i);
+        let o = usize::try_from(off).unwrap();
+        expect[o..o + len].copy_from_slice(&data);
+        q.submit(
+            i,
+            BlockOp::Write {
+                offset: off,
+                buf: data,
+            },
+        )
+        .unwrap();
+        n += 1;
+    }
+    for c in wait_all(&mut q, n) {
+        c.result.unwrap();
+    }
+    q.submit(999, BlockOp::Flush).unwrap();
+    wait_all(&mut q, 1)[0].result.as_ref().unwrap();
+    // read back through the engine
+    q.submit(
+        7,
+        BlockOp::Read {
+            offset: 0,
+            buf: vec![0; 1 << 20],
+        },
+    )
+    .unwrap();
+    let r = wait_all(&mut q, 1).pop().unwrap();
+    r.result.unwrap();
+    assert!(r.buf.unwrap() == expect[..1 << 20], "read back");
+    drop(q);
+    drop(img);
+    assert!(
+        c.export(&name) == expect,
+        "rbd export equals what was written"
+    );
+}
+
+#[test]
+fn discard_reads_back_zeros() {
+    let c = cluster();
+    let name = c.create_image("librbd-discard", 8, None);
+    let img = Image::open(&c.spec(&name)).unwrap();
+    let mut q = img.queue().unwrap();
+    q.submit(
+        1,
+        BlockOp::Write {
+            offset: 0,
+            buf: vec![0xaa; 8 << 20],
+        },
+    )
+    .unwrap();
+    wait_all(&mut q, 1)[0].result.as_ref().unwrap();
+    q.submit(
+        2,
+        BlockOp::Discard {
+            offset: 4 << 20,
+            len: 4 << 20,
+        },
+    )
+    .unwrap();
+    q.submit(
+        3,
+        BlockOp::WriteZeroes {
+            offset: 4096,
+            len: 4096,
+        },
+    )
+    .unwrap();
+    for c in wait_all(&mut q, 2) {
+        c.result.unwrap();
+    }
+    q.submit(
+        4,
+        BlockOp::Read {
+            offset: 0,
+            buf: vec![1; 8 << 20],
+        },
+    )
+    .unwrap();
+    let d = wait_all(&mut q, 1).pop().unwrap().buf.unwrap();
+    assert!(d[..4096].iter().all(|&b| b == 0xaa));
+    assert!(d[4096..8192].iter().all(|&b| b == 0));
+    assert!(d[8192..4 << 20].iter().all(|&b| b == 0xaa));
+    assert!(
+        d[4 << 20..].iter().all(|&b| b == 0),
+        "discarded object reads zeros"
+    );
+}
+
+#[test]
+fn read_only_and_snapshots_refuse_writes() {
+    let c = cluster();
+    let name = c.create_image("librbd-ro", 4, None);
+    let img = Image::open(&c.spec(&name)).unwrap();
+    let mut q = img.queue().unwrap();
+    q.submit(
+        1,
+        BlockOp::Write {
+            offset: 0,
+            buf: vec![5; 4096],
+        },
+    )
+    .unwrap();
+    wait_all(&mut q, 1)[0].result.as_ref().unwrap();
+    drop(q);
+    drop(img);
+    c.rbd(&["snap", "create", &format!("rbd/{name}@s1")]);
+    let mut spec = c.spec(&name);
+    spec.snapshot = Some("s1".into());
+    let snap = Image::open(&spec).unwrap();
+    assert!(snap.info().read_only);
+    let mut q = snap.queue().unwrap();
+    let e = q
+        .submit(
+            1,
+            BlockOp::Write {
+                offset: 0,
+                buf: vec![6; 4096],
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(e.op, BlockOp::Write { .. }), "the op comes back");
+    q.submit(
+        2,
+        BlockOp::Read {
+            offset: 0,
+            buf: vec![0; 4096],
+        },
+    )
+    .unwrap();
+    let d = wait_all(&mut q, 1).pop().unwrap().buf.unwrap();
+    assert!(d.iter().all(|&b| b == 5), "snapshot data");
+}
+
+#[test]
+fn missing_image_and_pool_are_named() {
+    let c = cluster();
+    let e = Image::open(&c.spec("no-such-image")).unwrap_err();
+    assert!(matches!(e, RadosError::NoImage { .. }), "{e}");
+    assert!(
+        e.to_string().contains("rbd/no-such-image does not exist"),
+        "{e}"
+    );
+    let mut spec = c.spec("x");
+    spec.pool = rbdback::rados::PoolRef::Name("no-such-pool".into());
+    let e = Image::open(&spec).unwrap_err();
+    assert!(matches!(e, RadosError::NoPool(_)), "{e}");
+}
+
+#[test]
+fn bad_key_fails_with_a_named_error_in_bounded_time() {
+    let c = cluster();
+    let mut spec = c.spec("whatever");
+    spec.keyring = Some("/dev/null".into());
+    spec.key = Some("AQBeNGJl3vZUJRAA1Zt0X4Z1p2ZC1HhIxYr3Kg==".into());
+    let t = Instant::now();
+    let e = Image::open(&spec).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(40),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(matches!(e, RadosError::Connect { .. }), "{e}");
+    assert!(e.to_string().contains("cannot connect"), "{e}");
+}
+
+#[test]
+fn unreachable_monitor_fails_in_bounded_time() {
+    let c = cluster();
+    let mut spec = c.spec("whatever");
+    // A loopback port nothing listens on.
+    spec.conf_options = vec![("mon_host".into(), "v2:127.0.0.1:9".into())];
+    let t = Instant::now();
+    let e = Image::open(&spec).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(40),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(matches!(e, RadosError::Connect { .. }), "{e}");
+}
