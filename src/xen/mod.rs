@@ -153,7 +153,7 @@ pub trait GrantTable: Send + Sync {
 }
 
 /// Granted pages mapped into this process; dropping it unmaps them, exactly once.
-pub trait GrantMapping: Send {
+pub trait GrantMapping: Send + std::fmt::Debug {
     /// The mapped bytes (`refs().len()` pages).
     fn mem(&self) -> SharedMem<'_>;
     /// The grants mapped, in order.

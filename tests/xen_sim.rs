@@ -1,0 +1,285 @@
+//! The behavioural suite of the Xen traits, run against the simulated Xen (and, with
+//! `RBDBACK_REAL_XEN=1` on a dom0 with a cooperating guest, meant for the real one through the
+//! same generic functions). A frontend and a backend share granted pages and exchange events.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rbdback::xen::sim::{SimFrontend, SimXen};
+use rbdback::xen::{
+    CopyDir, CopySeg, EventChannels, GrantMapping, GrantTable, Platform, XenError,
+    GNTST_BAD_GNTREF, GNTST_OKAY, GNTST_PERMISSION_DENIED,
+};
+
+const GUEST: u16 = 3;
+
+fn setup() -> (Arc<SimXen>, SimFrontend) {
+    let xen = SimXen::start().unwrap();
+    let guest = xen.frontend(GUEST).unwrap();
+    (xen, guest)
+}
+
+fn readable<F: AsFd>(f: &F, ms: u16) -> bool {
+    let mut fds = [nix::poll::PollFd::new(
+        f.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)).unwrap_or(0) > 0
+}
+
+/// Generic over the platform: map what the guest granted and see the guest's writes and ours.
+fn shared_page_roundtrip<P: Platform>(p: &P, guest: &SimFrontend) {
+    let pages = guest.alloc_pages(2).unwrap();
+    pages.page(1).write(100, b"from the guest").unwrap();
+    let r0 = guest.grant(&pages, 0, 0, false).unwrap();
+    let r1 = guest.grant(&pages, 1, 0, false).unwrap();
+    let gnt = p.gnttab().unwrap();
+    let m = gnt.map(GUEST, &[r0, r1], true).unwrap();
+    assert_eq!(m.refs(), &[r0, r1]);
+    let mut buf = [0u8; 14];
+    m.mem().read(4096 + 100, &mut buf).unwrap();
+    assert_eq!(&buf, b"from the guest");
+    m.mem().write(8, b"from dom0").unwrap();
+    let mut back = [0u8; 9];
+    pages.page(0).read(8, &mut back).unwrap();
+    assert_eq!(&back, b"from dom0");
+}
+
+fn grant_errors<P: Platform>(p: &P, guest: &SimFrontend) {
+    let pages = guest.alloc_pages(1).unwrap();
+    let ro = guest.grant(&pages, 0, 0, true).unwrap();
+    let gnt = p.gnttab().unwrap();
+    // read-only grant mapped for writing
+    match gnt.map(GUEST, &[ro], true) {
+        Err(XenError::GrantStatus { gref, status, .. }) => {
+            assert_eq!((gref, status), (ro, GNTST_PERMISSION_DENIED));
+        }
+        other => panic!("expected permission denied, got {other:?}"),
+    }
+    assert!(gnt.map(GUEST, &[ro], false).is_ok(), "read-only map works");
+    // unknown and revoked references
+    assert!(matches!(
+        gnt.map(GUEST, &[4242], false),
+        Err(XenError::GrantStatus {
+            status: GNTST_BAD_GNTREF,
+            ..
+        })
+    ));
+    let rw = guest.grant(&pages, 0, 0, false).unwrap();
+    guest.revoke(rw).unwrap();
+    assert!(matches!(
+        gnt.map(GUEST, &[rw], false),
+        Err(XenError::GrantStatus {
+            status: GNTST_BAD_GNTREF,
+            ..
+        })
+    ));
+}
+
+fn grant_copy_per_segment_status<P: Platform>(p: &P, guest: &SimFrontend) {
+    let pages = guest.alloc_pages(2).unwrap();
+    pages.page(0).write(0, &[7u8; 512]).unwrap();
+    let a = guest.grant(&pages, 0, 0, false).unwrap();
+    let ro = guest.grant(&pages, 1, 0, true).unwrap();
+    let gnt = p.gnttab().unwrap();
+    let mut into = [0u8; 512];
+    let out = [9u8; 256];
+    let out2 = [1u8; 16];
+    let mut segs = vec![
+        CopySeg {
+            domid: GUEST,
+            gref: a,
+            offset: 0,
+            dir: CopyDir::FromGuest { dst: &mut into },
+            status: 1,
+        },
+        CopySeg {
+            domid: GUEST,
+            gref: a,
+            offset: 1024,
+            dir: CopyDir::ToGuest { src: &out },
+            status: 1,
+        },
+        CopySeg {
+            domid: GUEST,
+            gref: ro,
+            offset: 0,
+            dir: CopyDir::ToGuest { src: &out2 },
+            status: 1,
+        },
+        CopySeg {
+            domid: GUEST,
+            gref: 999,
+            offset: 0,
+            dir: CopyDir::ToGuest { src: &out2 },
+            status: 1,
+        },
+    ];
+    gnt.copy(&mut segs).unwrap();
+    let st: Vec<i16> = segs.iter().map(|s| s.status).collect();
+    assert_eq!(
+        st,
+        vec![
+            GNTST_OKAY,
+            GNTST_OKAY,
+            GNTST_PERMISSION_DENIED,
+            GNTST_BAD_GNTREF
+        ]
+    );
+    drop(segs);
+    assert_eq!(into, [7u8; 512]);
+    let mut chk = [0u8; 256];
+    pages.page(0).read(1024, &mut chk).unwrap();
+    assert_eq!(chk, [9u8; 256]);
+    let mut chk = [0u8; 16];
+    pages.page(1).read(0, &mut chk).unwrap();
+    assert_eq!(chk, [0u8; 16], "the read-only page was not written");
+}
+
+fn events_both_ways_with_mask_semantics<P: Platform>(p: &P, guest: &SimFrontend) {
+    let gport = guest.alloc_unbound(0).unwrap();
+    let mut ev = p.evtchn().unwrap();
+    assert!(
+        ev.bind_interdomain(GUEST, gport + 100).is_err(),
+        "unknown port"
+    );
+    let local = ev.bind_interdomain(GUEST, gport).unwrap();
+    assert!(ev.pending().unwrap().is_none());
+    // guest -> backend
+    guest.notify(gport).unwrap();
+    assert!(readable(&ev, 1000));
+    assert_eq!(ev.pending().unwrap(), Some(local));
+    // masked until unmasked: a second notify only stays pending
+    guest.notify(gport).unwrap();
+    assert!(ev.pending().unwrap().is_none());
+    ev.unmask(local).unwrap();
+    assert_eq!(ev.pending().unwrap(), Some(local), "unmask redelivers");
+    ev.unmask(local).unwrap();
+    // backend -> guest
+    ev.notify(local).unwrap();
+    assert!(guest.wait(gport, Duration::from_secs(1)).unwrap());
+    assert!(!guest.wait(gport, Duration::from_millis(50)).unwrap());
+    // closing our end makes the guest's notify fail
+    ev.unbind(local).unwrap();
+    assert!(guest.notify(gport).is_err());
+}
+
+#[test]
+fn frontend_and_backend_share_a_granted_page() {
+    let (xen, guest) = setup();
+    shared_page_roundtrip(&xen.platform(), &guest);
+}
+
+#[test]
+fn grant_failures_match_xen_statuses() {
+    let (xen, guest) = setup();
+    grant_errors(&xen.platform(), &guest);
+}
+
+#[test]
+fn grant_copy_reports_each_segment() {
+    let (xen, guest) = setup();
+    grant_copy_per_segment_status(&xen.platform(), &guest);
+}
+
+#[test]
+fn event_channels_notify_mask_and_unmask() {
+    let (xen, guest) = setup();
+    events_both_ways_with_mask_semantics(&xen.platform(), &guest);
+}
+
+#[test]
+fn xenstore_read_write_directory_perms_watch_transaction() {
+    let (xen, guest) = setup();
+    let dom0 = xen.platform().xenstore().unwrap();
+    let g = guest.xenstore().unwrap();
+    let be = "/local/domain/0/backend/vbd/3/51712";
+    assert_eq!(dom0.read(be).unwrap(), None);
+    dom0.write(&format!("{be}/params"), "rbd:a/b").unwrap();
+    assert_eq!(
+        dom0.read(&format!("{be}/params")).unwrap().as_deref(),
+        Some("rbd:a/b")
+    );
+    assert_eq!(dom0.directory(be).unwrap(), vec!["params"]);
+    assert!(dom0.directory("/nope").unwrap().is_empty());
+    // the guest may not read dom0's nodes until permitted
+    let e = g.read(&format!("{be}/params")).unwrap_err();
+    assert_eq!(e.errno(), Some("EACCES"));
+    use rbdback::xen::xenstore::Perm;
+    dom0.set_perms(
+        be,
+        &[
+            Perm {
+                domid: 0,
+                read: false,
+                write: false,
+            },
+            Perm {
+                domid: 3,
+                read: true,
+                write: false,
+            },
+        ],
+    )
+    .unwrap();
+    dom0.write(&format!("{be}/state"), "2").unwrap();
+    assert_eq!(
+        g.read(&format!("{be}/state")).unwrap().as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        g.write(&format!("{be}/state"), "9").unwrap_err().errno(),
+        Some("EACCES")
+    );
+    // watches: registration event, then changes below the path, then removal
+    let w = dom0.watch(be).unwrap();
+    assert_eq!(w.recv_timeout(Duration::from_secs(1)).unwrap().path, be);
+    dom0.write(&format!("{be}/state"), "4").unwrap();
+    assert_eq!(
+        w.recv_timeout(Duration::from_secs(1)).unwrap().path,
+        format!("{be}/state")
+    );
+    assert!(readable(&w, 0) || w.try_recv().is_none());
+    dom0.rm(be).unwrap();
+    assert!(w.recv_timeout(Duration::from_secs(1)).is_some());
+    assert_eq!(dom0.read(&format!("{be}/state")).unwrap(), None);
+    dom0.rm(be).unwrap(); // removing a missing node is fine
+                          // transactions: a conflicting write makes the commit retry, and the retry sees it
+    let mut tries = 0;
+    let v = dom0
+        .transaction(|tx| {
+            tries += 1;
+            let cur = tx.read("/local/domain/0/counter")?.unwrap_or_default();
+            if tries == 1 {
+                // another writer changes the node in the middle of our transaction
+                xen.platform()
+                    .xenstore()
+                    .unwrap()
+                    .write("/local/domain/0/counter", "5")
+                    .unwrap();
+            }
+            tx.write("/local/domain/0/counter", &format!("{cur}+1"))?;
+            Ok(cur)
+        })
+        .unwrap();
+    assert_eq!(tries, 2, "EAGAIN made the transaction run again");
+    assert_eq!(v, "5");
+    assert_eq!(
+        dom0.read("/local/domain/0/counter").unwrap().as_deref(),
+        Some("5+1")
+    );
+}
+
+#[test]
+fn real_bindings_link_and_name_missing_nodes() {
+    use rbdback::xen::real::RealPlatform;
+    if std::path::Path::new("/dev/xen/gntdev").exists() {
+        return; // a real dom0
+    }
+    let p = RealPlatform::new();
+    let e = p.gnttab().unwrap_err().to_string();
+    assert!(e.contains("/dev/xen/gntdev"), "{e}");
+    let e = p.evtchn().unwrap_err().to_string();
+    assert!(e.contains("/dev/xen/evtchn"), "{e}");
+}
