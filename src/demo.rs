@@ -17,7 +17,7 @@ use thiserror::Error;
 
 use crate::device::backend::{serve, ServeConfig};
 use crate::device::testfront::{
-    run_verified, toolstack_attach, toolstack_detach, AttachSpec, FrontTestError, SimBlkfront,
+    run_workload, toolstack_attach, toolstack_detach, AttachSpec, FrontTestError, SimBlkfront,
 };
 use crate::device::vbd::{Options, RadosOpener};
 use crate::ring::Abi;
@@ -41,6 +41,10 @@ pub struct DemoOptions {
     pub size_mib: u64,
     /// Ring page order.
     pub ring_order: u32,
+    /// Benchmark mode: use this existing image as it is, don't verify reads or the export.
+    pub bench_image: Option<String>,
+    /// Bytes at the start of the disk the workload spans (MiB).
+    pub span_mib: u64,
 }
 
 impl Default for DemoOptions {
@@ -53,6 +57,8 @@ impl Default for DemoOptions {
             write_pct: 50,
             size_mib: 256,
             ring_order: 2,
+            bench_image: None,
+            span_mib: 64,
         }
     }
 }
@@ -122,6 +128,17 @@ fn rbd(conf: &PathBuf, args: &[&str]) -> Result<(), DemoError> {
         Err(DemoError::Rbd(
             String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         ))
+    }
+}
+
+/// CPU seconds (user + system) this process has used.
+fn process_cpu() -> f64 {
+    match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+            t(u.user_time()) + t(u.system_time())
+        }
+        Err(_) => 0.0,
     }
 }
 
@@ -204,14 +221,17 @@ fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), De
         front.discard,
         front.max_indirect
     );
-    let span = front.sectors.min(64 * 1024 * 2); // the first 64 MiB
-    let report = run_verified(
+    let span = front.sectors.min(o.span_mib * 2048);
+    let verify = o.bench_image.is_none();
+    let cpu0 = process_cpu();
+    let report = run_workload(
         &mut front,
         o.requests,
         o.qd,
         o.write_pct,
         span,
         0x5eed,
+        verify,
         |total, r| {
             let secs = r.elapsed.as_secs_f64().max(1e-9);
             eprint!(
@@ -225,6 +245,7 @@ fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), De
         },
     )?;
     eprintln!();
+    let cpu = process_cpu() - cpu0;
     let secs = report.elapsed.as_secs_f64().max(1e-9);
     println!(
         "demo: {} x 4 KiB requests ({}% writes) at queue depth {} per queue in {:.2}s",
@@ -238,7 +259,14 @@ fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), De
         report.percentile(99.0),
         report.latencies_us.last().copied().unwrap_or(0)
     );
-    let verdict = if report.mismatches == 0 && report.errors == 0 {
+    println!(
+        "demo: process CPU {:.2}s = {:.1} us per request (backend and simulated guest together)",
+        cpu,
+        cpu * 1e6 / (report.completed.max(1) as f64)
+    );
+    let verdict = if !verify {
+        "SKIPPED (bench mode)"
+    } else if report.mismatches == 0 && report.errors == 0 {
         "PASS"
     } else {
         "FAIL"
@@ -251,6 +279,13 @@ fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), De
     toolstack_detach(&dom0, &be).map_err(XenError::from)?;
     let _ = stop_tx.send(());
     let _ = server.join();
+    if !verify {
+        return if report.errors > 0 {
+            Err(DemoError::Errors(report.errors))
+        } else {
+            Ok(())
+        };
+    }
     // What the cluster holds must be what the guest wrote: compare `rbd export` with the model.
     let blocks = span / 8;
     let export = export_image(conf, image)?;

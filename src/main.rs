@@ -21,6 +21,7 @@ const USAGE: &str = "usage:
   rbdback serve --domid N [--kind vbd] [--backend-domid 0] [--stay]
   rbdback supervise [--kind vbd] [--backend-domid 0]
   rbdback demo [--ceph-conf FILE] [--requests N] [--qd N] [--queues N] [--writes PCT]
+               [--span-mib N] [--bench-image NAME (existing image, no verification)]
   rbdback ring-demo [--abi x86_64-abi|x86_32-abi] [--order 0-4] [--requests N]";
 
 fn main() -> ExitCode {
@@ -122,6 +123,8 @@ fn run_full_demo(args: &[String]) -> ExitCode {
         o.qd = num(args, "--qd", o.qd)?;
         o.queues = num(args, "--queues", o.queues)?;
         o.write_pct = num(args, "--writes", o.write_pct)?;
+        o.span_mib = num(args, "--span-mib", o.span_mib)?;
+        o.bench_image = opt(args, "--bench-image").map(str::to_owned);
         Ok(())
     })();
     if let Err(e) = parsed {

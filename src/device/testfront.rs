@@ -635,6 +635,31 @@ pub fn run_verified(
     write_pct: u32,
     span_sectors: u64,
     seed: u64,
+    progress: impl FnMut(u64, &RunReport),
+) -> Result<RunReport, FrontTestError> {
+    run_workload(
+        front,
+        total,
+        qd,
+        write_pct,
+        span_sectors,
+        seed,
+        true,
+        progress,
+    )
+}
+
+/// [`run_verified`] with read verification optional (`verify = false` for benchmarks on a
+/// disk whose contents the model does not know).
+#[allow(clippy::too_many_arguments)]
+pub fn run_workload(
+    front: &mut SimBlkfront,
+    total: u64,
+    qd: usize,
+    write_pct: u32,
+    span_sectors: u64,
+    seed: u64,
+    verify: bool,
     mut progress: impl FnMut(u64, &RunReport),
 ) -> Result<RunReport, FrontTestError> {
     let mut rng = seed | 1;
@@ -730,7 +755,7 @@ pub fn run_verified(
                 report.bytes += (o.pages * PAGE_SIZE) as u64;
                 if r.status != Status::Okay {
                     report.errors += 1;
-                } else if o.read {
+                } else if o.read && verify {
                     let mut got = vec![0u8; PAGE_SIZE];
                     let _ = front.data_page(o.first_page).read(0, &mut got);
                     let mut want = vec![0u8; PAGE_SIZE];
@@ -741,7 +766,7 @@ pub fn run_verified(
                     if got != want {
                         report.mismatches += 1;
                     }
-                } else {
+                } else if !o.read {
                     model.insert(block, ver);
                 }
                 if let Some(f) = free.get_mut(q) {
