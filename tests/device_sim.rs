@@ -338,3 +338,87 @@ fn detach_removes_the_device() {
         Some("6")
     );
 }
+
+/// A frontend that asks for more than was advertised, or names grants it never gave.
+fn connect_raw(rig: &Rig, devid: u32, nodes: &[(&str, &str)]) -> (String, String) {
+    let mut spec = AttachSpec::new("rbd:mem/8");
+    spec.devid = devid;
+    let (be, fe) = toolstack_attach(&rig.dom0, 0, GUEST, &spec).unwrap();
+    let guest = rig.xen.frontend(GUEST).unwrap();
+    let xs = guest.xenstore().unwrap();
+    let deadline = std::time::Instant::now() + T;
+    while rig.dom0.read(&format!("{be}/state")).unwrap().as_deref() != Some("2") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backend never reached InitWait"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let port = guest.alloc_unbound(0).unwrap();
+    for (k, v) in nodes {
+        let v = v.replace("PORT", &port.to_string());
+        xs.write(&format!("{fe}/{k}"), &v).unwrap();
+    }
+    xs.write(&format!("{fe}/state"), "3").unwrap();
+    let mut err = None;
+    while std::time::Instant::now() < deadline {
+        err = rig
+            .dom0
+            .read(&format!(
+                "/local/domain/0/error/backend/vbd/{GUEST}/{devid}/error"
+            ))
+            .unwrap();
+        if err.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let state = rig
+        .dom0
+        .read(&format!("{be}/state"))
+        .unwrap()
+        .unwrap_or_default();
+    (err.expect("error node written"), state)
+}
+
+#[test]
+fn absurd_ring_order_queue_count_or_ring_refs_close_only_that_vbd() {
+    let rig = Rig::start();
+    let mut good = rig.attach(&AttachSpec::new("rbd:mem/8"));
+    let (e, st) = connect_raw(
+        &rig,
+        51728,
+        &[
+            ("ring-page-order", "9"),
+            ("ring-ref0", "1"),
+            ("event-channel", "PORT"),
+        ],
+    );
+    assert!(e.contains("ring-page-order 9"), "{e}");
+    assert_eq!(st, "5");
+    let (e, st) = connect_raw(&rig, 51744, &[("multi-queue-num-queues", "64")]);
+    assert!(e.contains("multi-queue-num-queues 64"), "{e}");
+    assert_eq!(st, "5");
+    // queue 0 fine, queue 1 names a grant that does not exist: nothing stays half-connected
+    let (e, st) = connect_raw(
+        &rig,
+        51760,
+        &[
+            ("multi-queue-num-queues", "2"),
+            ("queue-0/ring-ref", "4000"),
+            ("queue-0/event-channel", "PORT"),
+            ("queue-1/ring-ref", "4001"),
+            ("queue-1/event-channel", "PORT"),
+        ],
+    );
+    assert!(
+        e.contains("grant 4000") || e.contains("connect the rings"),
+        "{e}"
+    );
+    assert_eq!(st, "5");
+    assert_eq!(
+        good.write_sync(0, 0, 0, &pattern(4096, 3)).unwrap(),
+        Status::Okay,
+        "the guest's other disk keeps working"
+    );
+}

@@ -175,6 +175,8 @@ pub fn supervise(
     let dir = format!("/local/domain/{backend_domid}/backend/{kind}");
     let watch = xs.watch(&dir)?;
     let mut children: HashMap<DomId, (Child, Instant, u32)> = HashMap::new();
+    // Restarts back off (1 s doubling to 60 s) so a crashing serve process cannot spin.
+    let mut backoff: HashMap<DomId, (Instant, Duration)> = HashMap::new();
     info!(dir = %dir, "supervising");
     loop {
         if stop.try_recv().is_ok() {
@@ -202,10 +204,22 @@ pub fn supervise(
             }
         }
         children.retain(|_, (c, _, _)| matches!(c.try_wait(), Ok(None)));
+        backoff.retain(|d, _| wanted.contains(d));
         for domid in wanted {
             if children.contains_key(&domid) {
                 continue;
             }
+            if let Some((at, wait)) = backoff.get(&domid) {
+                if at.elapsed() < *wait {
+                    continue;
+                }
+            }
+            let wait = backoff
+                .get(&domid)
+                .map_or(Duration::from_secs(1), |(_, w)| {
+                    (*w * 2).min(Duration::from_secs(60))
+                });
+            backoff.insert(domid, (Instant::now(), wait));
             let mut cmd = Command::new(exe);
             cmd.arg("serve")
                 .arg("--domid")

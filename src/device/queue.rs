@@ -175,6 +175,15 @@ impl QueueHandle {
     }
 }
 
+impl Drop for QueueHandle {
+    /// A handle dropped without [`QueueHandle::stop`] still stops its thread (without waiting).
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.stop.write(1);
+        }
+    }
+}
+
 fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd) -> QueueExit {
     let mut grants = if p.persistent {
         Access::Persistent(PersistentGrants::new(

@@ -280,33 +280,14 @@ impl<P: Platform> Vbd<P> {
         let order = u8::try_from(cfg.ring_page_order).unwrap_or(u8::MAX);
         let mut queues = Vec::new();
         for (index, q) in cfg.queues.iter().enumerate() {
-            let ring_map = self.gnttab.map(self.fe_domid, &q.ring_refs, true)?;
-            let mut evtchn = self.platform.evtchn()?;
-            let port = evtchn.bind_interdomain(self.fe_domid, q.event_channel)?;
-            let back =
-                BackRing::new(cfg.abi, order).map_err(|e| VbdError::Broken(e.to_string()))?;
-            let dataplane = Dataplane::new(back, self.ring_limits(), self.opts.queue);
-            let engine = image.queue().map_err(VbdError::Engine)?;
-            let parts = QueueParts {
-                index,
-                domid: self.fe_domid,
-                ring_map,
-                gnttab: Arc::clone(&self.gnttab),
-                evtchn,
-                port,
-                dataplane,
-                engine,
-                capacity: Arc::clone(&self.capacity),
-                persistent: cfg.persistent,
-            };
-            let span = info_span!("queue", q = index);
-            match QueueHandle::spawn(parts, span) {
+            match self.start_queue(&image, &cfg, index, q, order) {
                 Ok(h) => queues.push(h),
                 Err(e) => {
+                    // Never leave a half-connected VBD: stop what already runs.
                     for h in queues {
                         let _ = h.stop();
                     }
-                    return Err(VbdError::Thread(e));
+                    return Err(e);
                 }
             }
         }
@@ -341,6 +322,35 @@ impl<P: Platform> Vbd<P> {
             return Err(e.into());
         }
         Ok(())
+    }
+
+    fn start_queue(
+        &self,
+        image: &Arc<Image>,
+        cfg: &FrontendConfig,
+        index: usize,
+        q: &super::frontend::QueueRing,
+        order: u8,
+    ) -> Result<QueueHandle, VbdError> {
+        let ring_map = self.gnttab.map(self.fe_domid, &q.ring_refs, true)?;
+        let mut evtchn = self.platform.evtchn()?;
+        let port = evtchn.bind_interdomain(self.fe_domid, q.event_channel)?;
+        let back = BackRing::new(cfg.abi, order).map_err(|e| VbdError::Broken(e.to_string()))?;
+        let dataplane = Dataplane::new(back, self.ring_limits(), self.opts.queue);
+        let engine = image.queue().map_err(VbdError::Engine)?;
+        let parts = QueueParts {
+            index,
+            domid: self.fe_domid,
+            ring_map,
+            gnttab: Arc::clone(&self.gnttab),
+            evtchn,
+            port,
+            dataplane,
+            engine,
+            capacity: Arc::clone(&self.capacity),
+            persistent: cfg.persistent,
+        };
+        Ok(QueueHandle::spawn(parts, info_span!("queue", q = index))?)
     }
 
     fn disconnect(&mut self) {

@@ -312,6 +312,7 @@ impl SimXen {
             domid,
             handle: Handle::new()?,
             ports: Mutex::new(Vec::new()),
+            grants: Mutex::new(Vec::new()),
         })
     }
 }
@@ -558,6 +559,7 @@ pub struct SimFrontend {
     domid: DomId,
     handle: Arc<Handle>,
     ports: Mutex<Vec<Port>>,
+    grants: Mutex<Vec<GrantRef>>,
 }
 
 impl std::fmt::Debug for SimFrontend {
@@ -606,6 +608,7 @@ impl SimFrontend {
                 readonly,
             },
         );
+        lock(&self.grants).push(gref);
         Ok(gref)
     }
 
@@ -694,7 +697,9 @@ impl Drop for SimFrontend {
         for p in lock(&self.ports).drain(..) {
             hv.close(self.domid, p);
         }
-        let dom = self.domid;
-        hv.grants.retain(|(d, _), _| *d != dom);
+        // Only what this handle granted: another handle of the same domain keeps its grants.
+        for g in lock(&self.grants).drain(..) {
+            hv.grants.remove(&(self.domid, g));
+        }
     }
 }
