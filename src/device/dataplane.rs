@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use thiserror::Error;
 use tracing::debug;
 
+use crate::rados::{BlockOp, Completion, SubmitError};
 use crate::ring::abi::{PAGE_SIZE, SECTOR_SIZE};
 use crate::ring::{
     BackRing, Limits, Parsed, Request, RequestKind, RequestSlot, Response, RingError, Segment,
@@ -54,51 +55,23 @@ pub trait GrantIo {
     fn copy_to_guest(&mut self, spans: &[GrantSpan], src: &[u8]) -> Result<(), GrantFault>;
 }
 
-/// An operation handed to a storage engine queue; buffers are owned by the operation.
-#[derive(Debug)]
-pub enum EngineOp {
-    /// Read `buf.len()` bytes at `offset` into `buf`.
-    Read {
-        /// Byte offset on the image.
-        offset: u64,
-        /// Destination, returned in the completion.
-        buf: Vec<u8>,
-    },
-    /// Write `buf` at `offset`.
-    Write {
-        /// Byte offset on the image.
-        offset: u64,
-        /// Data, returned in the completion.
-        buf: Vec<u8>,
-    },
-    /// Discard `len` bytes at `offset`.
-    Discard {
-        /// Byte offset.
-        offset: u64,
-        /// Length in bytes.
-        len: u64,
-    },
-    /// Make every previously completed write durable.
-    Flush,
-}
-
-/// An engine operation finished.
-#[derive(Debug)]
-pub struct EngineDone {
-    /// The tag given at submit time.
-    pub tag: u64,
-    /// Success, or the engine's error as text (already logged by the engine).
-    pub result: Result<(), String>,
-    /// The operation's buffer, if it had one (read data on success).
-    pub buf: Option<Vec<u8>>,
-}
-
-/// One engine queue, as seen by the dataplane.
+/// One engine queue, as seen by the dataplane: [`crate::rados::Queue`] in production, a fake
+/// in unit tests.
 pub trait EngineQueue {
     /// Starts `op`; on refusal the operation (and its buffer) comes back with the reason.
-    fn submit(&mut self, tag: u64, op: EngineOp) -> Result<(), (EngineOp, String)>;
+    fn submit(&mut self, tag: u64, op: BlockOp) -> Result<(), SubmitError>;
     /// Moves finished operations into `out` without blocking.
-    fn reap(&mut self, out: &mut Vec<EngineDone>);
+    fn reap(&mut self, out: &mut Vec<Completion>);
+}
+
+impl EngineQueue for crate::rados::Queue {
+    fn submit(&mut self, tag: u64, op: BlockOp) -> Result<(), SubmitError> {
+        crate::rados::Queue::submit(self, tag, op)
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        crate::rados::Queue::reap(self, out);
+    }
 }
 
 /// Why the queue must stop (the VBD is then closed with this reason).
@@ -203,7 +176,7 @@ pub struct Dataplane {
     /// Requests held back behind a barrier until everything before it completed.
     deferred: VecDeque<Request>,
     slots: Vec<RequestSlot>,
-    done: Vec<EngineDone>,
+    done: Vec<Completion>,
     pool: Vec<Vec<u8>>,
     stats: Stats,
 }
@@ -315,7 +288,7 @@ impl Dataplane {
         mem: &SharedMem<'_>,
         engine: &mut impl EngineQueue,
         entry: InFlight,
-        op: EngineOp,
+        op: BlockOp,
     ) -> Result<(), RingError> {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1);
@@ -326,12 +299,12 @@ impl Dataplane {
                 self.inflight.insert(tag, entry);
                 Ok(())
             }
-            Err((op, why)) => {
-                if let EngineOp::Read { buf, .. } | EngineOp::Write { buf, .. } = op {
+            Err(e) => {
+                if let BlockOp::Read { buf, .. } | BlockOp::Write { buf, .. } = e.op {
                     self.recycle(buf);
                 }
                 self.ids.remove(&id);
-                self.fail(mem, id, operation, &Failure::Engine(why))
+                self.fail(mem, id, operation, &Failure::Engine(e.error.to_string()))
             }
         }
     }
@@ -357,7 +330,7 @@ impl Dataplane {
                     next: Next::Respond,
                     bytes: 0,
                 };
-                let op = EngineOp::Discard {
+                let op = BlockOp::Discard {
                     offset: d.sector.saturating_mul(SECTOR_SIZE),
                     len: d.nr_sectors.saturating_mul(SECTOR_SIZE),
                 };
@@ -373,7 +346,7 @@ impl Dataplane {
                 next: Next::Respond,
                 bytes: 0,
             };
-            return self.submit(mem, engine, entry, EngineOp::Flush);
+            return self.submit(mem, engine, entry, BlockOp::Flush);
         };
         let offset = t.offset_bytes();
         let len = usize::try_from(t.total_bytes()).unwrap_or(usize::MAX);
@@ -397,7 +370,7 @@ impl Dataplane {
                 },
                 bytes: len,
             };
-            self.submit(mem, engine, entry, EngineOp::Write { offset, buf })
+            self.submit(mem, engine, entry, BlockOp::Write { offset, buf })
         } else {
             let entry = InFlight {
                 id,
@@ -406,7 +379,7 @@ impl Dataplane {
                 next: Next::Respond,
                 bytes: len,
             };
-            self.submit(mem, engine, entry, EngineOp::Read { offset, buf })
+            self.submit(mem, engine, entry, BlockOp::Read { offset, buf })
         }
     }
 
@@ -415,7 +388,7 @@ impl Dataplane {
         mem: &SharedMem<'_>,
         grants: &mut impl GrantIo,
         engine: &mut impl EngineQueue,
-        done: EngineDone,
+        done: Completion,
     ) -> Result<(), RingError> {
         let Some(entry) = self.inflight.remove(&done.tag) else {
             // Not ours (cannot happen with a faithful engine): never answer twice.
@@ -425,7 +398,7 @@ impl Dataplane {
         self.inflight_bytes = self.inflight_bytes.saturating_sub(entry.bytes);
         let (id, operation) = (entry.id, entry.operation);
         let outcome = match done.result {
-            Err(e) => Err(Failure::Engine(e)),
+            Err(e) => Err(Failure::Engine(e.to_string())),
             Ok(()) => match (&entry.read_spans, &done.buf) {
                 (Some(spans), Some(buf)) => match grants.copy_to_guest(spans, buf) {
                     Ok(()) => {
@@ -449,7 +422,7 @@ impl Dataplane {
                     next: Next::Respond,
                     bytes: 0,
                 };
-                self.submit(mem, engine, entry, EngineOp::Flush)
+                self.submit(mem, engine, entry, BlockOp::Flush)
             }
             (Ok(()), Next::Respond) => {
                 self.ids.remove(&id);
@@ -623,6 +596,7 @@ impl Dataplane {
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+    use crate::rados::{Errno, RadosError};
     use crate::ring::abi::ring_bytes;
     use crate::ring::front::{indirect_pages, MockFrontend, WireRequest};
     use crate::ring::request::op;
@@ -679,7 +653,7 @@ mod tests {
     /// A RAM disk that completes on reap; `fail_writes` makes writes fail.
     struct FakeEngine {
         disk: Vec<u8>,
-        pending: Vec<(u64, EngineOp)>,
+        pending: Vec<(u64, BlockOp)>,
         log: Vec<&'static str>,
         fail_writes: bool,
         hold: bool,
@@ -698,45 +672,52 @@ mod tests {
     }
 
     impl EngineQueue for FakeEngine {
-        fn submit(&mut self, tag: u64, op: EngineOp) -> Result<(), (EngineOp, String)> {
+        fn submit(&mut self, tag: u64, op: BlockOp) -> Result<(), SubmitError> {
             self.log.push(match op {
-                EngineOp::Read { .. } => "read",
-                EngineOp::Write { .. } => "write",
-                EngineOp::Discard { .. } => "discard",
-                EngineOp::Flush => "flush",
+                BlockOp::Read { .. } => "read",
+                BlockOp::Write { .. } => "write",
+                BlockOp::Discard { .. } | BlockOp::WriteZeroes { .. } => "discard",
+                BlockOp::Flush => "flush",
             });
             self.pending.push((tag, op));
             Ok(())
         }
-        fn reap(&mut self, out: &mut Vec<EngineDone>) {
+        fn reap(&mut self, out: &mut Vec<Completion>) {
             if self.hold {
                 return;
             }
             for (tag, op) in self.pending.drain(..) {
                 let (result, buf) = match op {
-                    EngineOp::Read { offset, mut buf } => {
+                    BlockOp::Read { offset, mut buf } => {
                         let o = offset as usize;
                         let n = buf.len();
                         buf.copy_from_slice(&self.disk[o..o + n]);
                         (Ok(()), Some(buf))
                     }
-                    EngineOp::Write { offset, buf } => {
+                    BlockOp::Write { offset, buf } => {
                         if self.fail_writes {
-                            (Err("EIO".to_string()), Some(buf))
+                            (
+                                Err(RadosError::Io {
+                                    what: "write",
+                                    offset,
+                                    errno: Errno(-5),
+                                }),
+                                Some(buf),
+                            )
                         } else {
                             let o = offset as usize;
                             self.disk[o..o + buf.len()].copy_from_slice(&buf);
                             (Ok(()), Some(buf))
                         }
                     }
-                    EngineOp::Discard { offset, len } => {
+                    BlockOp::Discard { offset, len } | BlockOp::WriteZeroes { offset, len } => {
                         let o = offset as usize;
                         self.disk[o..o + len as usize].fill(0);
                         (Ok(()), None)
                     }
-                    EngineOp::Flush => (Ok(()), None),
+                    BlockOp::Flush => (Ok(()), None),
                 };
-                out.push(EngineDone { tag, result, buf });
+                out.push(Completion { tag, result, buf });
             }
         }
     }

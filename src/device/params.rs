@@ -20,26 +20,7 @@
 
 use thiserror::Error;
 
-/// How the pool is named.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PoolRef {
-    /// By name (`rbd:` form).
-    Name(String),
-    /// By id (ceph-csi handles carry the pool id).
-    Id(i64),
-}
-
-/// Which storage engine serves the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum EngineChoice {
-    /// The direct RADOS path where the image's features allow it, librbd otherwise.
-    #[default]
-    Auto,
-    /// Always the direct RADOS path (fail if the image needs librbd).
-    Direct,
-    /// Always librbd.
-    Librbd,
-}
+pub use crate::rados::{EngineChoice, PoolRef};
 
 /// A parsed disk target.
 #[derive(Debug, Clone, PartialEq, Eq)]

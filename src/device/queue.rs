@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::rados;
 use crate::xen::{DomId, EventChannels, GrantMapping, GrantTable, Port};
 
-use super::dataplane::{Dataplane, EngineDone, EngineOp, EngineQueue, Stats};
+use super::dataplane::{Dataplane, Stats};
 use super::dataplane::{GrantFault, GrantIo, GrantSpan};
 use super::grants::CopyGrants;
 use super::persistent::{PersistentGrants, DEFAULT_MAX_PERSISTENT};
@@ -64,37 +64,6 @@ pub enum QueueExit {
     Broken(String),
     /// An event channel or poll error.
     Failed(String),
-}
-
-impl EngineQueue for rados::Queue {
-    fn submit(&mut self, tag: u64, op: EngineOp) -> Result<(), (EngineOp, String)> {
-        let op = match op {
-            EngineOp::Read { offset, buf } => rados::BlockOp::Read { offset, buf },
-            EngineOp::Write { offset, buf } => rados::BlockOp::Write { offset, buf },
-            EngineOp::Discard { offset, len } => rados::BlockOp::Discard { offset, len },
-            EngineOp::Flush => rados::BlockOp::Flush,
-        };
-        rados::Queue::submit(self, tag, op).map_err(|e| {
-            let op = match e.op {
-                rados::BlockOp::Read { offset, buf } => EngineOp::Read { offset, buf },
-                rados::BlockOp::Write { offset, buf } => EngineOp::Write { offset, buf },
-                rados::BlockOp::Discard { offset, len }
-                | rados::BlockOp::WriteZeroes { offset, len } => EngineOp::Discard { offset, len },
-                rados::BlockOp::Flush => EngineOp::Flush,
-            };
-            (op, e.error.to_string())
-        })
-    }
-
-    fn reap(&mut self, out: &mut Vec<EngineDone>) {
-        let mut done = Vec::new();
-        rados::Queue::reap(self, &mut done);
-        out.extend(done.into_iter().map(|c| EngineDone {
-            tag: c.tag,
-            result: c.result.map_err(|e| e.to_string()),
-            buf: c.buf,
-        }));
-    }
 }
 
 /// Everything a queue thread needs; built by the VBD's connect step.

@@ -22,7 +22,7 @@ use crate::xen::{DomId, EventChannels, GrantTable, Platform, XenError};
 
 use super::dataplane::{Dataplane, QueueConfig};
 use super::frontend::{FrontendConfig, FrontendError, Limits};
-use super::params::{DiskSpec, EngineChoice, ParamsError, PoolRef};
+use super::params::{DiskSpec, ParamsError};
 use super::queue::{QueueExit, QueueHandle, QueueParts};
 use super::xenbus::{Action, Handshake, XenbusState};
 
@@ -145,10 +145,7 @@ pub enum VbdEnd {
 /// Builds the engine's image description from the disk spec and the VBD's mode.
 pub fn image_spec(spec: &DiskSpec, read_only: bool) -> ImageSpec {
     ImageSpec {
-        pool: match &spec.pool {
-            PoolRef::Name(n) => rados::PoolRef::Name(n.clone()),
-            PoolRef::Id(i) => rados::PoolRef::Id(*i),
-        },
+        pool: spec.pool.clone(),
         namespace: spec.namespace.clone(),
         image: spec.image.clone(),
         snapshot: spec.snapshot.clone(),
@@ -157,11 +154,7 @@ pub fn image_spec(spec: &DiskSpec, read_only: bool) -> ImageSpec {
         keyring: spec.keyring.clone(),
         key: spec.key.clone(),
         conf_options: spec.conf_options.clone(),
-        engine: match spec.engine {
-            EngineChoice::Auto => rados::EngineChoice::Auto,
-            EngineChoice::Direct => rados::EngineChoice::Direct,
-            EngineChoice::Librbd => rados::EngineChoice::Librbd,
-        },
+        engine: spec.engine,
         rbd_cache: spec.rbd_cache,
         // A snapshot is read-only whatever the mode says.
         read_only: read_only || spec.snapshot.is_some(),
