@@ -5,11 +5,10 @@
 //! broken ring is reported as an error, never a crash.
 #![no_main]
 
-use std::collections::HashMap;
-
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use rbdback::device::dataplane::{Dataplane, GrantFault, GrantIo, GrantSpan, QueueConfig};
+use rbdback::device::dataplane::testing::MemGrants;
+use rbdback::device::dataplane::{Dataplane, QueueConfig};
 use rbdback::rados::Image;
 use rbdback::ring::abi::{ring_bytes, SRING_REQ_PROD};
 use rbdback::ring::front::MockFrontend;
@@ -19,43 +18,6 @@ use rbdback::shm::SharedMem;
 #[path = "ring_common.rs"]
 mod common;
 use common::{Encoded, FuzzAbi, FuzzRequest};
-
-/// Guest pages by reference: 0..64 exist and hold arbitrary bytes; revoked ones fail.
-struct Pages {
-    pages: HashMap<u32, Vec<u8>>,
-}
-
-impl Pages {
-    fn get(&mut self, gref: u32) -> Result<&mut Vec<u8>, GrantFault> {
-        self.pages.get_mut(&gref).ok_or(GrantFault {
-            gref,
-            reason: "GNTST_bad_gntref".into(),
-        })
-    }
-}
-
-impl GrantIo for Pages {
-    fn copy_from_guest(&mut self, spans: &[GrantSpan], dst: &mut [u8]) -> Result<(), GrantFault> {
-        let mut at = 0;
-        for s in spans {
-            let (o, l) = (usize::from(s.offset), usize::from(s.len));
-            let page = self.get(s.gref)?;
-            dst[at..at + l].copy_from_slice(&page[o..o + l]);
-            at += l;
-        }
-        Ok(())
-    }
-    fn copy_to_guest(&mut self, spans: &[GrantSpan], src: &[u8]) -> Result<(), GrantFault> {
-        let mut at = 0;
-        for s in spans {
-            let (o, l) = (usize::from(s.offset), usize::from(s.len));
-            let page = self.get(s.gref)?;
-            page[o..o + l].copy_from_slice(&src[at..at + l]);
-            at += l;
-        }
-        Ok(())
-    }
-}
 
 #[derive(Debug, Arbitrary)]
 enum Action {
@@ -89,8 +51,9 @@ fuzz_target!(|input: Input| {
     let mut dp = Dataplane::new(back, limits, QueueConfig { max_inflight_bytes: 1 << 20 });
     let image = Image::memory(2048 * 512);
     let mut engine = image.queue().unwrap();
-    let mut pages = Pages {
+    let mut pages = MemGrants {
         pages: (0..64u32).map(|g| (g, vec![input.fill; 4096])).collect(),
+        ..MemGrants::default()
     };
     let mut broken = false;
     for action in input.actions.iter().take(64) {
@@ -109,7 +72,7 @@ fuzz_target!(|input: Input| {
             }
             Action::Service => {}
             Action::Revoke(g) => {
-                pages.pages.remove(&u32::from(*g % 64));
+                pages.revoked.insert(u32::from(*g % 64));
             }
             Action::ScribbleReqProd(v) => {
                 let _ = shared.store_u32_release(SRING_REQ_PROD, *v);

@@ -592,25 +592,27 @@ impl Dataplane {
     }
 }
 
-#[cfg(test)]
-#[allow(clippy::cast_possible_truncation)]
-mod tests {
-    use super::*;
-    use crate::rados::{Errno, RadosError};
-    use crate::ring::abi::ring_bytes;
-    use crate::ring::front::{indirect_pages, MockFrontend, WireRequest};
-    use crate::ring::request::op;
-    use crate::ring::Abi;
+/// Test support: guest pages held in host memory, for unit tests, fuzzing and benches.
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing {
+    use std::collections::{HashMap, HashSet};
 
-    /// Guest pages by grant reference; refs >= 1000 are "revoked".
-    #[derive(Default)]
-    struct FakeGrants {
-        pages: HashMap<u32, Vec<u8>>,
+    use super::{GrantFault, GrantIo, GrantSpan};
+    use crate::ring::abi::PAGE_SIZE;
+
+    /// Pages by grant reference, created (zeroed) on first use; references of 1000 and above,
+    /// and revoked ones, fail like `GNTST_bad_gntref`.
+    #[derive(Debug, Default)]
+    pub struct MemGrants {
+        /// The pages.
+        pub pages: HashMap<u32, Vec<u8>>,
+        /// Revoked references.
+        pub revoked: HashSet<u32>,
     }
 
-    impl FakeGrants {
+    impl MemGrants {
         fn page(&mut self, gref: u32) -> Result<&mut Vec<u8>, GrantFault> {
-            if gref >= 1000 {
+            if gref >= 1000 || self.revoked.contains(&gref) {
                 return Err(GrantFault {
                     gref,
                     reason: "GNTST_bad_gntref".into(),
@@ -621,34 +623,59 @@ mod tests {
                 .entry(gref)
                 .or_insert_with(|| vec![0u8; PAGE_SIZE]))
         }
+
+        fn span<'a>(&'a mut self, s: &GrantSpan) -> Result<&'a mut [u8], GrantFault> {
+            let (o, l) = (usize::from(s.offset), usize::from(s.len));
+            let gref = s.gref;
+            self.page(gref)?.get_mut(o..o + l).ok_or(GrantFault {
+                gref,
+                reason: "GNTST_bad_copy_arg".into(),
+            })
+        }
     }
 
-    impl GrantIo for FakeGrants {
+    impl GrantIo for MemGrants {
         fn copy_from_guest(
             &mut self,
             spans: &[GrantSpan],
             dst: &mut [u8],
         ) -> Result<(), GrantFault> {
-            let mut at = 0;
+            let mut rest = dst;
             for s in spans {
-                let (o, l) = (usize::from(s.offset), usize::from(s.len));
-                let page = self.page(s.gref)?;
-                dst[at..at + l].copy_from_slice(&page[o..o + l]);
-                at += l;
+                let src = self.span(s)?;
+                let (head, tail) = rest.split_at_mut(src.len().min(rest.len()));
+                head.copy_from_slice(src.get(..head.len()).unwrap_or(&[]));
+                rest = tail;
             }
             Ok(())
         }
+
         fn copy_to_guest(&mut self, spans: &[GrantSpan], src: &[u8]) -> Result<(), GrantFault> {
-            let mut at = 0;
+            let mut rest = src;
             for s in spans {
-                let (o, l) = (usize::from(s.offset), usize::from(s.len));
-                let page = self.page(s.gref)?;
-                page[o..o + l].copy_from_slice(&src[at..at + l]);
-                at += l;
+                let dst = self.span(s)?;
+                let n = dst.len().min(rest.len());
+                let (head, tail) = rest.split_at(n);
+                if let Some(d) = dst.get_mut(..n) {
+                    d.copy_from_slice(head);
+                }
+                rest = tail;
             }
             Ok(())
         }
     }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::testing::MemGrants;
+    use super::*;
+    use crate::rados::{Errno, RadosError};
+    use crate::ring::abi::ring_bytes;
+    use crate::ring::front::{indirect_pages, MockFrontend, WireRequest};
+    use crate::ring::request::op;
+    use crate::ring::Abi;
 
     /// A RAM disk that completes on reap; `fail_writes` makes writes fail.
     struct FakeEngine {
@@ -726,7 +753,7 @@ mod tests {
         mem: Vec<u8>,
         front: MockFrontend,
         dp: Dataplane,
-        grants: FakeGrants,
+        grants: MemGrants,
         engine: FakeEngine,
     }
 
@@ -748,7 +775,7 @@ mod tests {
                 mem,
                 front,
                 dp,
-                grants: FakeGrants::default(),
+                grants: MemGrants::default(),
                 engine: FakeEngine::new(2048 * 512),
             }
         }
