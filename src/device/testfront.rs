@@ -66,6 +66,8 @@ pub struct AttachSpec {
     pub queues: u32,
     /// Data pages to grant for I/O.
     pub data_pages: usize,
+    /// Offer `feature-persistent` (Linux blkfront does by default).
+    pub persistent: bool,
 }
 
 impl AttachSpec {
@@ -80,6 +82,7 @@ impl AttachSpec {
             ring_order: 0,
             queues: 1,
             data_pages: 256,
+            persistent: true,
         }
     }
 }
@@ -265,7 +268,10 @@ impl SimBlkfront {
         xs.transaction(|tx| {
             let w = |n: &str, v: &str| tx.write(&format!("{fe}/{n}"), v);
             w("protocol", protocol)?;
-            w("feature-persistent", "1")?;
+            w(
+                "feature-persistent",
+                if spec.persistent { "1" } else { "0" },
+            )?;
             if order > 0 {
                 w("ring-page-order", &order.to_string())?;
             }
