@@ -518,13 +518,7 @@ impl Dataplane {
         grants: &mut impl GrantIo,
         engine: &mut impl EngineQueue,
     ) -> Result<Serviced, DataplaneError> {
-        let mut done = std::mem::take(&mut self.done);
-        engine.reap(&mut done);
-        for d in done.drain(..) {
-            self.complete(mem, grants, engine, d)?;
-        }
-        self.done = done;
-        self.run_deferred(mem, grants, engine)?;
+        self.finish_completed(mem, grants, engine)?;
 
         // Take requests a few at a time so the byte budget is honoured between batches, and
         // never more than one ring's worth per pass.
@@ -571,14 +565,25 @@ impl Dataplane {
         grants: &mut impl GrantIo,
         engine: &mut impl EngineQueue,
     ) -> Result<bool, DataplaneError> {
+        self.finish_completed(mem, grants, engine)?;
+        Ok(self.ring.publish_responses(mem)?)
+    }
+
+    /// Answers every finished engine operation, then starts requests a barrier was holding
+    /// if the barrier's turn has come.
+    fn finish_completed(
+        &mut self,
+        mem: &SharedMem<'_>,
+        grants: &mut impl GrantIo,
+        engine: &mut impl EngineQueue,
+    ) -> Result<(), RingError> {
         let mut done = std::mem::take(&mut self.done);
         engine.reap(&mut done);
         for d in done.drain(..) {
             self.complete(mem, grants, engine, d)?;
         }
         self.done = done;
-        self.run_deferred(mem, grants, engine)?;
-        Ok(self.ring.publish_responses(mem)?)
+        self.run_deferred(mem, grants, engine)
     }
 
     /// Before sleeping: whether requests arrived meanwhile (then call [`Self::service`] again).
