@@ -20,33 +20,13 @@
 
 use thiserror::Error;
 
-pub use crate::rados::{EngineChoice, PoolRef};
+pub use crate::rados::{EngineChoice, ImageSpec, PoolRef};
 
-/// A parsed disk target.
+/// A parsed disk target: what the storage layer opens, plus where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
-    /// The pool holding the image.
-    pub pool: PoolRef,
-    /// RADOS namespace inside the pool, if any.
-    pub namespace: Option<String>,
-    /// Image name.
-    pub image: String,
-    /// Snapshot to serve (read-only), if any.
-    pub snapshot: Option<String>,
-    /// Ceph client id (without `client.`), default `admin`.
-    pub client_id: String,
-    /// ceph.conf to read; `None` means librados' default search.
-    pub conf: Option<String>,
-    /// Keyring file, if given.
-    pub keyring: Option<String>,
-    /// Secret key (base64), if given inline.
-    pub key: Option<String>,
-    /// Engine selection.
-    pub engine: EngineChoice,
-    /// librbd's cache for the librbd engine (`rbd_cache=true|false`), default off.
-    pub rbd_cache: bool,
-    /// Other `key=value` options passed to librados as configuration.
-    pub conf_options: Vec<(String, String)>,
+    /// The image and how to reach its cluster (`read_only` is decided by the VBD's `mode`).
+    pub target: ImageSpec,
     /// ceph-csi cluster id when the disk was given as a CSI handle.
     pub csi_cluster_id: Option<String>,
 }
@@ -154,18 +134,10 @@ fn nonempty(name: String, what: &'static str, whole: &str) -> Result<String, Par
 
 impl DiskSpec {
     fn new(pool: PoolRef, image: String) -> Self {
+        let mut target = ImageSpec::new("", &image);
+        target.pool = pool;
         DiskSpec {
-            pool,
-            namespace: None,
-            image,
-            snapshot: None,
-            client_id: "admin".to_owned(),
-            conf: None,
-            keyring: None,
-            key: None,
-            engine: EngineChoice::Auto,
-            rbd_cache: false,
-            conf_options: Vec::new(),
+            target,
             csi_cluster_id: None,
         }
     }
@@ -205,12 +177,12 @@ impl DiskSpec {
                     PoolRef::Name(nonempty(pool.clone(), "pool", whole)?),
                     nonempty(image.clone(), "image", whole)?,
                 );
-                s.namespace = Some(nonempty(ns.clone(), "namespace", whole)?);
+                s.target.namespace = Some(nonempty(ns.clone(), "namespace", whole)?);
                 s
             }
             _ => return Err(ParamsError::TooManyParts(whole.to_owned())),
         };
-        spec.snapshot = snap;
+        spec.target.snapshot = snap;
         for opt in parts {
             spec.apply_option(&opt)?;
         }
@@ -259,7 +231,7 @@ impl DiskSpec {
         let uuid = uuid.to_owned();
         for opt in parts {
             if let Some(prefix) = unescape(&opt).strip_prefix("prefix=") {
-                spec.image = format!("{prefix}{uuid}");
+                spec.target.image = format!("{prefix}{uuid}");
                 continue;
             }
             spec.apply_option(&opt)?;
@@ -276,13 +248,13 @@ impl DiskSpec {
             return Err(ParamsError::BadOption(unescape(opt)));
         }
         match key.as_str() {
-            "id" => self.client_id = nonempty(value, "client id", opt)?,
-            "conf" => self.conf = Some(value),
-            "keyring" => self.keyring = Some(value),
-            "key" => self.key = Some(value),
-            "namespace" => self.namespace = Some(nonempty(value, "namespace", opt)?),
+            "id" => self.target.client_id = nonempty(value, "client id", opt)?,
+            "conf" => self.target.conf = Some(value),
+            "keyring" => self.target.keyring = Some(value),
+            "key" => self.target.key = Some(value),
+            "namespace" => self.target.namespace = Some(nonempty(value, "namespace", opt)?),
             "engine" => {
-                self.engine = match value.as_str() {
+                self.target.engine = match value.as_str() {
                     "auto" => EngineChoice::Auto,
                     "direct" => EngineChoice::Direct,
                     "librbd" => EngineChoice::Librbd,
@@ -295,8 +267,8 @@ impl DiskSpec {
                     }
                 }
             }
-            "rbd_cache" => self.rbd_cache = parse_bool(&key, &value)?,
-            _ => self.conf_options.push((key, value)),
+            "rbd_cache" => self.target.rbd_cache = parse_bool(&key, &value)?,
+            _ => self.target.conf_options.push((key, value)),
         }
         Ok(())
     }
@@ -312,15 +284,15 @@ mod tests {
             "rbd:vms/tenant1/disk0@base:id=xen:conf=/etc/ceph/ceph.conf:mon_host=127.0.0.1\\:6789:engine=librbd",
         )
         .unwrap();
-        assert_eq!(s.pool, PoolRef::Name("vms".into()));
-        assert_eq!(s.namespace.as_deref(), Some("tenant1"));
-        assert_eq!(s.image, "disk0");
-        assert_eq!(s.snapshot.as_deref(), Some("base"));
-        assert_eq!(s.client_id, "xen");
-        assert_eq!(s.conf.as_deref(), Some("/etc/ceph/ceph.conf"));
-        assert_eq!(s.engine, EngineChoice::Librbd);
+        assert_eq!(s.target.pool, PoolRef::Name("vms".into()));
+        assert_eq!(s.target.namespace.as_deref(), Some("tenant1"));
+        assert_eq!(s.target.image, "disk0");
+        assert_eq!(s.target.snapshot.as_deref(), Some("base"));
+        assert_eq!(s.target.client_id, "xen");
+        assert_eq!(s.target.conf.as_deref(), Some("/etc/ceph/ceph.conf"));
+        assert_eq!(s.target.engine, EngineChoice::Librbd);
         assert_eq!(
-            s.conf_options,
+            s.target.conf_options,
             vec![("mon_host".to_owned(), "127.0.0.1:6789".to_owned())]
         );
     }
@@ -328,18 +300,18 @@ mod tests {
     #[test]
     fn qemu_form_minimal_defaults() {
         let s = DiskSpec::parse("rbd:rbd/test").unwrap();
-        assert_eq!(s.pool, PoolRef::Name("rbd".into()));
-        assert_eq!(s.image, "test");
-        assert_eq!(s.client_id, "admin");
-        assert_eq!(s.engine, EngineChoice::Auto);
-        assert!(!s.rbd_cache);
-        assert!(s.snapshot.is_none() && s.namespace.is_none());
+        assert_eq!(s.target.pool, PoolRef::Name("rbd".into()));
+        assert_eq!(s.target.image, "test");
+        assert_eq!(s.target.client_id, "admin");
+        assert_eq!(s.target.engine, EngineChoice::Auto);
+        assert!(!s.target.rbd_cache);
+        assert!(s.target.snapshot.is_none() && s.target.namespace.is_none());
     }
 
     #[test]
     fn escaped_separators_stay_in_names() {
         let s = DiskSpec::parse("rbd:p/we\\@ird\\:name").unwrap();
-        assert_eq!(s.image, "we@ird:name");
+        assert_eq!(s.target.image, "we@ird:name");
     }
 
     #[test]
@@ -382,15 +354,18 @@ mod tests {
     fn csi_handle_resolves_pool_id_and_image() {
         let h = "0001-0024-fc0b5b1c-ad3e-4e4b-9b1c-3a5e0f6a7a11-0000000000000002-b0285c97-a0ce-11eb-8c66-0a580a810086";
         let s = DiskSpec::parse(&format!("csi:{h}:id=csi-rbd-node")).unwrap();
-        assert_eq!(s.pool, PoolRef::Id(2));
-        assert_eq!(s.image, "csi-vol-b0285c97-a0ce-11eb-8c66-0a580a810086");
+        assert_eq!(s.target.pool, PoolRef::Id(2));
+        assert_eq!(
+            s.target.image,
+            "csi-vol-b0285c97-a0ce-11eb-8c66-0a580a810086"
+        );
         assert_eq!(
             s.csi_cluster_id.as_deref(),
             Some("fc0b5b1c-ad3e-4e4b-9b1c-3a5e0f6a7a11")
         );
-        assert_eq!(s.client_id, "csi-rbd-node");
+        assert_eq!(s.target.client_id, "csi-rbd-node");
         let s = DiskSpec::parse(&format!("csi:{h}:prefix=k8s-")).unwrap();
-        assert_eq!(s.image, "k8s-b0285c97-a0ce-11eb-8c66-0a580a810086");
+        assert_eq!(s.target.image, "k8s-b0285c97-a0ce-11eb-8c66-0a580a810086");
     }
 
     #[test]

@@ -144,21 +144,10 @@ pub enum VbdEnd {
 
 /// Builds the engine's image description from the disk spec and the VBD's mode.
 pub fn image_spec(spec: &DiskSpec, read_only: bool) -> ImageSpec {
-    ImageSpec {
-        pool: spec.pool.clone(),
-        namespace: spec.namespace.clone(),
-        image: spec.image.clone(),
-        snapshot: spec.snapshot.clone(),
-        client_id: spec.client_id.clone(),
-        conf: spec.conf.clone(),
-        keyring: spec.keyring.clone(),
-        key: spec.key.clone(),
-        conf_options: spec.conf_options.clone(),
-        engine: spec.engine,
-        rbd_cache: spec.rbd_cache,
-        // A snapshot is read-only whatever the mode says.
-        read_only: read_only || spec.snapshot.is_some(),
-    }
+    let mut t = spec.target.clone();
+    // A snapshot is read-only whatever the mode says.
+    t.read_only = read_only || t.snapshot.is_some();
+    t
 }
 
 /// Opens images; tests and the demo substitute an in-memory image.
@@ -498,7 +487,7 @@ pub fn run_vbd<P: Platform>(
                 .map_err(VbdError::from)
                 .and_then(|spec| {
                     let ispec = image_spec(&spec, vbd.read_only);
-                    info!(image = %spec.image, engine = ?spec.engine, "opening image");
+                    info!(image = %spec.target.image, engine = ?spec.target.engine, "opening image");
                     opener.open(&ispec).map_err(VbdError::Open)
                 }) {
                 Ok(image) => {
