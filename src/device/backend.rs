@@ -51,6 +51,13 @@ pub fn kernel_bound(kind: &str, domid: DomId, devid: u32) -> bool {
     .exists()
 }
 
+/// Whether a kernel driver for this backend kind is registered (xen-blkback loaded): then a
+/// device is claimed only after the hotplug script said `hotplug-status=connected`, because
+/// the kernel may bind a device just after we looked.
+pub fn kernel_driver_registered(kind: &str) -> bool {
+    Path::new(&format!("/sys/bus/xen-backend/drivers/{kind}")).exists()
+}
+
 struct Running {
     stop: Sender<()>,
     thread: JoinHandle<VbdEnd>,
@@ -114,6 +121,16 @@ pub fn serve<P: Platform>(
             };
             if !is_rbd_params(&params) || kernel_bound(&cfg.kind, cfg.domid, devid) {
                 continue;
+            }
+            if kernel_driver_registered(&cfg.kind)
+                && xs
+                    .read(&format!("{be}/hotplug-status"))
+                    .ok()
+                    .flatten()
+                    .as_deref()
+                    != Some("connected")
+            {
+                continue; // the watch fires again when block-rbdback writes it
             }
             seen_any = true;
             let id = VbdId {
