@@ -116,6 +116,7 @@ fn every_abi_and_order_moves_data() {
         spec.devid = 51712 + 16 * i as u32;
         spec.abi = abi;
         spec.ring_order = order;
+        spec.persistent = i % 2 == 0; // grant copy on the middle disk
         let mut f = rig.attach(&spec);
         let data = pattern(8192, i as u8);
         assert_eq!(f.write_sync(0, 64, 0, &data).unwrap(), Status::Okay);

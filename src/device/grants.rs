@@ -37,50 +37,48 @@ fn check(segs: &[CopySeg<'_>]) -> Result<(), GrantFault> {
     }
 }
 
+impl<G: GrantTable> CopyGrants<G> {
+    /// One grant copy call for all of a request's segments, then each segment's status.
+    fn run(&self, first: u32, segs: &mut [CopySeg<'_>]) -> Result<(), GrantFault> {
+        self.gnttab.copy(segs).map_err(|e| GrantFault {
+            gref: first,
+            reason: e.to_string(),
+        })?;
+        check(segs)
+    }
+
+    fn seg<'a>(&self, s: &GrantSpan, dir: CopyDir<'a>) -> CopySeg<'a> {
+        CopySeg {
+            domid: self.domid,
+            gref: s.gref,
+            offset: s.offset,
+            dir,
+            status: 0,
+        }
+    }
+}
+
 impl<G: GrantTable> GrantIo for CopyGrants<G> {
     fn copy_from_guest(&mut self, spans: &[GrantSpan], dst: &mut [u8]) -> Result<(), GrantFault> {
         let mut segs = Vec::with_capacity(spans.len());
         let mut rest = dst;
         for s in spans {
             let len = usize::from(s.len).min(rest.len());
-            let (head, tail) = rest.split_at_mut(len);
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
             rest = tail;
-            segs.push(CopySeg {
-                domid: self.domid,
-                gref: s.gref,
-                offset: s.offset,
-                dir: CopyDir::FromGuest { dst: head },
-                status: 0,
-            });
+            segs.push(self.seg(s, CopyDir::FromGuest { dst: head }));
         }
-        let first = spans.first().map_or(0, |s| s.gref);
-        self.gnttab.copy(&mut segs).map_err(|e| GrantFault {
-            gref: first,
-            reason: e.to_string(),
-        })?;
-        check(&segs)
+        self.run(spans.first().map_or(0, |s| s.gref), &mut segs)
     }
 
     fn copy_to_guest(&mut self, spans: &[GrantSpan], src: &[u8]) -> Result<(), GrantFault> {
         let mut segs = Vec::with_capacity(spans.len());
         let mut rest = src;
         for s in spans {
-            let len = usize::from(s.len).min(rest.len());
-            let (head, tail) = rest.split_at(len);
+            let (head, tail) = rest.split_at(usize::from(s.len).min(rest.len()));
             rest = tail;
-            segs.push(CopySeg {
-                domid: self.domid,
-                gref: s.gref,
-                offset: s.offset,
-                dir: CopyDir::ToGuest { src: head },
-                status: 0,
-            });
+            segs.push(self.seg(s, CopyDir::ToGuest { src: head }));
         }
-        let first = spans.first().map_or(0, |s| s.gref);
-        self.gnttab.copy(&mut segs).map_err(|e| GrantFault {
-            gref: first,
-            reason: e.to_string(),
-        })?;
-        check(&segs)
+        self.run(spans.first().map_or(0, |s| s.gref), &mut segs)
     }
 }

@@ -12,6 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::shm::SharedMem;
 use crate::xen::{DomId, GrantMapping, GrantRef, GrantTable};
 
 use super::dataplane::{GrantFault, GrantIo, GrantSpan};
@@ -126,55 +127,56 @@ impl<G: GrantTable> PersistentGrants<G> {
     }
 }
 
+impl<G: GrantTable> PersistentGrants<G> {
+    /// The mapped page of `gref` (after [`Self::ensure`] said it is mapped).
+    fn mem_of(&self, gref: GrantRef) -> Result<SharedMem<'_>, GrantFault> {
+        self.maps
+            .get(&gref)
+            .map(GrantMapping::mem)
+            .ok_or_else(|| GrantFault {
+                gref,
+                reason: "mapping vanished".into(),
+            })
+    }
+}
+
+fn shm_fault(gref: GrantRef) -> impl FnOnce(crate::shm::OutOfBounds) -> GrantFault {
+    move |e| GrantFault {
+        gref,
+        reason: e.to_string(),
+    }
+}
+
 impl<G: GrantTable> GrantIo for PersistentGrants<G> {
     fn copy_from_guest(&mut self, spans: &[GrantSpan], dst: &mut [u8]) -> Result<(), GrantFault> {
-        let mut at = 0usize;
+        let mut rest = dst;
         for s in spans {
-            let len = usize::from(s.len);
-            let Some(out) = dst.get_mut(at..at + len) else {
-                break;
-            };
+            let len = usize::from(s.len).min(rest.len());
+            let (out, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            rest = tail;
             if self.ensure(s.gref) {
-                let m = self.maps.get(&s.gref).ok_or_else(|| GrantFault {
-                    gref: s.gref,
-                    reason: "mapping vanished".into(),
-                })?;
-                m.mem()
+                self.mem_of(s.gref)?
                     .read(usize::from(s.offset), out)
-                    .map_err(|e| GrantFault {
-                        gref: s.gref,
-                        reason: e.to_string(),
-                    })?;
+                    .map_err(shm_fault(s.gref))?;
             } else {
                 self.copy.copy_from_guest(std::slice::from_ref(s), out)?;
             }
-            at += len;
         }
         Ok(())
     }
 
     fn copy_to_guest(&mut self, spans: &[GrantSpan], src: &[u8]) -> Result<(), GrantFault> {
-        let mut at = 0usize;
+        let mut rest = src;
         for s in spans {
-            let len = usize::from(s.len);
-            let Some(data) = src.get(at..at + len) else {
-                break;
-            };
+            let (data, tail) = rest.split_at(usize::from(s.len).min(rest.len()));
+            rest = tail;
             if self.ensure(s.gref) {
-                let m = self.maps.get(&s.gref).ok_or_else(|| GrantFault {
-                    gref: s.gref,
-                    reason: "mapping vanished".into(),
-                })?;
-                m.mem()
+                self.mem_of(s.gref)?
                     .write(usize::from(s.offset), data)
-                    .map_err(|e| GrantFault {
-                        gref: s.gref,
-                        reason: e.to_string(),
-                    })?;
+                    .map_err(shm_fault(s.gref))?;
             } else {
                 self.copy.copy_to_guest(std::slice::from_ref(s), data)?;
             }
-            at += len;
         }
         Ok(())
     }
