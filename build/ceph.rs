@@ -12,7 +12,8 @@ pub fn generate() {
             "ceph_wrapper.h",
             "#include <rados/librados.h>\n#include <rbd/librbd.h>\n",
         )
-        .allowlist_function("rados_(create2|conf_read_file|conf_parse_env|conf_set|conf_get|connect|shutdown|ioctx_create|ioctx_create2|ioctx_destroy|ioctx_set_namespace|pool_reverse_lookup|cluster_fsid)")
+        .allowlist_function("rados_.*")
+        .allowlist_var("LIBRADOS_.*")
         .allowlist_function("rbd_(open|open_read_only|close|get_size|get_features|stat|aio_create_completion|aio_release|aio_get_return_value|aio_read|aio_write|aio_discard|aio_write_zeroes|aio_flush|invalidate_cache)")
         .allowlist_type("rbd_image_info_t")
         .allowlist_var("RBD_FEATURE_.*")

@@ -83,7 +83,9 @@ fn writes_equal_rbd_export_and_reads_come_back() {
 fn discard_reads_back_zeros() {
     let c = cluster();
     let name = c.create_image("librbd-discard", 8, None);
-    let img = Image::open(&c.spec(&name)).unwrap();
+    let mut spec = c.spec(&name);
+    spec.engine = EngineChoice::Librbd;
+    let img = Image::open(&spec).unwrap();
     let mut q = img.queue().unwrap();
     q.submit(
         1,
@@ -135,7 +137,9 @@ fn discard_reads_back_zeros() {
 fn read_only_and_snapshots_refuse_writes() {
     let c = cluster();
     let name = c.create_image("librbd-ro", 4, None);
-    let img = Image::open(&c.spec(&name)).unwrap();
+    let mut spec = c.spec(&name);
+    spec.engine = EngineChoice::Librbd;
+    let img = Image::open(&spec).unwrap();
     let mut q = img.queue().unwrap();
     q.submit(
         1,
@@ -150,6 +154,7 @@ fn read_only_and_snapshots_refuse_writes() {
     drop(img);
     c.rbd(&["snap", "create", &format!("rbd/{name}@s1")]);
     let mut spec = c.spec(&name);
+    spec.engine = EngineChoice::Librbd;
     spec.snapshot = Some("s1".into());
     let snap = Image::open(&spec).unwrap();
     assert!(snap.info().read_only);

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use thiserror::Error;
 
+pub(crate) mod client;
+pub mod direct;
 pub mod librbd;
 mod sys;
 #[cfg(any(test, feature = "test-utils"))]
@@ -66,6 +68,8 @@ pub struct ImageSpec {
     pub engine: EngineChoice,
     /// librbd cache (librbd engine only).
     pub rbd_cache: bool,
+    /// What the direct engine does when another client asks for the exclusive lock.
+    pub lock_policy: direct::LockPolicy,
     /// Open read-only.
     pub read_only: bool,
 }
@@ -85,6 +89,7 @@ impl ImageSpec {
             conf_options: Vec::new(),
             engine: EngineChoice::Auto,
             rbd_cache: false,
+            lock_policy: direct::LockPolicy::HandOver,
             read_only: false,
         }
     }
@@ -228,7 +233,7 @@ pub enum BlockOp {
 }
 
 impl BlockOp {
-    fn into_buf(self) -> Option<Vec<u8>> {
+    pub(crate) fn into_buf(self) -> Option<Vec<u8>> {
         match self {
             BlockOp::Read { buf, .. } | BlockOp::Write { buf, .. } => Some(buf),
             _ => None,
@@ -260,26 +265,50 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Where completions of one queue land: a locked deque plus an eventfd (any thread may push).
+/// Where one owner's events land: a locked deque plus an eventfd that any thread (librados
+/// and librbd callback threads among them) may push to; the owner polls the fd and drains.
 #[derive(Debug)]
-pub(crate) struct Mailbox {
-    done: Mutex<VecDeque<Completion>>,
+pub(crate) struct Sink<T> {
+    q: Mutex<VecDeque<T>>,
     efd: EventFd,
 }
 
-impl Mailbox {
-    pub(crate) fn new() -> Result<Arc<Mailbox>, RadosError> {
-        Ok(Arc::new(Mailbox {
-            done: Mutex::new(VecDeque::new()),
+impl<T> Sink<T> {
+    pub(crate) fn new() -> Result<Arc<Sink<T>>, RadosError> {
+        Ok(Arc::new(Sink {
+            q: Mutex::new(VecDeque::new()),
             efd: EventFd::from_flags(EfdFlags::EFD_NONBLOCK).map_err(std::io::Error::from)?,
         }))
     }
 
-    pub(crate) fn push(&self, c: Completion) {
-        lock(&self.done).push_back(c);
+    pub(crate) fn push(&self, v: T) {
+        lock(&self.q).push_back(v);
+        self.kick();
+    }
+
+    /// Moves everything waiting into `out`; returns how many.
+    pub(crate) fn drain(&self, out: &mut Vec<T>) -> usize {
+        let _ = self.efd.read();
+        let mut q = lock(&self.q);
+        let n = q.len();
+        out.extend(q.drain(..));
+        n
+    }
+
+    /// Wakes the owner without an event.
+    pub(crate) fn kick(&self) {
         let _ = self.efd.write(1);
     }
 }
+
+impl<T> AsFd for Sink<T> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.efd.as_fd()
+    }
+}
+
+/// Where completions of one librbd or memory queue land.
+pub(crate) type Mailbox = Sink<Completion>;
 
 /// The in-memory engine's disk.
 #[derive(Debug)]
@@ -291,6 +320,7 @@ struct MemDisk {
 enum Engine {
     Memory(Arc<MemDisk>),
     Librbd(librbd::LibrbdImage),
+    Direct(direct::DirectImage),
 }
 
 /// An opened image, shared by the queues of one VBD.
@@ -302,21 +332,37 @@ pub struct Image {
 
 impl Image {
     /// Opens `spec` (bounded in time: unreachable monitors fail after the mount timeout).
+    ///
+    /// `Auto` takes the direct engine unless the image has a feature it cannot honour, and
+    /// then librbd (logged, naming the feature).
     pub fn open(spec: &ImageSpec) -> Result<Arc<Image>, RadosError> {
+        let direct = |spec: &ImageSpec| -> Result<Arc<Image>, RadosError> {
+            let img = direct::DirectImage::open(spec, spec.lock_policy)?;
+            let info = img.info();
+            Ok(Arc::new(Image {
+                engine: Engine::Direct(img),
+                info,
+            }))
+        };
+        let librbd = |spec: &ImageSpec| -> Result<Arc<Image>, RadosError> {
+            let img = librbd::LibrbdImage::open(spec)?;
+            let info = img.info();
+            Ok(Arc::new(Image {
+                engine: Engine::Librbd(img),
+                info,
+            }))
+        };
         match spec.engine {
-            EngineChoice::Direct => Err(RadosError::Unsupported {
-                image: spec.image.clone(),
-                feature: "any (the direct engine is not built yet)",
-                engine: "direct",
-            }),
-            EngineChoice::Auto | EngineChoice::Librbd => {
-                let img = librbd::LibrbdImage::open(spec)?;
-                let info = img.info();
-                Ok(Arc::new(Image {
-                    engine: Engine::Librbd(img),
-                    info,
-                }))
-            }
+            EngineChoice::Direct => direct(spec),
+            EngineChoice::Librbd => librbd(spec),
+            EngineChoice::Auto => match direct(spec) {
+                Err(RadosError::Unsupported { feature, .. }) => {
+                    tracing::info!(image = %spec.image, feature,
+                        "the direct engine cannot serve this image; using librbd");
+                    librbd(spec)
+                }
+                other => other,
+            },
         }
     }
 
@@ -343,6 +389,7 @@ impl Image {
         match &self.engine {
             Engine::Memory(d) => lock(&d.data).len() as u64,
             Engine::Librbd(i) => i.size(),
+            Engine::Direct(i) => i.size(),
         }
     }
 
@@ -356,25 +403,44 @@ impl Image {
         match &self.engine {
             Engine::Memory(_) => Ok(None),
             Engine::Librbd(i) => i.refresh_size(),
+            Engine::Direct(i) => i.refresh_size(),
         }
     }
 
     /// A queue for one dataplane thread.
     pub fn queue(self: &Arc<Self>) -> Result<Queue, RadosError> {
+        let inner = match &self.engine {
+            Engine::Direct(d) => QueueInner::Direct(Box::new(direct::queue::DirectQueue::new(
+                Arc::clone(&d.shared),
+            )?)),
+            _ => QueueInner::Mailbox {
+                mailbox: Mailbox::new()?,
+                in_flight: 0,
+            },
+        };
         Ok(Queue {
+            inner,
             image: Arc::clone(self),
-            mailbox: Mailbox::new()?,
-            in_flight: 0,
         })
     }
+}
+
+#[derive(Debug)]
+enum QueueInner {
+    Mailbox {
+        mailbox: Arc<Mailbox>,
+        in_flight: usize,
+    },
+    Direct(Box<direct::queue::DirectQueue>),
 }
 
 /// One thread's queue on an image.
 #[derive(Debug)]
 pub struct Queue {
+    // declared first: dropped before the image (the direct queue's pool contexts must go
+    // before the cluster connection the image owns)
+    inner: QueueInner,
     image: Arc<Image>,
-    mailbox: Arc<Mailbox>,
-    in_flight: usize,
 }
 
 fn check_range(offset: u64, len: u64, size: u64) -> Result<(), RadosError> {
@@ -395,16 +461,16 @@ impl Queue {
                 error: RadosError::Invalid("write to a read-only image".into()),
             });
         }
+        let (mailbox, in_flight) = match &mut self.inner {
+            QueueInner::Direct(q) => {
+                q.submit(tag, op);
+                return Ok(());
+            }
+            QueueInner::Mailbox { mailbox, in_flight } => (mailbox, in_flight),
+        };
         match &self.image.engine {
             Engine::Memory(d) => {
                 let result = mem_op(d, &op);
-                self.mailbox.push(Completion {
-                    tag,
-                    result,
-                    buf: None,
-                });
-                // Put the buffer back into the completion just pushed (kept simple: the
-                // memory engine completes synchronously).
                 let buf = match op {
                     BlockOp::Read { offset, mut buf } => {
                         let data = lock(&d.data);
@@ -416,52 +482,64 @@ impl Queue {
                     }
                     other => other.into_buf(),
                 };
-                if let Some(c) = lock(&self.mailbox.done).back_mut() {
-                    c.buf = buf;
-                }
-                self.in_flight += 1;
+                // the memory engine completes synchronously
+                mailbox.push(Completion { tag, result, buf });
+                *in_flight += 1;
                 Ok(())
             }
-            Engine::Librbd(img) => match img.submit(tag, op, &self.mailbox) {
-                Ok(()) => {
-                    self.in_flight += 1;
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            },
+            Engine::Librbd(img) => {
+                img.submit(tag, op, mailbox)?;
+                *in_flight += 1;
+                Ok(())
+            }
+            Engine::Direct(_) => Err(SubmitError {
+                op,
+                error: RadosError::Invalid("queue and engine disagree".into()),
+            }),
         }
     }
 
     /// Moves finished operations into `out` (non-blocking).
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
-        let _ = self.mailbox.efd.read();
-        let mut q = lock(&self.mailbox.done);
-        self.in_flight = self.in_flight.saturating_sub(q.len());
-        out.extend(q.drain(..));
+        match &mut self.inner {
+            QueueInner::Direct(q) => q.reap(out),
+            QueueInner::Mailbox { mailbox, in_flight } => {
+                let n = mailbox.drain(out);
+                *in_flight = in_flight.saturating_sub(n);
+            }
+        }
     }
 
     /// Operations submitted and not reaped.
     pub fn in_flight(&self) -> usize {
-        self.in_flight
+        match &self.inner {
+            QueueInner::Direct(q) => q.in_flight(),
+            QueueInner::Mailbox { in_flight, .. } => *in_flight,
+        }
     }
 }
 
 impl AsFd for Queue {
     /// Readable when completions are waiting.
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.mailbox.efd.as_fd()
+        match &self.inner {
+            QueueInner::Direct(q) => q.as_fd(),
+            QueueInner::Mailbox { mailbox, .. } => mailbox.as_fd(),
+        }
     }
 }
 
 impl Drop for Queue {
     fn drop(&mut self) {
-        if self.in_flight > 0 {
-            // Buffers of unfinished operations are owned by their librbd completions, which
-            // keep the mailbox alive; nothing to free here.
-            tracing::warn!(
-                in_flight = self.in_flight,
-                "engine queue dropped with operations in flight"
-            );
+        if let QueueInner::Mailbox { in_flight, .. } = &self.inner {
+            if *in_flight > 0 {
+                // Buffers of unfinished librbd operations are owned by their completions,
+                // which keep the mailbox alive; nothing to free here.
+                tracing::warn!(
+                    in_flight = *in_flight,
+                    "engine queue dropped with operations in flight"
+                );
+            }
         }
     }
 }

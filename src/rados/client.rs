@@ -1,0 +1,833 @@
+//! librados, wrapped: the cluster handle, pool contexts, synchronous class-method calls and
+//! locks for the control paths, asynchronous operations for the data paths, and watch/notify.
+//!
+//! Owns: every `unsafe` call into librados made by the engines (librbd's own calls stay in
+//! [`super::librbd`]).
+//! Trusts: librados' contract: a completion's callback runs exactly once, after which librados
+//! no longer touches the memory the operation was given.
+//! Must never: run engine logic on a librados thread (callbacks only hand a token and a result
+//! to an [`AioSink`] or a watch event to a [`WatchSink`]), or free memory an operation in
+//! flight may still write (callers keep read buffers alive until the token comes back).
+
+use std::ffi::{c_char, c_void, CString};
+use std::sync::Arc;
+
+use super::sys;
+use super::{Errno, ImageSpec, PoolRef, RadosError, Sink};
+
+/// Seconds librados waits for the monitors before an open fails (unreachable cluster).
+pub const MOUNT_TIMEOUT_SECS: u32 = 10;
+
+pub(crate) fn rc(rc: i32) -> Result<i32, Errno> {
+    if rc < 0 {
+        Err(Errno(rc))
+    } else {
+        Ok(rc)
+    }
+}
+
+fn name(s: &str) -> Result<CString, Errno> {
+    CString::new(s).map_err(|_| Errno(-libc::EINVAL))
+}
+
+pub(crate) fn cstr(s: &str, what: &str) -> Result<CString, RadosError> {
+    CString::new(s).map_err(|_| RadosError::Invalid(format!("{what} contains a NUL byte")))
+}
+
+/// A cluster handle (`rados_t`), shut down on drop.
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    h: sys::rados_t,
+}
+
+// SAFETY: a rados_t is internally synchronised and documented as usable from many threads.
+unsafe impl Send for Cluster {}
+// SAFETY: as above.
+unsafe impl Sync for Cluster {}
+
+impl Cluster {
+    /// Connects as `client.<id>` with the spec's configuration, bounded by the mount timeout.
+    pub(crate) fn connect(spec: &ImageSpec) -> Result<Cluster, RadosError> {
+        let client = spec.client_id.clone();
+        let fail = |what: &str, rc: i32| RadosError::Connect {
+            client: client.clone(),
+            what: what.to_owned(),
+            errno: Errno(rc),
+        };
+        let name = cstr(&format!("client.{}", spec.client_id), "client id")?;
+        let cluster_name = cstr("ceph", "cluster name")?;
+        let mut h: sys::rados_t = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; the strings outlive the call.
+        let rc = unsafe { sys::rados_create2(&mut h, cluster_name.as_ptr(), name.as_ptr(), 0) };
+        if rc < 0 {
+            return Err(fail("rados_create2", rc));
+        }
+        let c = Cluster { h };
+        let conf = spec
+            .conf
+            .as_deref()
+            .map(|p| cstr(p, "conf path"))
+            .transpose()?;
+        // SAFETY: valid handle; NULL means the default search path and $CEPH_CONF.
+        let rc = unsafe {
+            sys::rados_conf_read_file(c.h, conf.as_ref().map_or(std::ptr::null(), |p| p.as_ptr()))
+        };
+        if rc < 0 {
+            return Err(fail(
+                &format!(
+                    "reading {}",
+                    spec.conf.as_deref().unwrap_or("the default ceph.conf")
+                ),
+                rc,
+            ));
+        }
+        // SAFETY: valid handle; NULL reads $CEPH_ARGS.
+        let rc = unsafe { sys::rados_conf_parse_env(c.h, std::ptr::null()) };
+        if rc < 0 {
+            return Err(fail("parsing $CEPH_ARGS", rc));
+        }
+        let t = MOUNT_TIMEOUT_SECS.to_string();
+        let mut opts: Vec<(&str, &str)> = vec![
+            ("client_mount_timeout", &t),
+            ("rados_mon_op_timeout", &t),
+            ("rbd_cache", if spec.rbd_cache { "true" } else { "false" }),
+        ];
+        if let Some(k) = &spec.keyring {
+            opts.push(("keyring", k));
+        }
+        if let Some(k) = &spec.key {
+            opts.push(("key", k));
+        }
+        for (k, v) in &spec.conf_options {
+            opts.push((k, v));
+        }
+        for (k, v) in opts {
+            c.set(k, v)
+                .map_err(|rc| fail(&format!("setting {k}"), rc))?;
+        }
+        // SAFETY: valid, configured handle; blocks at most the mount timeout.
+        let rc = unsafe { sys::rados_connect(c.h) };
+        if rc < 0 {
+            return Err(fail("rados_connect", rc));
+        }
+        Ok(c)
+    }
+
+    fn set(&self, key: &str, value: &str) -> Result<(), i32> {
+        let k = CString::new(key).map_err(|_| -libc::EINVAL)?;
+        let v = CString::new(value).map_err(|_| -libc::EINVAL)?;
+        // SAFETY: valid handle, NUL-terminated strings that outlive the call.
+        let rc = unsafe { sys::rados_conf_set(self.h, k.as_ptr(), v.as_ptr()) };
+        if rc < 0 {
+            Err(rc)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// An I/O context on the spec's pool and namespace.
+    pub(crate) fn ioctx(&self, spec: &ImageSpec) -> Result<IoCtx, RadosError> {
+        let mut io: sys::rados_ioctx_t = std::ptr::null_mut();
+        let (rc, pool_name) = match &spec.pool {
+            PoolRef::Name(n) => {
+                let p = cstr(n, "pool name")?;
+                // SAFETY: valid handle; out-pointer to a local.
+                (
+                    unsafe { sys::rados_ioctx_create(self.h, p.as_ptr(), &mut io) },
+                    n.clone(),
+                )
+            }
+            // SAFETY: valid handle; out-pointer to a local.
+            PoolRef::Id(id) => (
+                unsafe { sys::rados_ioctx_create2(self.h, *id, &mut io) },
+                format!("#{id}"),
+            ),
+        };
+        if rc == -libc::ENOENT {
+            return Err(RadosError::NoPool(pool_name));
+        }
+        if rc < 0 {
+            return Err(RadosError::Call {
+                what: "rados_ioctx_create",
+                errno: Errno(rc),
+            });
+        }
+        let ctx = IoCtx {
+            h: io,
+            pool: pool_name,
+        };
+        if let Some(ns) = &spec.namespace {
+            let n = cstr(ns, "namespace")?;
+            // SAFETY: valid ioctx; the string is copied by librados.
+            unsafe { sys::rados_ioctx_set_namespace(ctx.h, n.as_ptr()) };
+        }
+        Ok(ctx)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: shut down once; every ioctx and image made from it is dropped first (they
+        // are fields declared before the cluster in LibrbdImage).
+        unsafe { sys::rados_shutdown(self.h) };
+    }
+}
+
+/// A pool context (`rados_ioctx_t`).
+#[derive(Debug)]
+pub(crate) struct IoCtx {
+    pub(crate) h: sys::rados_ioctx_t,
+    pub(crate) pool: String,
+}
+
+// SAFETY: librados ioctx handles are thread-safe for I/O.
+unsafe impl Send for IoCtx {}
+// SAFETY: as above.
+unsafe impl Sync for IoCtx {}
+
+impl Drop for IoCtx {
+    fn drop(&mut self) {
+        // SAFETY: destroyed once, before the cluster shuts down.
+        unsafe { sys::rados_ioctx_destroy(self.h) };
+    }
+}
+
+impl Cluster {
+    /// This client's global id (`client.<gid>`), as lockers and notifiers see it.
+    pub(crate) fn instance_id(&self) -> u64 {
+        // SAFETY: valid, connected handle.
+        unsafe { sys::rados_get_instance_id(self.h) }
+    }
+
+    /// A context on pool `id` (and `namespace`), as parent references name them.
+    pub(crate) fn ioctx_by_id(&self, id: i64, namespace: &str) -> Result<IoCtx, RadosError> {
+        let mut io: sys::rados_ioctx_t = std::ptr::null_mut();
+        // SAFETY: valid handle; out-pointer to a local.
+        let r = unsafe { sys::rados_ioctx_create2(self.h, id, &mut io) };
+        if r == -libc::ENOENT {
+            return Err(RadosError::NoPool(format!("#{id}")));
+        }
+        if r < 0 {
+            return Err(RadosError::Call {
+                what: "rados_ioctx_create2",
+                errno: Errno(r),
+            });
+        }
+        let ctx = IoCtx {
+            h: io,
+            pool: format!("#{id}"),
+        };
+        let ns = cstr(namespace, "namespace")?;
+        // SAFETY: valid ioctx; the string is copied by librados.
+        unsafe { sys::rados_ioctx_set_namespace(ctx.h, ns.as_ptr()) };
+        Ok(ctx)
+    }
+
+    /// Blocklists a client address (`ip:port/nonce`) for `secs` seconds (0: the default).
+    pub(crate) fn blocklist_add(&self, addr: &str, secs: u32) -> Result<(), Errno> {
+        let a = name(addr)?;
+        // SAFETY: valid handle; librados only reads the string.
+        rc(unsafe { sys::rados_blocklist_add(self.h, a.as_ptr().cast_mut(), secs) }).map(|_| ())
+    }
+}
+
+/// The holders of a `cls_lock` lock.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Lockers {
+    /// Exclusive (not shared).
+    pub exclusive: bool,
+    /// The lock's tag (`internal` for librbd's exclusive lock).
+    pub tag: String,
+    /// (client `client.<gid>`, cookie, address) per holder.
+    pub holders: Vec<(String, String, String)>,
+}
+
+fn split_nul(buf: &[u8], len: usize) -> Vec<String> {
+    buf[..len.min(buf.len())]
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+impl IoCtx {
+    /// A second context on the same pool and namespace (own snapshot read/write settings).
+    pub(crate) fn dup(&self, cluster: &Cluster) -> Result<IoCtx, RadosError> {
+        let mut io = cluster.ioctx_by_id(self.pool_id(), &self.namespace())?;
+        io.pool = self.pool.clone();
+        Ok(io)
+    }
+
+    /// Pool id.
+    pub(crate) fn pool_id(&self) -> i64 {
+        // SAFETY: valid ioctx.
+        unsafe { sys::rados_ioctx_get_id(self.h) }
+    }
+
+    /// Namespace ("" for the default).
+    pub(crate) fn namespace(&self) -> String {
+        let mut buf = [0u8; 256];
+        // SAFETY: valid ioctx; the buffer and its length are passed.
+        let r = unsafe { sys::rados_ioctx_get_namespace(self.h, buf.as_mut_ptr().cast(), 256) };
+        let n = usize::try_from(r).unwrap_or(0).min(buf.len());
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Calls `cls.method` on `oid` as a read and returns its output.
+    pub(crate) fn exec(
+        &self,
+        oid: &str,
+        cls: &str,
+        method: &str,
+        input: &[u8],
+    ) -> Result<Vec<u8>, Errno> {
+        let (o, c, m) = (name(oid)?, name(cls)?, name(method)?);
+        // SAFETY: creates an op released below on every path.
+        let op = unsafe { sys::rados_create_read_op() };
+        let mut out: *mut c_char = std::ptr::null_mut();
+        let mut out_len: usize = 0;
+        let mut prval: i32 = 0;
+        // SAFETY: valid op; `input` and the names outlive the synchronous operate below; the
+        // out-pointers are locals that outlive it too.
+        unsafe {
+            sys::rados_read_op_exec(
+                op,
+                c.as_ptr(),
+                m.as_ptr(),
+                input.as_ptr().cast(),
+                input.len(),
+                &mut out,
+                &mut out_len,
+                &mut prval,
+            )
+        };
+        // SAFETY: valid op and ioctx; synchronous.
+        let r = unsafe { sys::rados_read_op_operate(op, self.h, o.as_ptr(), 0) };
+        let data = if out.is_null() {
+            Vec::new()
+        } else {
+            // SAFETY: librados allocated `out_len` bytes at `out`.
+            let v = unsafe { std::slice::from_raw_parts(out.cast::<u8>(), out_len) }.to_vec();
+            // SAFETY: freed once, as librados asks.
+            unsafe { sys::rados_buffer_free(out) };
+            v
+        };
+        // SAFETY: released once, after the operation finished.
+        unsafe { sys::rados_release_read_op(op) };
+        rc(r)?;
+        rc(prval)?;
+        Ok(data)
+    }
+
+    /// Calls `cls.method` on `oid` as a write (class methods that modify the object).
+    pub(crate) fn exec_write(
+        &self,
+        oid: &str,
+        cls: &str,
+        method: &str,
+        input: &[u8],
+    ) -> Result<(), Errno> {
+        let op = WriteOp::new();
+        op.exec(cls, method, input)?;
+        op.operate(self, oid)
+    }
+
+    /// Sets the snapshot reads come from (`NOSNAP` for the head).
+    pub(crate) fn set_read_snap(&self, snap: u64) {
+        // SAFETY: valid ioctx.
+        unsafe { sys::rados_ioctx_snap_set_read(self.h, snap) };
+    }
+
+    /// Sets the snapshot context writes carry (`snaps` newest first).
+    pub(crate) fn set_write_ctx(&self, seq: u64, snaps: &[u64]) -> Result<(), Errno> {
+        let mut v: Vec<u64> = snaps.to_vec();
+        let n = i32::try_from(v.len()).map_err(|_| Errno(-libc::EINVAL))?;
+        // SAFETY: valid ioctx; librados copies the array.
+        rc(unsafe {
+            sys::rados_ioctx_selfmanaged_snap_set_write_ctx(self.h, seq, v.as_mut_ptr(), n)
+        })
+        .map(|_| ())
+    }
+
+    /// Takes exclusive `cls_lock` `lock_name` on `oid` with `cookie` (no tag, no expiry).
+    pub(crate) fn lock_exclusive(
+        &self,
+        oid: &str,
+        lock_name: &str,
+        cookie: &str,
+    ) -> Result<(), Errno> {
+        let (o, l, c, d) = (name(oid)?, name(lock_name)?, name(cookie)?, name("")?);
+        // SAFETY: valid ioctx; strings outlive the synchronous call; NULL duration = forever.
+        rc(unsafe {
+            sys::rados_lock_exclusive(
+                self.h,
+                o.as_ptr(),
+                l.as_ptr(),
+                c.as_ptr(),
+                d.as_ptr(),
+                std::ptr::null_mut(),
+                0,
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// Releases `cls_lock` `lock_name` held with `cookie`.
+    pub(crate) fn unlock(&self, oid: &str, lock_name: &str, cookie: &str) -> Result<(), Errno> {
+        let (o, l, c) = (name(oid)?, name(lock_name)?, name(cookie)?);
+        // SAFETY: valid ioctx; strings outlive the synchronous call.
+        rc(unsafe { sys::rados_unlock(self.h, o.as_ptr(), l.as_ptr(), c.as_ptr()) }).map(|_| ())
+    }
+
+    /// Who holds `lock_name` on `oid`.
+    pub(crate) fn list_lockers(&self, oid: &str, lock_name: &str) -> Result<Lockers, Errno> {
+        let (o, l) = (name(oid)?, name(lock_name)?);
+        let mut cap = 1024usize;
+        loop {
+            let mut exclusive: i32 = 0;
+            let (mut tag, mut clients, mut cookies, mut addrs) = (
+                vec![0u8; cap],
+                vec![0u8; cap],
+                vec![0u8; cap],
+                vec![0u8; cap],
+            );
+            let (mut tl, mut cl, mut kl, mut al) = (cap, cap, cap, cap);
+            // SAFETY: valid ioctx; every buffer is passed with its capacity.
+            let r = unsafe {
+                sys::rados_list_lockers(
+                    self.h,
+                    o.as_ptr(),
+                    l.as_ptr(),
+                    &mut exclusive,
+                    tag.as_mut_ptr().cast(),
+                    &mut tl,
+                    clients.as_mut_ptr().cast(),
+                    &mut cl,
+                    cookies.as_mut_ptr().cast(),
+                    &mut kl,
+                    addrs.as_mut_ptr().cast(),
+                    &mut al,
+                )
+            };
+            if r == -(libc::ERANGE as isize) && cap < (1 << 20) {
+                cap = cap.max(tl).max(cl).max(kl).max(al) * 2;
+                continue;
+            }
+            if r < 0 {
+                return Err(Errno(i32::try_from(r).unwrap_or(-libc::EIO)));
+            }
+            let clients = split_nul(&clients, cl);
+            let cookies = split_nul(&cookies, kl);
+            let addrs = split_nul(&addrs, al);
+            let holders = clients
+                .into_iter()
+                .zip(cookies)
+                .zip(addrs)
+                .map(|((c, k), a)| (c, k, a))
+                .collect();
+            return Ok(Lockers {
+                exclusive: exclusive != 0,
+                tag: split_nul(&tag, tl).into_iter().next().unwrap_or_default(),
+                holders,
+            });
+        }
+    }
+
+    /// Breaks `client`'s hold (with `cookie`) of `lock_name` on `oid`.
+    pub(crate) fn break_lock(
+        &self,
+        oid: &str,
+        lock_name: &str,
+        client: &str,
+        cookie: &str,
+    ) -> Result<(), Errno> {
+        let (o, l, c, k) = (name(oid)?, name(lock_name)?, name(client)?, name(cookie)?);
+        // SAFETY: valid ioctx; strings outlive the synchronous call.
+        rc(
+            unsafe {
+                sys::rados_break_lock(self.h, o.as_ptr(), l.as_ptr(), c.as_ptr(), k.as_ptr())
+            },
+        )
+        .map(|_| ())
+    }
+
+    /// Acknowledges notify `notify_id` received through watch `cookie`, with `payload`.
+    pub(crate) fn notify_ack(
+        &self,
+        oid: &str,
+        notify_id: u64,
+        cookie: u64,
+        payload: &[u8],
+    ) -> Result<(), Errno> {
+        let o = name(oid)?;
+        let len = i32::try_from(payload.len()).map_err(|_| Errno(-libc::EINVAL))?;
+        // SAFETY: valid ioctx; librados copies the payload.
+        rc(unsafe {
+            sys::rados_notify_ack(
+                self.h,
+                o.as_ptr(),
+                notify_id,
+                cookie,
+                payload.as_ptr().cast(),
+                len,
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// Starts watching `oid`; events go to `sink` until [`Self::unwatch`].
+    pub(crate) fn watch(&self, oid: &str, sink: &Arc<WatchSink>) -> Result<u64, Errno> {
+        let o = name(oid)?;
+        let mut cookie = 0u64;
+        // One strong reference is leaked per watch and kept for the life of the process: the
+        // watch callback may still run briefly after unwatch (librados flushes callbacks
+        // asynchronously), so the sink must never be freed under it.
+        let arg = Arc::into_raw(Arc::clone(sink)).cast_mut().cast::<c_void>();
+        // SAFETY: valid ioctx; the callbacks only read `arg`, which stays valid (leaked above).
+        let r = unsafe {
+            sys::rados_watch2(
+                self.h,
+                o.as_ptr(),
+                &mut cookie,
+                Some(on_watch),
+                Some(on_watch_error),
+                arg,
+            )
+        };
+        if r < 0 {
+            // SAFETY: the watch was not registered, so no callback holds `arg`: reclaim it.
+            drop(unsafe { Arc::from_raw(arg.cast_const().cast::<WatchSink>()) });
+            return Err(Errno(r));
+        }
+        Ok(cookie)
+    }
+
+    /// Stops watch `cookie`.
+    pub(crate) fn unwatch(&self, cookie: u64) -> Result<(), Errno> {
+        // SAFETY: valid ioctx; an unknown cookie is reported as an error by librados.
+        rc(unsafe { sys::rados_unwatch2(self.h, cookie) }).map(|_| ())
+    }
+
+    /// Sends `payload` to `oid`'s watchers; the reply arrives as `token` on `sink`
+    /// ([`AioDone::reply`] holds the encoded acks).
+    pub(crate) fn aio_notify(
+        &self,
+        oid: &str,
+        payload: &[u8],
+        timeout_ms: u64,
+        sink: &Arc<AioSink>,
+        token: u64,
+    ) -> Result<(), Errno> {
+        let o = name(oid)?;
+        let len = i32::try_from(payload.len()).map_err(|_| Errno(-libc::EINVAL))?;
+        let ctx = Box::new(AioCtx {
+            token,
+            sink: Arc::clone(sink),
+            reply: std::ptr::null_mut(),
+            reply_len: 0,
+        });
+        let raw = Box::into_raw(ctx);
+        let comp = completion(raw)?;
+        // SAFETY: `raw` stays valid until the callback reclaims it, which cannot happen before
+        // the submission below; the reply out-pointers live inside it.
+        let reply = unsafe { &raw mut (*raw).reply };
+        // SAFETY: as above.
+        let reply_len = unsafe { &raw mut (*raw).reply_len };
+        // SAFETY: as above; librados copies the payload.
+        let r = unsafe {
+            sys::rados_aio_notify(
+                self.h,
+                o.as_ptr(),
+                comp,
+                payload.as_ptr().cast(),
+                len,
+                timeout_ms,
+                reply,
+                reply_len,
+            )
+        };
+        if r < 0 {
+            abandon(comp, raw);
+            return Err(Errno(r));
+        }
+        Ok(())
+    }
+
+    /// Reads up to `len` bytes at `off` of `oid` into `buf`; the byte count (or -errno)
+    /// arrives as `token`.
+    ///
+    /// # Safety
+    /// `buf` must stay valid for writes of `len` bytes, and untouched, until the token has
+    /// come back from `sink`.
+    pub(crate) unsafe fn aio_read(
+        &self,
+        oid: &str,
+        buf: *mut u8,
+        len: usize,
+        off: u64,
+        sink: &Arc<AioSink>,
+        token: u64,
+    ) -> Result<(), Errno> {
+        let o = name(oid)?;
+        let raw = Box::into_raw(Box::new(AioCtx::new(token, sink)));
+        let comp = completion(raw)?;
+        // SAFETY: the caller keeps `buf` valid and unaliased until the token returns.
+        let r = unsafe { sys::rados_aio_read(self.h, o.as_ptr(), comp, buf.cast(), len, off) };
+        if r < 0 {
+            abandon(comp, raw);
+            return Err(Errno(r));
+        }
+        Ok(())
+    }
+}
+
+/// A compound write operation (`rados_write_op_t`), released on drop.
+#[derive(Debug)]
+pub(crate) struct WriteOp {
+    h: sys::rados_write_op_t,
+}
+
+// SAFETY: a write op is plain data owned by one thread at a time (built, then handed to
+// librados, then released after its completion by the owner).
+unsafe impl Send for WriteOp {}
+
+impl WriteOp {
+    pub(crate) fn new() -> WriteOp {
+        // SAFETY: creates an op released in Drop.
+        let h = unsafe { sys::rados_create_write_op() };
+        WriteOp { h }
+    }
+
+    /// Fails the whole operation with ENOENT if the object does not exist.
+    pub(crate) fn assert_exists(&self) {
+        // SAFETY: valid op.
+        unsafe { sys::rados_write_op_assert_exists(self.h) }
+    }
+
+    /// Creates the object (not exclusive).
+    pub(crate) fn create(&self) {
+        // SAFETY: valid op.
+        unsafe { sys::rados_write_op_create(self.h, 0, std::ptr::null()) }
+    }
+
+    /// Writes `data` at `off` (copied).
+    pub(crate) fn write(&self, data: &[u8], off: u64) {
+        // SAFETY: valid op; librados copies the data.
+        unsafe { sys::rados_write_op_write(self.h, data.as_ptr().cast(), data.len(), off) }
+    }
+
+    /// Replaces the whole object with `data` (copied).
+    pub(crate) fn write_full(&self, data: &[u8]) {
+        // SAFETY: valid op; librados copies the data.
+        unsafe { sys::rados_write_op_write_full(self.h, data.as_ptr().cast(), data.len()) }
+    }
+
+    /// Removes the object.
+    pub(crate) fn remove(&self) {
+        // SAFETY: valid op.
+        unsafe { sys::rados_write_op_remove(self.h) }
+    }
+
+    /// Truncates the object to `off`.
+    pub(crate) fn truncate(&self, off: u64) {
+        // SAFETY: valid op.
+        unsafe { sys::rados_write_op_truncate(self.h, off) }
+    }
+
+    /// Zeroes `len` bytes at `off` (a hole where the store supports it).
+    pub(crate) fn zero(&self, off: u64, len: u64) {
+        // SAFETY: valid op.
+        unsafe { sys::rados_write_op_zero(self.h, off, len) }
+    }
+
+    /// Calls a class method (input copied).
+    pub(crate) fn exec(&self, cls: &str, method: &str, input: &[u8]) -> Result<(), Errno> {
+        let (c, m) = (name(cls)?, name(method)?);
+        // SAFETY: valid op; librados copies the names and the input; no return-value slot.
+        unsafe {
+            sys::rados_write_op_exec(
+                self.h,
+                c.as_ptr(),
+                m.as_ptr(),
+                input.as_ptr().cast(),
+                input.len(),
+                std::ptr::null_mut(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Runs the operation synchronously.
+    pub(crate) fn operate(&self, io: &IoCtx, oid: &str) -> Result<(), Errno> {
+        let o = name(oid)?;
+        // SAFETY: valid op and ioctx; synchronous; NULL mtime = now.
+        rc(unsafe {
+            sys::rados_write_op_operate(self.h, io.h, o.as_ptr(), std::ptr::null_mut(), 0)
+        })
+        .map(|_| ())
+    }
+
+    /// Starts the operation; its result arrives as `token` on `sink`. The op must be kept
+    /// (not dropped) until then.
+    pub(crate) fn aio_operate(
+        &self,
+        io: &IoCtx,
+        oid: &str,
+        sink: &Arc<AioSink>,
+        token: u64,
+    ) -> Result<(), Errno> {
+        let o = name(oid)?;
+        let raw = Box::into_raw(Box::new(AioCtx::new(token, sink)));
+        let comp = completion(raw)?;
+        // SAFETY: valid op, ioctx and completion; the op outlives the operation (caller's
+        // contract); NULL mtime = now.
+        let r = unsafe {
+            sys::rados_aio_write_op_operate(self.h, io.h, comp, o.as_ptr(), std::ptr::null_mut(), 0)
+        };
+        if r < 0 {
+            abandon(comp, raw);
+            return Err(Errno(r));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for WriteOp {
+    fn drop(&mut self) {
+        // SAFETY: released once; owners drop it only after its completion (or unused).
+        unsafe { sys::rados_release_write_op(self.h) }
+    }
+}
+
+/// A finished asynchronous operation.
+#[derive(Debug)]
+pub(crate) struct AioDone {
+    /// The token given at submission.
+    pub token: u64,
+    /// librados' return value (bytes read, 0, or -errno).
+    pub rv: i64,
+    /// A notify's encoded reply (acks and timeouts).
+    pub reply: Vec<u8>,
+}
+
+/// Where a queue's (or the control thread's) completions land.
+pub(crate) type AioSink = Sink<AioDone>;
+
+struct AioCtx {
+    token: u64,
+    sink: Arc<AioSink>,
+    reply: *mut c_char,
+    reply_len: usize,
+}
+
+impl AioCtx {
+    fn new(token: u64, sink: &Arc<AioSink>) -> AioCtx {
+        AioCtx {
+            token,
+            sink: Arc::clone(sink),
+            reply: std::ptr::null_mut(),
+            reply_len: 0,
+        }
+    }
+}
+
+fn completion(raw: *mut AioCtx) -> Result<sys::rados_completion_t, Errno> {
+    let mut comp: sys::rados_completion_t = std::ptr::null_mut();
+    // SAFETY: `raw` is a leaked box reclaimed exactly once, by the callback or by `abandon`.
+    let r = unsafe { sys::rados_aio_create_completion2(raw.cast(), Some(on_aio), &mut comp) };
+    if r < 0 {
+        // SAFETY: no completion exists, so no callback will run: reclaim the box.
+        drop(unsafe { Box::from_raw(raw) });
+        return Err(Errno(r));
+    }
+    Ok(comp)
+}
+
+fn abandon(comp: sys::rados_completion_t, raw: *mut AioCtx) {
+    // SAFETY: the submission failed, so librados will not call back: release the completion
+    // and reclaim the box, once each.
+    unsafe { sys::rados_aio_release(comp) };
+    // SAFETY: as above.
+    drop(unsafe { Box::from_raw(raw) });
+}
+
+/// Completion callback (librados thread): hand over token and result, nothing more.
+extern "C" fn on_aio(comp: sys::rados_completion_t, arg: *mut c_void) {
+    // SAFETY: `arg` is the box leaked at submission, reclaimed only here (called once).
+    let ctx = unsafe { Box::from_raw(arg.cast::<AioCtx>()) };
+    // SAFETY: `comp` is this callback's completion; released once, here.
+    let rv = i64::from(unsafe { sys::rados_aio_get_return_value(comp) });
+    // SAFETY: as above.
+    unsafe { sys::rados_aio_release(comp) };
+    let reply = if ctx.reply.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: librados allocated `reply_len` bytes for the notify reply.
+        let v =
+            unsafe { std::slice::from_raw_parts(ctx.reply.cast::<u8>(), ctx.reply_len) }.to_vec();
+        // SAFETY: freed once, as librados asks.
+        unsafe { sys::rados_buffer_free(ctx.reply) };
+        v
+    };
+    ctx.sink.push(AioDone {
+        token: ctx.token,
+        rv,
+        reply,
+    });
+}
+
+/// A watch event.
+#[derive(Debug)]
+pub(crate) enum WatchEvent {
+    /// A notify: ack it with [`IoCtx::notify_ack`].
+    Notify {
+        /// Notify id.
+        notify_id: u64,
+        /// The watch it came through.
+        cookie: u64,
+        /// The notifier's global id.
+        notifier: u64,
+        /// Payload.
+        data: Vec<u8>,
+    },
+    /// The watch broke (re-register it).
+    Error {
+        /// The watch.
+        cookie: u64,
+        /// -errno.
+        err: i32,
+    },
+}
+
+/// Where watch events land.
+pub(crate) type WatchSink = Sink<WatchEvent>;
+
+extern "C" fn on_watch(
+    arg: *mut c_void,
+    notify_id: u64,
+    cookie: u64,
+    notifier: u64,
+    data: *mut c_void,
+    len: usize,
+) {
+    // SAFETY: `arg` is the sink leaked in `watch` (never freed).
+    let sink = unsafe { &*arg.cast_const().cast::<WatchSink>() };
+    let data = if data.is_null() || len == 0 {
+        Vec::new()
+    } else {
+        // SAFETY: librados passes `len` readable bytes valid for this call.
+        unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) }.to_vec()
+    };
+    sink.push(WatchEvent::Notify {
+        notify_id,
+        cookie,
+        notifier,
+        data,
+    });
+}
+
+extern "C" fn on_watch_error(arg: *mut c_void, cookie: u64, err: i32) {
+    // SAFETY: `arg` is the sink leaked in `watch` (never freed).
+    let sink = unsafe { &*arg.cast_const().cast::<WatchSink>() };
+    sink.push(WatchEvent::Error { cookie, err });
+}

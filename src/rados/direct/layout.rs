@@ -1,0 +1,207 @@
+//! Where image bytes live: Ceph's file layout (object size, stripe unit, stripe count) maps an
+//! image byte range to pieces of `rbd_data` objects, and back.
+//!
+//! Owns: arithmetic only. Pure, total: ranges are validated by the caller against the image
+//! size, and no input can make it panic or loop without bound.
+
+/// An image's striping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Object size in bytes (a power of two).
+    pub object_size: u64,
+    /// Stripe unit (divides the object size).
+    pub stripe_unit: u64,
+    /// Objects per stripe.
+    pub stripe_count: u64,
+}
+
+/// A piece of an object: `len` bytes at `obj_off` of object `objno`, holding the bytes at
+/// `buf_off` of the range that was mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub objno: u64,
+    pub obj_off: u64,
+    pub len: u64,
+    pub buf_off: u64,
+}
+
+impl Layout {
+    /// Checks what the header said.
+    pub fn new(object_size: u64, stripe_unit: u64, stripe_count: u64) -> Option<Layout> {
+        let ok = object_size.is_power_of_two()
+            && object_size >= 4096
+            && stripe_unit > 0
+            && object_size % stripe_unit == 0
+            && stripe_count > 0
+            && stripe_count <= 1 << 16;
+        ok.then_some(Layout {
+            object_size,
+            stripe_unit,
+            stripe_count,
+        })
+    }
+
+    /// True for the default layout (stripe unit = object size, one object per stripe).
+    pub fn is_simple(&self) -> bool {
+        self.stripe_count == 1 || self.stripe_unit == self.object_size
+    }
+
+    /// The pieces of `len` bytes at image offset `off`, in image order; adjacent pieces of
+    /// one object that are also adjacent in the range are merged.
+    pub fn map(&self, off: u64, len: u64) -> Vec<Piece> {
+        let mut out: Vec<Piece> = Vec::new();
+        let (su, sc, os) = (self.stripe_unit, self.stripe_count, self.object_size);
+        let per_obj = os / su;
+        let mut done = 0u64;
+        while done < len {
+            let cur = off + done;
+            let block = cur / su;
+            let stripe = block / sc;
+            let pos = block % sc;
+            let objset = stripe / per_obj;
+            let objno = objset * sc + pos;
+            let in_block = cur % su;
+            let obj_off = (stripe % per_obj) * su + in_block;
+            let n = (su - in_block).min(len - done);
+            match out.last_mut() {
+                Some(p)
+                    if p.objno == objno
+                        && p.obj_off + p.len == obj_off
+                        && p.buf_off + p.len == done =>
+                {
+                    p.len += n
+                }
+                _ => out.push(Piece {
+                    objno,
+                    obj_off,
+                    len: n,
+                    buf_off: done,
+                }),
+            }
+            done += n;
+        }
+        out
+    }
+
+    /// The image ranges (offset, length) that `len` bytes at `obj_off` of object `objno`
+    /// hold, in object order.
+    pub fn unmap(&self, objno: u64, obj_off: u64, len: u64) -> Vec<(u64, u64)> {
+        let (su, sc, os) = (self.stripe_unit, self.stripe_count, self.object_size);
+        let per_obj = os / su;
+        let objset = objno / sc;
+        let pos = objno % sc;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut done = 0u64;
+        while done < len {
+            let o = obj_off + done;
+            let su_in_obj = o / su;
+            let in_block = o % su;
+            let stripe = objset * per_obj + su_in_obj;
+            let block = stripe * sc + pos;
+            let img = block * su + in_block;
+            let n = (su - in_block).min(len - done);
+            match out.last_mut() {
+                Some(r) if r.0 + r.1 == img => r.1 += n,
+                _ => out.push((img, n)),
+            }
+            done += n;
+        }
+        out
+    }
+
+    /// Objects an image of `size` bytes spans (Ceph's `Striper::get_num_objects`).
+    pub fn num_objects(&self, size: u64) -> u64 {
+        let period = self.object_size * self.stripe_count;
+        let full = size / period;
+        let rem = size % period;
+        let tail = if rem == 0 {
+            0
+        } else {
+            rem.div_ceil(self.stripe_unit).min(self.stripe_count)
+        };
+        full * self.stripe_count + tail
+    }
+}
+
+/// `rbd_data.<id>.<objno as %016x>` (or the header's own prefix).
+pub fn data_object(prefix: &str, objno: u64) -> String {
+    format!("{prefix}.{objno:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simple_layout_splits_at_object_boundaries() {
+        let l = Layout::new(4 << 20, 4 << 20, 1).unwrap();
+        let p = l.map((4 << 20) - 512, 1024);
+        assert_eq!(
+            p,
+            vec![
+                Piece {
+                    objno: 0,
+                    obj_off: (4 << 20) - 512,
+                    len: 512,
+                    buf_off: 0
+                },
+                Piece {
+                    objno: 1,
+                    obj_off: 0,
+                    len: 512,
+                    buf_off: 512
+                },
+            ]
+        );
+        assert_eq!(l.unmap(1, 0, 512), vec![(4 << 20, 512)]);
+        assert_eq!(l.num_objects((8 << 20) + 1), 3);
+        assert_eq!(
+            data_object("rbd_data.abc", 10),
+            "rbd_data.abc.000000000000000a"
+        );
+    }
+
+    #[test]
+    fn striping_v2_round_trips() {
+        // 64 KiB stripe unit over 4 objects of 1 MiB (Ceph's example layout).
+        let l = Layout::new(1 << 20, 64 << 10, 4).unwrap();
+        assert!(!l.is_simple());
+        let (off, len) = (100_000u64, 5_000_000u64);
+        let pieces = l.map(off, len);
+        let mut covered = 0;
+        for p in &pieces {
+            assert!(p.obj_off + p.len <= l.object_size);
+            let back = l.unmap(p.objno, p.obj_off, p.len);
+            // every piece maps back onto the image range it came from
+            let mut at = off + p.buf_off;
+            for (img, n) in back {
+                assert_eq!(img, at);
+                at += n;
+            }
+            covered += p.len;
+        }
+        assert_eq!(covered, len);
+        // the second stripe unit of the image is object 1's first
+        assert_eq!(l.map(64 << 10, 1)[0].objno, 1);
+        // the fifth goes back to object 0, at 64 KiB
+        assert_eq!(
+            l.map(4 * (64 << 10), 1)[0],
+            Piece {
+                objno: 0,
+                obj_off: 64 << 10,
+                len: 1,
+                buf_off: 0
+            }
+        );
+        assert_eq!(l.num_objects(4 << 20), 4);
+        assert_eq!(l.num_objects((4 << 20) + (64 << 10) + 1), 6);
+    }
+
+    #[test]
+    fn bad_layouts_are_refused() {
+        assert!(Layout::new(3 << 20, 1 << 20, 1).is_none());
+        assert!(Layout::new(4 << 20, 3 << 20, 1).is_none());
+        assert!(Layout::new(4 << 20, 4 << 20, 0).is_none());
+        assert!(Layout::new(0, 0, 1).is_none());
+    }
+}

@@ -1,0 +1,748 @@
+//! The direct RADOS engine (krbd style): it reads the image header through the `rbd` object
+//! class and addresses the `rbd_data` objects itself, with the protocols librbd's other
+//! clients expect — the snapshot context on every write, the header watch, librbd's exclusive
+//! lock (cookie `auto <watch handle>`, tag `internal`, hand-over through the image watcher's
+//! notifies), object-map updates before an object's first write or discard, copy-up on
+//! clones, and discard as remove, truncate or zero as krbd chooses.
+//!
+//! Owns: one image's shared state ([`Shared`]: header, lock, in-memory object map) and its
+//! control thread (watch events, header refresh, lock acquisition and release); the queues'
+//! I/O lives in [`queue`].
+//! Trusts: the cluster's replies only after decoding them with length checks ([`codec`]).
+//! Must never: run on a librados thread, block a dataplane thread (every blocking class call
+//! is made by the control thread), write an object without holding the exclusive lock when
+//! the image has that feature, or write with a snapshot context older than a snapshot whose
+//! creation it has acknowledged.
+
+pub mod codec;
+pub(crate) mod header;
+pub mod layout;
+pub(crate) mod queue;
+
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tracing::{debug, info, warn};
+
+use super::client::{AioDone, AioSink, Cluster, IoCtx, WatchEvent, WatchSink};
+use super::{lock, EngineKind, Errno, ImageInfo, ImageSpec, RadosError};
+use codec::{notify_op, objstate, ClientId, RBD_LOCK_COOKIE_PREFIX, RBD_LOCK_NAME, RBD_LOCK_TAG};
+use header::{feature, Header};
+
+/// How long a notify waits for the watchers' acks.
+const NOTIFY_TIMEOUT_MS: u64 = 5000;
+/// How often the holder checks that its exclusive lock is still its own.
+const LOCK_CHECK: Duration = Duration::from_secs(10);
+/// Discard granularity: krbd's default `alloc_size`.
+pub const ALLOC_SIZE: u64 = 64 << 10;
+
+/// What to do when another client asks for the exclusive lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LockPolicy {
+    /// Hand it over once in-flight writes are done, and ask for it back on the next write
+    /// (librbd's and krbd's default).
+    #[default]
+    HandOver,
+    /// Keep it: answer `-EROFS` (krbd's `exclusive` map option).
+    Refuse,
+}
+
+/// The exclusive lock as this client holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LockState {
+    Unlocked,
+    Locked(String),
+    /// Handing over: new writes wait, the lock goes when in-flight writes are done.
+    Releasing(String),
+}
+
+/// Why writes could not get the lock.
+#[derive(Debug, Clone)]
+pub(crate) struct LockFailure {
+    pub errno: Errno,
+    pub why: String,
+}
+
+/// State the control thread and the queues share.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub header: Arc<Header>,
+    /// Bumped on every header change (queues re-apply the snapshot context).
+    pub gen: u64,
+    pub lock: LockState,
+    /// Image requests that entered under the lock and have not completed.
+    pub writers: usize,
+    /// Some queue has writes waiting for the lock.
+    pub want_lock: bool,
+    /// The latest acquisition failure and its sequence number.
+    pub lock_failure: Option<LockFailure>,
+    pub failure_seq: u64,
+    /// The head object map, valid while locked (one state per object).
+    pub objmap: Vec<u8>,
+    /// A fatal condition (blocklisted, unsupported feature enabled live): all I/O fails.
+    pub fatal: Option<String>,
+    /// Queues to wake when the lock changes hands.
+    pub waiters: Vec<Arc<AioSink>>,
+}
+
+/// One image opened by the direct engine.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The header's pool (control calls and object-map updates).
+    pub meta: IoCtx,
+    pub name: String,
+    pub id: String,
+    pub header_oid: String,
+    pub objmap_oid: String,
+    pub read_only: bool,
+    pub snap_id: u64,
+    pub policy: LockPolicy,
+    pub state: Mutex<State>,
+    /// Wakes the control thread.
+    pub control: Arc<AioSink>,
+    pub watch_sink: Arc<WatchSink>,
+    pub watch_cookie: AtomicU64,
+    pub gid: u64,
+    pub stop: AtomicBool,
+    pub cluster: Cluster,
+}
+
+impl Shared {
+    pub(crate) fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn cid(&self) -> ClientId {
+        ClientId {
+            gid: self.gid,
+            handle: self.watch_cookie.load(Ordering::Relaxed),
+        }
+    }
+
+    fn cookie(&self) -> String {
+        format!(
+            "{RBD_LOCK_COOKIE_PREFIX} {}",
+            self.watch_cookie.load(Ordering::Relaxed)
+        )
+    }
+
+    /// True when writes must hold the exclusive lock.
+    pub(crate) fn needs_lock(&self, h: &Header) -> bool {
+        !self.read_only && h.features & feature::EXCLUSIVE_LOCK != 0
+    }
+}
+
+/// The direct engine's image: shared state plus its control thread.
+#[derive(Debug)]
+pub struct DirectImage {
+    pub(crate) shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    last_size: AtomicU64,
+}
+
+impl DirectImage {
+    /// Opens `spec`: connects, reads the header, refuses unsupported features, watches the
+    /// header and starts the control thread.
+    pub fn open(spec: &ImageSpec, policy: LockPolicy) -> Result<DirectImage, RadosError> {
+        let cluster = Cluster::connect(spec)?;
+        let meta = cluster.ioctx(spec)?;
+        let id = header::image_id(&meta, &spec.image)?;
+        let read_only = spec.read_only || spec.snapshot.is_some();
+        let snap_id = match &spec.snapshot {
+            Some(s) => header::snap_id(&meta, &id, s)?,
+            None => header::HEAD,
+        };
+        let h = header::read(&cluster, &meta, &id, snap_id, read_only, None)?;
+        if let Some(f) = header::unsupported(h.features, read_only) {
+            return Err(RadosError::Unsupported {
+                image: spec.image.clone(),
+                feature: f,
+                engine: "direct",
+            });
+        }
+        if h.flags & 1 != 0 && h.features & feature::OBJECT_MAP != 0 {
+            warn!(image = %spec.image, "the image's object map is flagged invalid (rbd object-map rebuild fixes it)");
+        }
+        let control = AioSink::new()?;
+        let watch_sink = WatchSink::new()?;
+        let header_oid = format!("rbd_header.{id}");
+        let gid = cluster.instance_id();
+        let shared = Arc::new(Shared {
+            objmap_oid: format!("rbd_object_map.{id}"),
+            name: spec.image.clone(),
+            id,
+            read_only,
+            snap_id,
+            policy,
+            state: Mutex::new(State {
+                header: Arc::new(h),
+                gen: 0,
+                lock: LockState::Unlocked,
+                writers: 0,
+                want_lock: false,
+                lock_failure: None,
+                failure_seq: 0,
+                objmap: Vec::new(),
+                fatal: None,
+                waiters: Vec::new(),
+            }),
+            control,
+            watch_sink,
+            watch_cookie: AtomicU64::new(0),
+            gid,
+            stop: AtomicBool::new(false),
+            header_oid,
+            meta,
+            cluster,
+        });
+        let cookie = shared
+            .meta
+            .watch(&shared.header_oid, &shared.watch_sink)
+            .map_err(|errno| RadosError::Call {
+                what: "watching the image header",
+                errno,
+            })?;
+        shared.watch_cookie.store(cookie, Ordering::Relaxed);
+        let s2 = Arc::clone(&shared);
+        let name = format!("rbd-ctl-{}", spec.image.chars().take(7).collect::<String>());
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || Control::new(s2).run())
+            .map_err(RadosError::Sys)?;
+        let size = shared.lock_state().header.size;
+        info!(image = %spec.image, id = %shared.id, features = shared.lock_state().header.features,
+              "direct engine opened image");
+        Ok(DirectImage {
+            shared,
+            thread: Some(thread),
+            last_size: AtomicU64::new(size),
+        })
+    }
+
+    /// Facts for [`super::Image::info`].
+    pub fn info(&self) -> ImageInfo {
+        let st = self.shared.lock_state();
+        let h = &st.header;
+        ImageInfo {
+            engine: EngineKind::Direct,
+            features: h.features,
+            object_size: h.layout.object_size,
+            read_only: self.shared.read_only,
+            discard_zeroes: false,
+            discard_granularity: u32::try_from(ALLOC_SIZE.min(h.layout.object_size))
+                .unwrap_or(4096),
+        }
+    }
+
+    /// Current size.
+    pub fn size(&self) -> u64 {
+        self.shared.lock_state().header.size
+    }
+
+    /// `Some(new)` if the size changed since the last call (the control thread refreshes
+    /// the header on the header's notifies).
+    pub fn refresh_size(&self) -> Result<Option<u64>, RadosError> {
+        let now = self.size();
+        let before = self.last_size.swap(now, Ordering::Relaxed);
+        Ok((now != before).then_some(now))
+    }
+}
+
+impl Drop for DirectImage {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.control.kick();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Tokens of the control thread's own asynchronous notifies.
+const TOKEN_REQUEST_LOCK: u64 = 1;
+const TOKEN_OTHER_NOTIFY: u64 = 2;
+
+/// The control thread.
+struct Control {
+    s: Arc<Shared>,
+    /// A lock request is out; its reply has not come back.
+    requesting: bool,
+    /// When to try acquiring again.
+    retry_at: Instant,
+    /// Consecutive lock requests nobody answered.
+    silent: u32,
+    last_check: Instant,
+}
+
+impl Control {
+    fn new(s: Arc<Shared>) -> Control {
+        Control {
+            s,
+            requesting: false,
+            retry_at: Instant::now(),
+            silent: 0,
+            last_check: Instant::now(),
+        }
+    }
+
+    fn run(mut self) {
+        let mut events = Vec::new();
+        let mut done: Vec<AioDone> = Vec::new();
+        loop {
+            {
+                let fds = [
+                    PollFd::new(self.s.watch_sink.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.s.control.as_fd(), PollFlags::POLLIN),
+                ];
+                let mut fds = fds;
+                let _ = poll(&mut fds, PollTimeout::from(250u16));
+            }
+            self.s.watch_sink.drain(&mut events);
+            for e in events.drain(..) {
+                self.on_watch(e);
+            }
+            self.s.control.drain(&mut done);
+            for d in done.drain(..) {
+                if d.token == TOKEN_REQUEST_LOCK {
+                    self.on_request_reply(&d);
+                }
+            }
+            if self.s.stop.load(Ordering::Relaxed) {
+                self.shutdown();
+                return;
+            }
+            self.step();
+        }
+    }
+
+    fn notify(&self, op: u32, token: u64) {
+        let msg = codec::lock_notify(op, self.s.cid());
+        if let Err(e) = self.s.meta.aio_notify(
+            &self.s.header_oid,
+            &msg,
+            NOTIFY_TIMEOUT_MS,
+            &self.s.control,
+            token,
+        ) {
+            warn!(image = %self.s.name, error = %e, "cannot send lock notify {op}");
+        }
+    }
+
+    fn ack(&self, notify_id: u64, cookie: u64, payload: &[u8]) {
+        if let Err(e) = self
+            .s
+            .meta
+            .notify_ack(&self.s.header_oid, notify_id, cookie, payload)
+        {
+            debug!(image = %self.s.name, error = %e, "notify ack failed");
+        }
+    }
+
+    fn on_watch(&mut self, e: WatchEvent) {
+        match e {
+            WatchEvent::Notify {
+                notify_id,
+                cookie,
+                notifier,
+                data,
+            } => {
+                let n = match codec::decode_notify(&data) {
+                    Ok(n) => n,
+                    Err(err) => {
+                        warn!(image = %self.s.name, error = %err, "undecodable notify, acked");
+                        self.ack(notify_id, cookie, &[]);
+                        return;
+                    }
+                };
+                debug!(image = %self.s.name, op = n.op, notifier, "notify");
+                let owner = matches!(
+                    self.s.lock_state().lock,
+                    LockState::Locked(_) | LockState::Releasing(_)
+                );
+                match n.op {
+                    notify_op::HEADER_UPDATE => {
+                        self.refresh();
+                        self.ack(notify_id, cookie, &[]);
+                    }
+                    notify_op::ACQUIRED_LOCK => self.ack(notify_id, cookie, &[]),
+                    notify_op::RELEASED_LOCK => {
+                        self.ack(notify_id, cookie, &[]);
+                        if n.client != self.s.cid() {
+                            self.retry_at = Instant::now();
+                        }
+                    }
+                    notify_op::REQUEST_LOCK => {
+                        if n.client == self.s.cid() || !owner {
+                            self.ack(notify_id, cookie, &[]);
+                            return;
+                        }
+                        match self.s.policy {
+                            LockPolicy::Refuse => {
+                                info!(image = %self.s.name, peer = n.client.gid,
+                                      "refusing to hand over the exclusive lock");
+                                self.ack(notify_id, cookie, &codec::response(-libc::EROFS));
+                            }
+                            LockPolicy::HandOver => {
+                                info!(image = %self.s.name, peer = n.client.gid,
+                                      "handing over the exclusive lock");
+                                self.ack(notify_id, cookie, &codec::response(0));
+                                let mut st = self.s.lock_state();
+                                if let LockState::Locked(c) = &st.lock {
+                                    st.lock = LockState::Releasing(c.clone());
+                                }
+                            }
+                        }
+                    }
+                    // maintenance operations proxied to the lock owner: we do not run them
+                    // here, so the requester asks for the lock and runs them itself
+                    _ if owner => self.ack(notify_id, cookie, &codec::response(-libc::EOPNOTSUPP)),
+                    _ => self.ack(notify_id, cookie, &[]),
+                }
+            }
+            WatchEvent::Error { cookie, err } => {
+                warn!(image = %self.s.name, error = %Errno(err), "header watch broke; re-watching");
+                let _ = self.s.meta.unwatch(cookie);
+                match self.s.meta.watch(&self.s.header_oid, &self.s.watch_sink) {
+                    Ok(c) => self.s.watch_cookie.store(c, Ordering::Relaxed),
+                    Err(e) => {
+                        let why = format!("cannot re-watch the image header: {e} (blocklisted?)");
+                        warn!(image = %self.s.name, "{why}");
+                        self.s.lock_state().fatal = Some(why);
+                    }
+                }
+                // our lock cookie named the old watch: treat the lock as lost and take it again
+                let mut st = self.s.lock_state();
+                if let LockState::Locked(old) | LockState::Releasing(old) = st.lock.clone() {
+                    warn!(image = %self.s.name, "exclusive lock lost with the watch; re-acquiring");
+                    let _ = self.s.meta.unlock(&self.s.header_oid, RBD_LOCK_NAME, &old);
+                    st.lock = LockState::Unlocked;
+                    st.want_lock = true;
+                }
+                drop(st);
+                self.refresh();
+            }
+        }
+    }
+
+    /// Re-reads the header (after a header notify or a watch error).
+    fn refresh(&mut self) {
+        let old = Arc::clone(&self.s.lock_state().header);
+        match header::read(
+            &self.s.cluster,
+            &self.s.meta,
+            &self.s.id,
+            self.s.snap_id,
+            self.s.read_only,
+            old.parent.as_ref(),
+        ) {
+            Ok(h) => {
+                let mut st = self.s.lock_state();
+                if let Some(f) = header::unsupported(h.features, self.s.read_only) {
+                    st.fatal = Some(format!(
+                        "image {} gained feature {f}, which the direct engine does not support; use engine=librbd",
+                        self.s.name
+                    ));
+                }
+                if h.size != old.size || h.snap_seq != old.snap_seq {
+                    info!(image = %self.s.name, size = h.size, snap_seq = h.snap_seq, "header refreshed");
+                }
+                st.header = Arc::new(h);
+                st.gen += 1;
+            }
+            Err(e) => warn!(image = %self.s.name, error = %e, "header refresh failed"),
+        }
+    }
+
+    fn step(&mut self) {
+        let (lock_state, want, writers) = {
+            let st = self.s.lock_state();
+            (st.lock.clone(), st.want_lock, st.writers)
+        };
+        match lock_state {
+            LockState::Unlocked if want && !self.requesting && Instant::now() >= self.retry_at => {
+                self.try_acquire();
+            }
+            LockState::Releasing(cookie) if writers == 0 => self.release(&cookie, true),
+            LockState::Locked(cookie) if self.last_check.elapsed() >= LOCK_CHECK => {
+                self.last_check = Instant::now();
+                self.check_lock(&cookie);
+            }
+            _ => {}
+        }
+    }
+
+    /// Notices a lock that was broken by another client.
+    fn check_lock(&mut self, cookie: &str) {
+        match self.s.meta.list_lockers(&self.s.header_oid, RBD_LOCK_NAME) {
+            Ok(l) if !l.holders.iter().any(|(_, c, _)| c == cookie) => {
+                warn!(image = %self.s.name, "exclusive lock was broken by another client");
+                let mut st = self.s.lock_state();
+                st.lock = LockState::Unlocked;
+                st.objmap.clear();
+            }
+            _ => {}
+        }
+    }
+
+    fn fail_waiters(&mut self, errno: i32, why: String) {
+        warn!(image = %self.s.name, "{why}");
+        let mut st = self.s.lock_state();
+        st.lock_failure = Some(LockFailure {
+            errno: Errno(errno),
+            why,
+        });
+        st.failure_seq += 1;
+        st.want_lock = false;
+        for w in &st.waiters {
+            w.kick();
+        }
+    }
+
+    fn try_acquire(&mut self) {
+        for _ in 0..3 {
+            let cookie = self.s.cookie();
+            let input = codec::lock_input(RBD_LOCK_NAME, &cookie, RBD_LOCK_TAG);
+            match self
+                .s
+                .meta
+                .exec_write(&self.s.header_oid, "lock", "lock", &input)
+            {
+                Ok(()) => return self.acquired(cookie),
+                Err(Errno(e)) if e == -libc::EEXIST => return self.acquired(cookie),
+                Err(Errno(e)) if e == -libc::EBUSY => {}
+                Err(e) => {
+                    self.retry_at = Instant::now() + Duration::from_secs(1);
+                    return self.fail_waiters(e.0, format!("cannot take the exclusive lock: {e}"));
+                }
+            }
+            let lockers = match self.s.meta.list_lockers(&self.s.header_oid, RBD_LOCK_NAME) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.retry_at = Instant::now() + Duration::from_secs(1);
+                    return self.fail_waiters(e.0, format!("cannot list the lock's holders: {e}"));
+                }
+            };
+            let Some((client, hcookie, _addr)) = lockers.holders.first().cloned() else {
+                continue; // released meanwhile: try again
+            };
+            if lockers.tag != RBD_LOCK_TAG
+                || !lockers.exclusive
+                || !hcookie.starts_with(RBD_LOCK_COOKIE_PREFIX)
+            {
+                self.retry_at = Instant::now() + Duration::from_secs(5);
+                return self.fail_waiters(
+                    -libc::EBUSY,
+                    format!(
+                        "image {} is locked by another mechanism ({client}, cookie {hcookie:?}, tag {:?})",
+                        self.s.name, lockers.tag
+                    ),
+                );
+            }
+            debug!(image = %self.s.name, holder = %client, "requesting the exclusive lock");
+            self.requesting = true;
+            self.notify(notify_op::REQUEST_LOCK, TOKEN_REQUEST_LOCK);
+            return;
+        }
+    }
+
+    fn on_request_reply(&mut self, d: &AioDone) {
+        self.requesting = false;
+        let answer = codec::notify_acks(&d.reply)
+            .ok()
+            .and_then(|a| codec::owner_response(&a).ok().flatten());
+        match answer {
+            Some(0) => {
+                self.silent = 0;
+                // the owner hands over; RELEASED_LOCK brings us back sooner
+                self.retry_at = Instant::now() + Duration::from_millis(2 * NOTIFY_TIMEOUT_MS);
+            }
+            Some(r) if r == -libc::EROFS => {
+                self.silent = 0;
+                self.retry_at = Instant::now() + Duration::from_secs(1);
+                self.fail_waiters(
+                    r,
+                    format!(
+                        "the exclusive lock's owner refuses to release image {}",
+                        self.s.name
+                    ),
+                );
+            }
+            Some(r) => {
+                self.retry_at = Instant::now() + Duration::from_secs(1);
+                debug!(image = %self.s.name, result = r, "lock request answered with an error");
+            }
+            None => {
+                self.silent += 1;
+                if self.silent >= 2 {
+                    self.silent = 0;
+                    self.break_dead_owner();
+                }
+                self.retry_at = Instant::now();
+            }
+        }
+    }
+
+    /// The holder answered no lock request: blocklist it and break its lock (krbd does the
+    /// same once its watch is gone).
+    fn break_dead_owner(&mut self) {
+        let Ok(l) = self.s.meta.list_lockers(&self.s.header_oid, RBD_LOCK_NAME) else {
+            return;
+        };
+        let Some((client, cookie, addr)) = l.holders.first().cloned() else {
+            return;
+        };
+        warn!(image = %self.s.name, holder = %client, %addr,
+              "exclusive lock holder does not answer; blocklisting it and breaking its lock");
+        if let Err(e) = self.s.cluster.blocklist_add(&addr, 0) {
+            warn!(image = %self.s.name, error = %e, "blocklist failed");
+            return;
+        }
+        if let Err(e) = self
+            .s
+            .meta
+            .break_lock(&self.s.header_oid, RBD_LOCK_NAME, &client, &cookie)
+        {
+            warn!(image = %self.s.name, error = %e, "breaking the lock failed");
+        }
+    }
+
+    fn acquired(&mut self, cookie: String) {
+        let objmap = match self.open_object_map() {
+            Ok(m) => m,
+            Err(why) => {
+                let _ = self
+                    .s
+                    .meta
+                    .unlock(&self.s.header_oid, RBD_LOCK_NAME, &cookie);
+                self.retry_at = Instant::now() + Duration::from_secs(1);
+                return self.fail_waiters(-libc::EIO, why);
+            }
+        };
+        info!(image = %self.s.name, %cookie, "exclusive lock acquired");
+        self.silent = 0;
+        self.last_check = Instant::now();
+        {
+            let mut st = self.s.lock_state();
+            st.lock = LockState::Locked(cookie);
+            st.objmap = objmap;
+            st.want_lock = false;
+            for w in &st.waiters {
+                w.kick();
+            }
+        }
+        self.notify(notify_op::ACQUIRED_LOCK, TOKEN_OTHER_NOTIFY);
+    }
+
+    /// Locks and loads the head object map (when the image has one).
+    fn open_object_map(&self) -> Result<Vec<u8>, String> {
+        let h = Arc::clone(&self.s.lock_state().header);
+        if h.features & feature::OBJECT_MAP == 0 {
+            return Ok(Vec::new());
+        }
+        let oid = &self.s.objmap_oid;
+        match self.s.meta.lock_exclusive(oid, RBD_LOCK_NAME, "") {
+            Ok(()) => {}
+            Err(Errno(e)) if e == -libc::EEXIST => {}
+            Err(Errno(e)) if e == -libc::EBUSY => {
+                // a previous owner died holding it; we hold the header lock, so it is ours
+                if let Ok(l) = self.s.meta.list_lockers(oid, RBD_LOCK_NAME) {
+                    for (client, cookie, _) in l.holders {
+                        let _ = self.s.meta.break_lock(oid, RBD_LOCK_NAME, &client, &cookie);
+                    }
+                }
+                self.s
+                    .meta
+                    .lock_exclusive(oid, RBD_LOCK_NAME, "")
+                    .map_err(|e| format!("cannot lock the object map: {e}"))?;
+            }
+            Err(e) => return Err(format!("cannot lock the object map: {e}")),
+        }
+        let b = self
+            .s
+            .meta
+            .exec(oid, "rbd", "object_map_load", &[])
+            .map_err(|e| format!("cannot load the object map: {e}"))?;
+        let map = codec::object_map_reply(&b).map_err(|e| e.to_string())?;
+        let want = h.layout.num_objects(h.size);
+        if map.len() as u64 != want {
+            warn!(image = %self.s.name, map = map.len(), objects = want, "object map size differs from the image's");
+        }
+        Ok(map)
+    }
+
+    fn release(&mut self, cookie: &str, notify: bool) {
+        let has_map = self.s.lock_state().header.features & feature::OBJECT_MAP != 0;
+        if has_map {
+            let _ = self.s.meta.unlock(&self.s.objmap_oid, RBD_LOCK_NAME, "");
+        }
+        if let Err(e) = self
+            .s
+            .meta
+            .unlock(&self.s.header_oid, RBD_LOCK_NAME, cookie)
+        {
+            if e.0 != -libc::ENOENT {
+                warn!(image = %self.s.name, error = %e, "unlocking the header failed");
+            }
+        }
+        let wanted = {
+            let mut st = self.s.lock_state();
+            st.lock = LockState::Unlocked;
+            st.objmap.clear();
+            st.want_lock
+        };
+        info!(image = %self.s.name, "exclusive lock released");
+        if notify {
+            self.notify(notify_op::RELEASED_LOCK, TOKEN_OTHER_NOTIFY);
+        }
+        // give the requester time to take it before asking for it back
+        if wanted {
+            self.retry_at = Instant::now() + Duration::from_millis(500);
+        }
+    }
+
+    fn shutdown(&mut self) {
+        let lock = self.s.lock_state().lock.clone();
+        if let LockState::Locked(c) | LockState::Releasing(c) = lock {
+            self.release(&c, true);
+            // let the RELEASED_LOCK notify go out before the watch goes
+            let deadline = Instant::now() + Duration::from_millis(NOTIFY_TIMEOUT_MS);
+            let mut done = Vec::new();
+            while Instant::now() < deadline {
+                let mut fds = [PollFd::new(self.s.control.as_fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::from(100u16));
+                self.s.control.drain(&mut done);
+                if done.iter().any(|d| d.token == TOKEN_OTHER_NOTIFY) {
+                    break;
+                }
+            }
+        }
+        let _ = self
+            .s
+            .meta
+            .unwatch(self.s.watch_cookie.load(Ordering::Relaxed));
+    }
+}
+
+/// Object-map bookkeeping shared with the queues (krbd's rules).
+pub(crate) fn objmap_update_needed(cur: u8, new: u8) -> bool {
+    !(cur == new
+        || (new == objstate::PENDING && cur == objstate::NONEXISTENT)
+        || (new == objstate::NONEXISTENT && cur != objstate::PENDING))
+}
+
+/// Applies a completed update to the in-memory map (krbd's rules).
+pub(crate) fn objmap_apply(map: &mut [u8], objno: u64, new: u8, current: Option<u8>) {
+    if let Some(s) = usize::try_from(objno).ok().and_then(|i| map.get_mut(i)) {
+        let ok = match current {
+            None => true,
+            Some(c) => c == *s || (c == objstate::EXISTS && *s == objstate::EXISTS_CLEAN),
+        };
+        if ok {
+            *s = new;
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! The direct RADOS engine on the project's local Ceph cluster, checked with Ceph's own tools:
+//! `rbd export`, `rbd object-map check`, `rbd snap`, clones read through librbd, and librbd
+//! clients asking for the exclusive lock.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rbdback::rados::direct::LockPolicy;
+use rbdback::rados::testing::{cluster, TestCluster};
+use rbdback::rados::{
+    BlockOp, Completion, EngineChoice, EngineKind, Image, ImageSpec, Queue, RadosError,
+};
+
+fn wait_all(q: &mut Queue, n: usize) -> Vec<Completion> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while out.len() < n && Instant::now() < deadline {
+        q.reap(&mut out);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(out.len(), n, "completions");
+    out
+}
+
+fn one(q: &mut Queue, op: BlockOp) -> Completion {
+    q.submit(0, op).unwrap();
+    wait_all(q, 1).pop().unwrap()
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| u8::try_from((i as u64 * 7 + seed * 131) % 253).unwrap_or(0) | 1)
+        .collect()
+}
+
+fn direct_spec(c: &TestCluster, name: &str) -> ImageSpec {
+    let mut s = c.spec(name);
+    s.engine = EngineChoice::Direct;
+    s
+}
+
+fn write(q: &mut Queue, expect: &mut [u8], off: u64, data: Vec<u8>) {
+    let o = usize::try_from(off).unwrap();
+    expect[o..o + data.len()].copy_from_slice(&data);
+    one(
+        q,
+        BlockOp::Write {
+            offset: off,
+            buf: data,
+        },
+    )
+    .result
+    .unwrap();
+}
+
+fn read(q: &mut Queue, off: u64, len: usize) -> Vec<u8> {
+    let c = one(
+        q,
+        BlockOp::Read {
+            offset: off,
+            buf: vec![0xee; len],
+        },
+    );
+    c.result.unwrap();
+    c.buf.unwrap()
+}
+
+fn object_map_check(c: &TestCluster, name: &str) -> String {
+    let out = Command::new("rbd")
+        .arg("-c")
+        .arg(&c.conf)
+        .args([
+            "object-map",
+            "check",
+            "--no-progress",
+            &format!("rbd/{name}"),
+        ])
+        .output()
+        .unwrap();
+    format!(
+        "status {} stdout {:?} stderr {:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `rbd object-map check` exits 0 even when it had to invalidate the map: read its log too.
+fn assert_map_clean(check: &str) {
+    assert!(check.starts_with("status exit status: 0"), "{check}");
+    assert!(
+        !check.contains("object map error") && !check.contains("invalid"),
+        "{check}"
+    );
+}
+
+/// Writes of every shape (in flight together), discards and write-zeroes through the direct
+/// engine, on an image with Ceph's default features (exclusive-lock, object-map, fast-diff):
+/// `rbd export` equals what was written and `rbd object-map check` finds nothing to fix.
+#[test]
+fn writes_and_discards_equal_rbd_export_and_the_object_map_checks_clean() {
+    let c = cluster();
+    let name = c.create_image("direct-export", 24, None);
+    let img = Image::open(&direct_spec(c, &name)).unwrap();
+    assert_eq!(img.info().engine, EngineKind::Direct);
+    assert_eq!(img.size(), 24 << 20);
+    let mut q = img.queue().unwrap();
+    let mut expect = vec![0u8; 24 << 20];
+    let mut n = 0;
+    for i in 0..48u64 {
+        let (off, len) = match i % 4 {
+            0 => (i * 300_000, 4096),
+            1 => (i * 300_000 + 512, 512),
+            2 => ((4 << 20) * (i % 5) + (4 << 20) - 256 * 1024, 1 << 20),
+            _ => ((8 << 20) + i * 8192, 8192),
+        };
+        let data = pattern(len, i);
+        let o = usize::try_from(off).unwrap();
+        expect[o..o + len].copy_from_slice(&data);
+        q.submit(
+            i,
+            BlockOp::Write {
+                offset: off,
+                buf: data,
+            },
+        )
+        .unwrap();
+        n += 1;
+    }
+    for c in wait_all(&mut q, n) {
+        c.result.unwrap();
+    }
+    // a whole object removed, a tail truncated, a middle zeroed, an unaligned discard skipped
+    let discards = [
+        (16u64 << 20, 4u64 << 20),
+        ((12 << 20) + (1 << 20), 3 << 20),
+        ((8 << 20) + 65536, 131072),
+    ];
+    for (off, len) in discards {
+        one(&mut q, BlockOp::Discard { offset: off, len })
+            .result
+            .unwrap();
+        let o = usize::try_from(off).unwrap();
+        expect[o..o + usize::try_from(len).unwrap()].fill(0);
+    }
+    one(
+        &mut q,
+        BlockOp::Discard {
+            offset: 100,
+            len: 1000,
+        },
+    )
+    .result
+    .unwrap();
+    one(
+        &mut q,
+        BlockOp::WriteZeroes {
+            offset: 4096 * 3,
+            len: 4096,
+        },
+    )
+    .result
+    .unwrap();
+    expect[4096 * 3..4096 * 4].fill(0);
+    one(&mut q, BlockOp::Flush).result.unwrap();
+    let got = read(&mut q, 0, 24 << 20);
+    assert!(got == expect, "read back through the engine");
+    // an out-of-range request is an error, not a panic
+    assert!(one(
+        &mut q,
+        BlockOp::Read {
+            offset: 24 << 20,
+            buf: vec![0; 512]
+        }
+    )
+    .result
+    .is_err());
+    drop(q);
+    drop(img);
+    assert!(
+        c.export(&name) == expect,
+        "rbd export equals what was written"
+    );
+    let check = object_map_check(c, &name);
+    assert_map_clean(&check);
+}
+
+/// Fancy striping (stripe unit 64 KiB over 4 objects) maps like librbd's.
+#[test]
+fn striping_v2_equals_rbd_export() {
+    let c = cluster();
+    let name = format!("direct-stripe-{}", std::process::id());
+    c.rbd(&[
+        "create",
+        "--size",
+        "16M",
+        "--object-size",
+        "1M",
+        "--stripe-unit",
+        "64K",
+        "--stripe-count",
+        "4",
+        &format!("rbd/{name}"),
+    ]);
+    let img = Image::open(&direct_spec(c, &name)).unwrap();
+    let mut q = img.queue().unwrap();
+    let mut expect = vec![0u8; 16 << 20];
+    for (i, (off, len)) in [
+        (0u64, 1usize << 20),
+        (3 << 20, 700_000),
+        (9_000_000, 4096),
+        ((16 << 20) - 8192, 8192),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        write(&mut q, &mut expect, off, pattern(len, i as u64 + 3));
+    }
+    assert!(read(&mut q, 0, 16 << 20) == expect);
+    drop(q);
+    drop(img);
+    assert!(
+        c.export(&name) == expect,
+        "rbd export equals what was written"
+    );
+}
+
+/// `rbd snap create` while the image is open and written: the engine hands over the lock,
+/// the snapshot keeps the data from before it, and the next write carries the new snapshot
+/// context (copy-on-write of the snapshot's objects).
+#[test]
+fn a_snapshot_taken_while_writing_keeps_the_pre_snapshot_data() {
+    let c = cluster();
+    let name = c.create_image("direct-snap", 8, None);
+    let img = Image::open(&direct_spec(c, &name)).unwrap();
+    let mut q = img.queue().unwrap();
+    let mut before = vec![0u8; 8 << 20];
+    write(&mut q, &mut before, 0, pattern(1 << 20, 1));
+    write(&mut q, &mut before, 5 << 20, pattern(4096, 2));
+    // keep writing elsewhere while the snapshot is taken by another client
+    let snap = format!("rbd/{name}@s1");
+    let conf = c.conf.clone();
+    let t = std::thread::spawn(move || {
+        Command::new("rbd")
+            .arg("-c")
+            .arg(&conf)
+            .args(["snap", "create", "--no-progress", &snap])
+            .output()
+            .unwrap()
+    });
+    let mut tag = 0;
+    let mut inflight = 0;
+    while !t.is_finished() {
+        q.submit(
+            tag,
+            BlockOp::Write {
+                offset: (7 << 20) + (tag % 64) * 4096,
+                buf: vec![9; 4096],
+            },
+        )
+        .unwrap();
+        tag += 1;
+        inflight += 1;
+        let mut out = Vec::new();
+        q.reap(&mut out);
+        inflight -= out.len();
+        for c in out {
+            c.result.unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for c in wait_all(&mut q, inflight) {
+        c.result.unwrap();
+    }
+    let out = t.join().unwrap();
+    assert!(
+        out.status.success(),
+        "rbd snap create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // the snapshot's content from our view of before: what was at 0..6 MiB
+    let mut after = before.clone();
+    write(&mut q, &mut after, 0, pattern(1 << 20, 5));
+    write(&mut q, &mut after, 5 << 20, pattern(4096, 6));
+    one(
+        &mut q,
+        BlockOp::Discard {
+            offset: 4 << 20,
+            len: 4 << 20,
+        },
+    )
+    .result
+    .unwrap();
+    after[4 << 20..].fill(0);
+    drop(q);
+    drop(img);
+    let snap_data = c.export(&format!("{name}@s1"));
+    assert!(
+        snap_data[..6 << 20] == before[..6 << 20],
+        "the snapshot kept the pre-snapshot data"
+    );
+    assert!(
+        c.export(&name) == after,
+        "the head has the post-snapshot writes"
+    );
+    assert_map_clean(&object_map_check(c, &name));
+}
+
+/// A clone reads through to its parent and copies up on write, as librbd shows it.
+#[test]
+fn clone_reads_and_copy_ups_match_librbd() {
+    let c = cluster();
+    let parent = c.create_image("direct-parent", 12, None);
+    let mut pdata = vec![0u8; 12 << 20];
+    {
+        let mut s = c.spec(&parent);
+        s.engine = EngineChoice::Librbd;
+        let img = Image::open(&s).unwrap();
+        let mut q = img.queue().unwrap();
+        write(&mut q, &mut pdata, 0, pattern(6 << 20, 11));
+        write(&mut q, &mut pdata, (9 << 20) + 4096, pattern(8192, 12));
+    }
+    c.rbd(&["snap", "create", &format!("rbd/{parent}@base")]);
+    c.rbd(&["snap", "protect", &format!("rbd/{parent}@base")]);
+    let child = format!("{parent}-clone");
+    c.rbd(&[
+        "clone",
+        &format!("rbd/{parent}@base"),
+        &format!("rbd/{child}"),
+    ]);
+    let img = Image::open(&direct_spec(c, &child)).unwrap();
+    let mut q = img.queue().unwrap();
+    assert!(
+        read(&mut q, 0, 12 << 20) == pdata,
+        "clone reads fall through to the parent"
+    );
+    let mut expect = pdata.clone();
+    // partial writes into objects that exist only in the parent: copy-up
+    write(&mut q, &mut expect, 4096, pattern(4096, 21));
+    write(&mut q, &mut expect, (9 << 20) + 100 * 512, pattern(512, 22));
+    // a snapshot of the clone, then more writes: deep copy-up through the snapshot
+    drop(q);
+    drop(img);
+    c.rbd(&["snap", "create", &format!("rbd/{child}@c1")]);
+    let snap_expect = expect.clone();
+    let img = Image::open(&direct_spec(c, &child)).unwrap();
+    let mut q = img.queue().unwrap();
+    write(&mut q, &mut expect, (4 << 20) + 8192, pattern(4096, 23));
+    one(
+        &mut q,
+        BlockOp::WriteZeroes {
+            offset: 8 << 20,
+            len: 4 << 20,
+        },
+    )
+    .result
+    .unwrap();
+    expect[8 << 20..].fill(0);
+    assert!(read(&mut q, 0, 12 << 20) == expect);
+    drop(q);
+    drop(img);
+    assert!(
+        c.export(&child) == expect,
+        "librbd reads the clone as written"
+    );
+    assert!(
+        c.export(&format!("{child}@c1")) == snap_expect,
+        "the clone's snapshot kept its data"
+    );
+    assert_map_clean(&object_map_check(c, &child));
+}
+
+fn rbd_write_bench(c: &TestCluster, name: &str) -> std::process::Output {
+    Command::new("timeout")
+        .arg("60")
+        .arg("rbd")
+        .arg("-c")
+        .arg(&c.conf)
+        .args([
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4K",
+            "--io-total",
+            "64K",
+            "--io-pattern",
+            "rand",
+            &format!("rbd/{name}"),
+        ])
+        .output()
+        .unwrap()
+}
+
+/// A librbd client asking for the lock gets it (hand-over); the engine takes it back for
+/// its next write. With the refusing policy the librbd client's writes fail instead.
+#[test]
+fn a_second_client_gets_the_lock_or_a_refusal() {
+    let c = cluster();
+    let name = c.create_image("direct-lock", 8, None);
+    let img = Image::open(&direct_spec(c, &name)).unwrap();
+    let mut q = img.queue().unwrap();
+    let mut expect = vec![0u8; 8 << 20];
+    write(&mut q, &mut expect, 0, pattern(4096, 1));
+    let lockers =
+        String::from_utf8_lossy(&c.rbd(&["lock", "ls", &format!("rbd/{name}")])).into_owned();
+    assert!(
+        lockers.contains("auto "),
+        "we hold librbd's lock: {lockers}"
+    );
+    let t = Instant::now();
+    let out = rbd_write_bench(c, &name);
+    assert!(
+        out.status.success(),
+        "rbd bench got the lock: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "hand-over took {:?}",
+        t.elapsed()
+    );
+    // take it back
+    write(&mut q, &mut expect, 8192, pattern(4096, 2));
+    assert!(read(&mut q, 8192, 4096) == expect[8192..12288]);
+    drop(q);
+    drop(img);
+
+    let mut spec = direct_spec(c, &name);
+    spec.lock_policy = LockPolicy::Refuse;
+    let img = Image::open(&spec).unwrap();
+    let mut q = img.queue().unwrap();
+    write(&mut q, &mut expect, 16384, pattern(4096, 3));
+    let out = rbd_write_bench(c, &name);
+    assert!(!out.status.success(), "rbd bench must not get the lock");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Read-only") || err.contains("30"),
+        "refusal is EROFS: {err}"
+    );
+    // we still hold it and write
+    write(&mut q, &mut expect, 20480, pattern(4096, 4));
+    drop(q);
+    drop(img);
+    let got = c.export(&name);
+    assert!(got[..24576] == expect[..24576]);
+}
+
+/// Images the direct engine cannot honour are refused with the feature's name; `auto` then
+/// uses librbd. Missing images and unreachable clusters are named too.
+#[test]
+fn unsupported_features_and_bad_targets_are_named() {
+    let c = cluster();
+    let name = c.create_image("direct-journal", 4, Some("exclusive-lock,journaling"));
+    let e = Image::open(&direct_spec(c, &name)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RadosError::Unsupported {
+                feature: "journaling",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("journaling") && e.to_string().contains("librbd"),
+        "{e}"
+    );
+    let auto = Image::open(&c.spec(&name)).unwrap();
+    assert_eq!(auto.info().engine, EngineKind::Librbd);
+
+    let e = Image::open(&direct_spec(c, "no-such-image")).unwrap_err();
+    assert!(matches!(e, RadosError::NoImage { .. }), "{e}");
+    let mut spec = direct_spec(c, "x");
+    spec.conf_options = vec![("mon_host".into(), "v2:127.0.0.1:9".into())];
+    let t = Instant::now();
+    let e = Image::open(&spec).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(40),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(matches!(e, RadosError::Connect { .. }), "{e}");
+    let mut spec = direct_spec(c, "x");
+    spec.keyring = Some("/dev/null".into());
+    spec.key = Some("AQBeNGJl3vZUJRAA1Zt0X4Z1p2ZC1HhIxYr3Kg==".into());
+    let e = Image::open(&spec).unwrap_err();
+    assert!(matches!(e, RadosError::Connect { .. }), "{e}");
+}
+
+/// A snapshot opened by name reads its data and refuses writes; images without
+/// exclusive-lock are written without it.
+#[test]
+fn snapshots_open_read_only_and_lockless_images_write() {
+    let c = cluster();
+    let name = c.create_image("direct-plain", 4, Some("layering"));
+    let img = Image::open(&direct_spec(c, &name)).unwrap();
+    let mut q = img.queue().unwrap();
+    let mut expect = vec![0u8; 4 << 20];
+    write(&mut q, &mut expect, 0, pattern(4096, 8));
+    drop(q);
+    drop(img);
+    c.rbd(&["snap", "create", &format!("rbd/{name}@s")]);
+    let mut spec = direct_spec(c, &name);
+    spec.snapshot = Some("s".into());
+    let img = Image::open(&spec).unwrap();
+    assert!(img.info().read_only);
+    let mut q = img.queue().unwrap();
+    assert!(q
+        .submit(
+            1,
+            BlockOp::Write {
+                offset: 0,
+                buf: vec![1; 512]
+            }
+        )
+        .is_err());
+    assert!(read(&mut q, 0, 4 << 20) == expect);
+    let mut spec = direct_spec(c, &name);
+    spec.snapshot = Some("nope".into());
+    let e = Image::open(&spec).unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+}
