@@ -8,6 +8,9 @@
 //!   workload (reads, writes, indirect requests, flushes, discards and some invalid requests);
 //!   the back ring takes, validates and answers them against an in-memory disk; the frontend
 //!   checks every status and every byte read, and the throughput is printed.
+//! - `rbdback engine-bench`: one storage-engine queue at a fixed depth on an existing image
+//!   (benchmark images only: it writes), without the ring; `tools/bench-engines` runs it
+//!   beside fio.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,7 +25,10 @@ const USAGE: &str = "usage:
   rbdback supervise [--kind vbd] [--backend-domid 0]
   rbdback demo [--ceph-conf FILE] [--requests N] [--qd N] [--queues N] [--writes PCT]
                [--span-mib N] [--bench-image NAME (existing image, no verification)]
-  rbdback ring-demo [--abi x86_64-abi|x86_32-abi] [--order 0-4] [--requests N]";
+  rbdback ring-demo [--abi x86_64-abi|x86_32-abi] [--order 0-4] [--requests N]
+  rbdback engine-bench --image POOL/NAME [--ceph-conf FILE] [--engine direct|librbd]
+               [--rw randread|randwrite|read|write] [--bs BYTES] [--qd N] [--seconds N]
+               [--span-mib N]";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -39,6 +45,7 @@ fn main() -> ExitCode {
         Some("supervise") => run_supervise(rest),
         Some("demo") => run_full_demo(rest),
         Some("ring-demo") => run_demo(rest),
+        Some("engine-bench") => run_engine_bench(rest),
         _ => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
@@ -580,5 +587,53 @@ mod ring_demo {
         );
         println!("  final disk image matches the guest's view: OK");
         Ok(())
+    }
+}
+
+fn run_engine_bench(args: &[String]) -> ExitCode {
+    use rbdback::rados::bench::{self, BenchConfig, Pattern};
+    use rbdback::rados::{EngineChoice, ImageSpec};
+    let Some((pool, image)) = opt(args, "--image").and_then(|s| s.split_once('/')) else {
+        return fail("engine-bench needs --image POOL/NAME");
+    };
+    let mut spec = ImageSpec::new(pool, image);
+    spec.conf = opt(args, "--ceph-conf").map(str::to_owned);
+    spec.engine = match opt(args, "--engine").unwrap_or("direct") {
+        "direct" => EngineChoice::Direct,
+        "librbd" => EngineChoice::Librbd,
+        other => return fail(&format!("--engine {other:?}: direct or librbd")),
+    };
+    let Some(pattern) = Pattern::parse(opt(args, "--rw").unwrap_or("randread")) else {
+        return fail("--rw: randread, randwrite, read or write");
+    };
+    let parsed = (|| -> Result<BenchConfig, String> {
+        Ok(BenchConfig {
+            spec: spec.clone(),
+            pattern,
+            bs: num(args, "--bs", 4096usize)?,
+            qd: num(args, "--qd", 32usize)?,
+            duration: std::time::Duration::from_secs_f64(num(args, "--seconds", 10.0f64)?),
+            span: num(args, "--span-mib", 256u64)? << 20,
+        })
+    })();
+    let cfg = match parsed {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    match bench::run(&cfg) {
+        Ok(r) => {
+            println!(
+                "engine-bench: {:.0} IOPS, {:.1} MiB/s, lat mean {:.1} us p50 {:.1} us p99 {:.1} us, {} ios in {:.1} s",
+                r.iops(),
+                r.mib_s(),
+                r.mean_us(),
+                r.pct_us(50),
+                r.pct_us(99),
+                r.ios,
+                r.secs
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
     }
 }

@@ -90,6 +90,17 @@ impl Cluster {
         let mut opts: Vec<(&str, &str)> = vec![
             ("client_mount_timeout", &t),
             ("rados_mon_op_timeout", &t),
+            // Ceph gathers debug messages in memory up to the second level even when it
+            // prints nothing; a block backend has no use for that (set them back with
+            // conf_options when debugging)
+            ("debug_ms", "0/0"),
+            ("debug_objecter", "0/0"),
+            ("debug_rados", "0/0"),
+            ("debug_monc", "0/0"),
+            ("debug_auth", "0/0"),
+            ("debug_finisher", "0/0"),
+            ("debug_rbd", "0/0"),
+            ("debug_objectcacher", "0/0"),
             ("rbd_cache", if spec.rbd_cache { "true" } else { "false" }),
         ];
         if let Some(k) = &spec.keyring {
