@@ -17,7 +17,8 @@ use thiserror::Error;
 
 use crate::device::backend::{serve, ServeConfig};
 use crate::device::testfront::{
-    run_workload, toolstack_attach, toolstack_detach, AttachSpec, FrontTestError, SimBlkfront,
+    run_stream, run_workload, toolstack_attach, toolstack_detach, AttachSpec, FrontTestError,
+    RunReport, SimBlkfront,
 };
 use crate::device::vbd::{Options, RadosOpener};
 use crate::ring::Abi;
@@ -45,6 +46,10 @@ pub struct DemoOptions {
     pub bench_image: Option<String>,
     /// Bytes at the start of the disk the workload spans (MiB).
     pub span_mib: u64,
+    /// Benchmark mode: request size in KiB (4 to 1024; over 44 goes indirect).
+    pub bs_kib: usize,
+    /// Benchmark mode: sequential instead of random offsets.
+    pub seq: bool,
 }
 
 impl Default for DemoOptions {
@@ -59,6 +64,8 @@ impl Default for DemoOptions {
             ring_order: 2,
             bench_image: None,
             span_mib: 64,
+            bs_kib: 4,
+            seq: false,
         }
     }
 }
@@ -207,7 +214,9 @@ fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), De
     spec.abi = Abi::X86_64;
     spec.queues = o.queues;
     spec.ring_order = o.ring_order;
-    spec.data_pages = 1024;
+    // bench streams give each slot its own data and descriptor pages
+    let pages = (o.bs_kib / 4).clamp(1, 256);
+    spec.data_pages = 1024.max(o.qd * (pages + 1) + 8);
     let dom0 = platform.xenstore()?;
     let (be, fe) = toolstack_attach(&dom0, 0, guest_domid, &spec).map_err(XenError::from)?;
     let guest = xen.frontend(guest_domid)?;
@@ -224,32 +233,52 @@ fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), De
     let span = front.sectors.min(o.span_mib * 2048);
     let verify = o.bench_image.is_none();
     let cpu0 = process_cpu();
-    let report = run_workload(
-        &mut front,
-        o.requests,
-        o.qd,
-        o.write_pct,
-        span,
-        0x5eed,
-        verify,
-        |total, r| {
-            let secs = r.elapsed.as_secs_f64().max(1e-9);
-            eprint!(
-                "\rdemo: {}/{} requests, {:.0} IOPS, {} errors, {} mismatches   ",
-                r.completed,
-                total,
-                r.completed as f64 / secs,
-                r.errors,
-                r.mismatches
-            );
-        },
-    )?;
+    let show = |total: u64, r: &RunReport| {
+        let secs = r.elapsed.as_secs_f64().max(1e-9);
+        eprint!(
+            "\rdemo: {}/{} requests, {:.0} IOPS, {} errors, {} mismatches   ",
+            r.completed,
+            total,
+            r.completed as f64 / secs,
+            r.errors,
+            r.mismatches
+        );
+    };
+    let pages = (o.bs_kib / 4).clamp(1, 256);
+    let report = if verify || (pages == 1 && !o.seq && o.write_pct > 0 && o.write_pct < 100) {
+        run_workload(
+            &mut front,
+            o.requests,
+            o.qd,
+            o.write_pct,
+            span,
+            0x5eed,
+            verify,
+            show,
+        )?
+    } else {
+        run_stream(
+            &mut front,
+            o.requests,
+            pages,
+            o.qd,
+            o.write_pct >= 50,
+            o.seq,
+            span,
+            show,
+        )?
+    };
     eprintln!();
     let cpu = process_cpu() - cpu0;
     let secs = report.elapsed.as_secs_f64().max(1e-9);
     println!(
-        "demo: {} x 4 KiB requests ({}% writes) at queue depth {} per queue in {:.2}s",
-        report.completed, o.write_pct, o.qd, secs
+        "demo: {} x {} KiB requests ({}% writes{}) at queue depth {} per queue in {:.2}s",
+        report.completed,
+        if verify { 4 } else { pages * 4 },
+        o.write_pct,
+        if o.seq && !verify { ", sequential" } else { "" },
+        o.qd,
+        secs
     );
     println!(
         "demo: {:.0} IOPS, {:.1} MiB/s, latency p50 {} us, p99 {} us, max {} us",

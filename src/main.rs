@@ -24,7 +24,8 @@ const USAGE: &str = "usage:
   rbdback serve --domid N [--kind vbd] [--backend-domid 0] [--stay]
   rbdback supervise [--kind vbd] [--backend-domid 0]
   rbdback demo [--ceph-conf FILE] [--requests N] [--qd N] [--queues N] [--writes PCT]
-               [--span-mib N] [--bench-image NAME (existing image, no verification)]
+               [--span-mib N] [--bench-image NAME (existing image, no verification)
+               [--bs-kib 4-1024] [--seq]]
   rbdback ring-demo [--abi x86_64-abi|x86_32-abi] [--order 0-4] [--requests N]
   rbdback engine-bench --image POOL/NAME [--ceph-conf FILE] [--engine direct|librbd]
                [--rw randread|randwrite|read|write] [--bs BYTES] [--qd N] [--seconds N]
@@ -132,6 +133,8 @@ fn run_full_demo(args: &[String]) -> ExitCode {
         o.write_pct = num(args, "--writes", o.write_pct)?;
         o.span_mib = num(args, "--span-mib", o.span_mib)?;
         o.bench_image = opt(args, "--bench-image").map(str::to_owned);
+        o.bs_kib = num(args, "--bs-kib", o.bs_kib)?;
+        o.seq = args.iter().any(|a| a == "--seq");
         Ok(())
     })();
     if let Err(e) = parsed {

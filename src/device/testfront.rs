@@ -495,11 +495,24 @@ impl SimBlkfront {
         sector: u64,
         segs: &[Segment],
     ) -> Result<WireRequest, FrontTestError> {
+        let last = self.data_refs.len() - 1;
+        self.indirect_in(op, id, sector, segs, |i| last - i)
+    }
+
+    /// Builds an indirect request whose `i`-th descriptor page is data page `page(i)`
+    /// (requests in flight together need pages of their own).
+    pub fn indirect_in(
+        &mut self,
+        op: u8,
+        id: u64,
+        sector: u64,
+        segs: &[Segment],
+        page: impl Fn(usize) -> usize,
+    ) -> Result<WireRequest, FrontTestError> {
         let pages = crate::ring::front::indirect_pages(segs);
-        let n = self.data_refs.len();
         let mut grefs = Vec::new();
         for (i, p) in pages.iter().enumerate() {
-            let idx = n - 1 - i;
+            let idx = page(i);
             let _ = self.data.page(idx).write(0, p);
             grefs.push(self.data_ref(idx));
         }
@@ -788,5 +801,97 @@ pub fn run_workload(
     report.elapsed = start.elapsed();
     report.latencies_us.sort_unstable();
     report.model = model;
+    Ok(report)
+}
+
+/// A benchmark stream (nothing verified): `total` requests of `pages` 4 KiB pages each, `qd`
+/// in flight on queue 0, sequential (`seq`) or random over the first `span_sectors`, all
+/// reads or all writes. Requests over 11 pages go indirect, each slot with its own data and
+/// descriptor pages; the frontend needs `qd * (pages + 1)` data pages.
+#[allow(clippy::too_many_arguments)]
+pub fn run_stream(
+    front: &mut SimBlkfront,
+    total: u64,
+    pages: usize,
+    qd: usize,
+    write: bool,
+    seq: bool,
+    span_sectors: u64,
+    mut progress: impl FnMut(u64, &RunReport),
+) -> Result<RunReport, FrontTestError> {
+    let pages = pages.clamp(1, 256);
+    let slot_pages = pages + 1;
+    let qd = qd.clamp(1, (front.data_pages() / slot_pages).max(1));
+    let req_sectors = pages as u64 * 8;
+    let positions = (span_sectors / req_sectors).max(1);
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut cursor = 0u64;
+    let mut next_sector = move || {
+        let n = if seq {
+            cursor += 1;
+            (cursor - 1) % positions
+        } else {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % positions
+        };
+        n * req_sectors
+    };
+    let op = if write {
+        crate::ring::request::op::WRITE
+    } else {
+        crate::ring::request::op::READ
+    };
+    let mut free: Vec<usize> = (0..qd).rev().collect();
+    let mut started: HashMap<u64, (usize, Instant)> = HashMap::new();
+    let mut report = RunReport::default();
+    let start = Instant::now();
+    let mut issued = 0u64;
+    while report.completed < total {
+        let mut batch = Vec::new();
+        while issued < total {
+            let Some(slot) = free.pop() else { break };
+            let first = slot * slot_pages;
+            let id = front.next_id();
+            let segs = front.segments(first, pages, pages * PAGE_SIZE);
+            let sector = next_sector();
+            let req = if pages <= 11 {
+                if write {
+                    WireRequest::write(id, sector, segs)
+                } else {
+                    WireRequest::read(id, sector, segs)
+                }
+            } else {
+                front.indirect_in(op, id, sector, &segs, |i| first + pages + i)?
+            };
+            started.insert(id, (slot, Instant::now()));
+            batch.push(req);
+            issued += 1;
+        }
+        if !batch.is_empty() {
+            front.submit(0, &batch)?;
+        }
+        for r in front.responses(0, Duration::from_millis(100))? {
+            let Some((slot, t)) = started.remove(&r.id) else {
+                return Err(FrontTestError::UnknownResponse(r.id));
+            };
+            report
+                .latencies_us
+                .push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
+            report.completed += 1;
+            report.bytes += (pages * PAGE_SIZE) as u64;
+            if r.status != Status::Okay {
+                report.errors += 1;
+            }
+            free.push(slot);
+            if report.completed % 256 == 0 {
+                report.elapsed = start.elapsed();
+                progress(total, &report);
+            }
+        }
+    }
+    report.elapsed = start.elapsed();
+    report.latencies_us.sort_unstable();
     Ok(report)
 }
