@@ -522,3 +522,53 @@ fn snapshots_open_read_only_and_lockless_images_write() {
     let e = Image::open(&spec).unwrap_err();
     assert!(e.to_string().contains("nope"), "{e}");
 }
+
+/// An operator fencing this client (`rbd lock rm`, which blocklists the holder) stops its
+/// writes with a named error instead of letting them race the new owner.
+#[test]
+fn a_broken_lock_is_noticed_and_fences_writes() {
+    let c = cluster();
+    let name = c.create_image("direct-fence", 4, None);
+    let img = Image::open(&direct_spec(c, &name)).unwrap();
+    let mut q = img.queue().unwrap();
+    let mut expect = vec![0u8; 4 << 20];
+    write(&mut q, &mut expect, 0, pattern(4096, 1));
+    // `rbd lock ls` prints: "There is 1 exclusive lock on this image.\nLocker ID Address\n<client> <id> <addr>"
+    let ls = String::from_utf8_lossy(&c.rbd(&["lock", "ls", &format!("rbd/{name}")])).into_owned();
+    let line = ls
+        .lines()
+        .find(|l| l.contains("auto "))
+        .unwrap_or_else(|| panic!("no lock: {ls}"));
+    let mut f = line.split_whitespace();
+    let (locker, id) = (
+        f.next().unwrap(),
+        format!("{} {}", f.next().unwrap(), f.next().unwrap()),
+    );
+    c.rbd(&["lock", "rm", &format!("rbd/{name}"), &id, locker]);
+    // writes now fail (blocklisted), promptly and by name
+    let t = Instant::now();
+    let mut failed = None;
+    while t.elapsed() < Duration::from_secs(60) {
+        let r = one(
+            &mut q,
+            BlockOp::Write {
+                offset: 8192,
+                buf: vec![7; 4096],
+            },
+        );
+        if let Err(e) = r.result {
+            failed = Some(e.to_string());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let msg = failed.expect("writes go on after the lock was broken");
+    assert!(
+        msg.contains("blocklist") || msg.contains("shutdown") || msg.contains("ESHUTDOWN"),
+        "{msg}"
+    );
+    drop(q);
+    drop(img);
+    // the data written before the fence is intact
+    assert!(c.export(&name)[..4096] == expect[..4096]);
+}

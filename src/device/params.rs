@@ -9,8 +9,8 @@
 //!
 //! - QEMU's: `rbd:<pool>/[<namespace>/]<image>[@<snap>][:<key>=<value>]...`, with `\` escaping
 //!   the next character (so `:`, `@`, `/` and `\` can appear in names and values). Keys
-//!   `id`, `conf`, `keyring`, `key`, `engine` (`auto`, `direct`, `librbd`) and `rbd_cache`
-//!   are ours; any other key is passed to librados as a configuration option
+//!   `id`, `conf`, `keyring`, `key`, `engine` (`auto`, `direct`, `librbd`), `rbd_cache` and
+//!   `exclusive` (keep the exclusive lock when other clients ask for it, krbd's option) are ours; any other key is passed to librados as a configuration option
 //!   (e.g. `mon_host`), exactly as QEMU does.
 //! - ceph-csi's volume handle: `csi:<handle>[:<key>=<value>]...` where the handle is
 //!   `<version:4 hex>-<len:4 hex>-<clusterID>-<poolID:16 hex>-<uuid>` (ceph-csi's
@@ -20,6 +20,7 @@
 
 use thiserror::Error;
 
+use crate::rados::direct::LockPolicy;
 pub use crate::rados::{EngineChoice, ImageSpec, PoolRef};
 
 /// A parsed disk target: what the storage layer opens, plus where it came from.
@@ -268,6 +269,13 @@ impl DiskSpec {
                 }
             }
             "rbd_cache" => self.target.rbd_cache = parse_bool(&key, &value)?,
+            "exclusive" => {
+                self.target.lock_policy = if parse_bool(&key, &value)? {
+                    LockPolicy::Refuse
+                } else {
+                    LockPolicy::HandOver
+                }
+            }
             _ => self.target.conf_options.push((key, value)),
         }
         Ok(())
@@ -291,6 +299,9 @@ mod tests {
         assert_eq!(s.target.client_id, "xen");
         assert_eq!(s.target.conf.as_deref(), Some("/etc/ceph/ceph.conf"));
         assert_eq!(s.target.engine, EngineChoice::Librbd);
+        assert_eq!(s.target.lock_policy, LockPolicy::HandOver);
+        let x = DiskSpec::parse("rbd:p/i:exclusive=on").unwrap();
+        assert_eq!(x.target.lock_policy, LockPolicy::Refuse);
         assert_eq!(
             s.target.conf_options,
             vec![("mon_host".to_owned(), "127.0.0.1:6789".to_owned())]

@@ -276,6 +276,8 @@ struct Control {
     /// Consecutive lock requests nobody answered.
     silent: u32,
     last_check: Instant,
+    /// When to try registering the header watch again (after a failed attempt).
+    rewatch_at: Option<Instant>,
 }
 
 impl Control {
@@ -286,6 +288,7 @@ impl Control {
             retry_at: Instant::now(),
             silent: 0,
             last_check: Instant::now(),
+            rewatch_at: None,
         }
     }
 
@@ -404,16 +407,15 @@ impl Control {
                 }
             }
             WatchEvent::Error { cookie, err } => {
+                // a watch cookie is librados' handle (a pointer): unwatch it exactly once,
+                // and only if it is the current one (a late error of a replaced watch is old news)
+                if cookie == 0 || cookie != self.s.watch_cookie.load(Ordering::Relaxed) {
+                    return;
+                }
                 warn!(image = %self.s.name, error = %Errno(err), "header watch broke; re-watching");
                 let _ = self.s.meta.unwatch(cookie);
-                match self.s.meta.watch(&self.s.header_oid, &self.s.watch_sink) {
-                    Ok(c) => self.s.watch_cookie.store(c, Ordering::Relaxed),
-                    Err(e) => {
-                        let why = format!("cannot re-watch the image header: {e} (blocklisted?)");
-                        warn!(image = %self.s.name, "{why}");
-                        self.s.lock_state().fatal = Some(why);
-                    }
-                }
+                self.s.watch_cookie.store(0, Ordering::Relaxed);
+                self.rewatch();
                 // our lock cookie named the old watch: treat the lock as lost and take it again
                 let mut st = self.s.lock_state();
                 if let LockState::Locked(old) | LockState::Releasing(old) = st.lock.clone() {
@@ -424,6 +426,26 @@ impl Control {
                 }
                 drop(st);
                 self.refresh();
+            }
+        }
+    }
+
+    /// Registers the header watch again. Blocklisted (another client broke our lock and
+    /// fenced us): every later I/O fails with that reason. Any other failure is retried.
+    fn rewatch(&mut self) {
+        match self.s.meta.watch(&self.s.header_oid, &self.s.watch_sink) {
+            Ok(c) => self.s.watch_cookie.store(c, Ordering::Relaxed),
+            Err(e) if e.0 == -libc::ESHUTDOWN => {
+                let why = format!(
+                    "image {}: this client was blocklisted by the cluster (another client broke its exclusive lock); reopen the disk",
+                    self.s.name
+                );
+                warn!(image = %self.s.name, "{why}");
+                self.s.lock_state().fatal = Some(why);
+            }
+            Err(e) => {
+                warn!(image = %self.s.name, error = %e, "cannot re-watch the image header; retrying");
+                self.rewatch_at = Some(Instant::now() + Duration::from_secs(1));
             }
         }
     }
@@ -458,6 +480,13 @@ impl Control {
     }
 
     fn step(&mut self) {
+        if self.rewatch_at.is_some_and(|t| Instant::now() >= t) {
+            self.rewatch_at = None;
+            self.rewatch();
+            if self.s.watch_cookie.load(Ordering::Relaxed) != 0 {
+                self.refresh();
+            }
+        }
         let (lock_state, want, writers) = {
             let st = self.s.lock_state();
             (st.lock.clone(), st.want_lock, st.writers)
@@ -720,10 +749,10 @@ impl Control {
                 }
             }
         }
-        let _ = self
-            .s
-            .meta
-            .unwatch(self.s.watch_cookie.load(Ordering::Relaxed));
+        let cookie = self.s.watch_cookie.swap(0, Ordering::Relaxed);
+        if cookie != 0 {
+            let _ = self.s.meta.unwatch(cookie);
+        }
     }
 }
 
