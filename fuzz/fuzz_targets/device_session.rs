@@ -42,13 +42,23 @@ fuzz_target!(|input: Input| {
     let order = input.order % 3;
     let mut mem = vec![0u8; ring_bytes(order)];
     let shared = SharedMem::from_mut_slice(&mut mem);
-    let Ok(mut front) = MockFrontend::new(abi, order) else { return };
+    let Ok(mut front) = MockFrontend::new(abi, order) else {
+        return;
+    };
     front.init_shared(&shared).unwrap();
     let mut limits = Limits::new(2048);
     limits.discard = input.discard;
     limits.read_only = input.read_only;
-    let Ok(back) = BackRing::new(abi, order) else { return };
-    let mut dp = Dataplane::new(back, limits, QueueConfig { max_inflight_bytes: 1 << 20 });
+    let Ok(back) = BackRing::new(abi, order) else {
+        return;
+    };
+    let mut dp = Dataplane::new(
+        back,
+        limits,
+        QueueConfig {
+            max_inflight_bytes: 1 << 20,
+        },
+    );
     let image = Image::memory(2048 * 512);
     let mut engine = image.queue().unwrap();
     let mut pages = MemGrants {

@@ -417,14 +417,22 @@ impl Control {
                 self.s.watch_cookie.store(0, Ordering::Relaxed);
                 self.rewatch();
                 // our lock cookie named the old watch: treat the lock as lost and take it again
-                let mut st = self.s.lock_state();
-                if let LockState::Locked(old) | LockState::Releasing(old) = st.lock.clone() {
+                let lost = {
+                    let mut st = self.s.lock_state();
+                    match std::mem::replace(&mut st.lock, LockState::Unlocked) {
+                        LockState::Locked(old) | LockState::Releasing(old) => {
+                            st.objmap.clear();
+                            st.want_lock = true;
+                            Some(old)
+                        }
+                        LockState::Unlocked => None,
+                    }
+                };
+                if let Some(old) = lost {
                     warn!(image = %self.s.name, "exclusive lock lost with the watch; re-acquiring");
+                    // the cluster call is made without holding the state the queues need
                     let _ = self.s.meta.unlock(&self.s.header_oid, RBD_LOCK_NAME, &old);
-                    st.lock = LockState::Unlocked;
-                    st.want_lock = true;
                 }
-                drop(st);
                 self.refresh();
             }
         }
