@@ -423,3 +423,23 @@ fn absurd_ring_order_queue_count_or_ring_refs_close_only_that_vbd() {
         "the guest's other disk keeps working"
     );
 }
+
+/// A frontend that floods its event channel with notifications that carry no request (XSA-332)
+/// is rate limited, not served at full spin, and its disk keeps working.
+#[test]
+fn an_event_channel_flood_is_survived() {
+    let rig = Rig::start();
+    let mut f = rig.attach(&AttachSpec::new("rbd:mem/8"));
+    let port = f.port(0);
+    let t = std::time::Instant::now();
+    let mut sent = 0u32;
+    while t.elapsed() < std::time::Duration::from_millis(1500) {
+        f.domain().notify(port).unwrap();
+        sent += 1;
+    }
+    assert!(sent > 10_000, "the flood was a flood: {sent}");
+    let data = pattern(4096, 9);
+    assert_eq!(f.write_sync(0, 8, 0, &data).unwrap(), Status::Okay);
+    let (st, back) = f.read_sync(0, 8, 0, 4096).unwrap();
+    assert_eq!((st, back == data), (Status::Okay, true));
+}

@@ -161,6 +161,8 @@ pub struct Serviced {
     pub notify: bool,
     /// Work may remain (requests left unconsumed because of the in-flight bound).
     pub throttled: bool,
+    /// Requests taken from the ring.
+    pub taken: usize,
 }
 
 /// The backend state of one ring queue.
@@ -523,6 +525,7 @@ impl Dataplane {
         // Take requests a few at a time so the byte budget is honoured between batches, and
         // never more than one ring's worth per pass.
         let mut throttled = false;
+        let mut total = 0;
         let mut budget = usize::try_from(self.ring.capacity()).unwrap_or(usize::MAX);
         let mut slots = std::mem::take(&mut self.slots);
         while budget > 0 {
@@ -535,6 +538,7 @@ impl Dataplane {
             if taken == 0 {
                 break;
             }
+            total += taken;
             budget -= taken;
             for slot in &slots {
                 let Some(req) = self.admit(mem, grants, slot)? else {
@@ -554,7 +558,11 @@ impl Dataplane {
         if notify {
             self.stats.notifications += 1;
         }
-        Ok(Serviced { notify, throttled })
+        Ok(Serviced {
+            notify,
+            throttled,
+            taken: total,
+        })
     }
 
     /// While stopping: answer finished engine operations (and start barrier-held requests

@@ -171,14 +171,17 @@ fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd)
     );
     // Requests may already be waiting (the frontend published before we bound).
     let mut work = true;
+    let mut flood = FloodLimit::new(p.index);
     loop {
         let cap = p.capacity.load(Ordering::Relaxed);
         p.dataplane.set_capacity(cap);
+        let mut taken = 0;
         if work {
             let mem = p.ring_map.mem();
             loop {
                 match p.dataplane.service(&mem, &mut grants, &mut p.engine) {
                     Ok(s) => {
+                        taken += s.taken;
                         if s.notify {
                             if let Err(e) = p.evtchn.notify(p.port) {
                                 return QueueExit::Failed(format!("notify: {e}"));
@@ -193,6 +196,9 @@ fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd)
                     Err(e) => return broken(&p, &e),
                 }
             }
+        }
+        if flood.events_only && taken == 0 {
+            flood.spurious();
         }
         let (ev, eng, st) = match wait3(&p.evtchn, &p.engine, Some(stop), PollTimeout::NONE) {
             Ok(r) => r,
@@ -215,6 +221,56 @@ fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd)
             }
         }
         work = ev || eng;
+        flood.woke(ev, eng);
+    }
+}
+
+/// Spurious event-channel notifications (no request behind them) a frontend may send per
+/// second before the queue slows down; XSA-332's lesson: a guest must not make its backend
+/// spin on notifications.
+const SPURIOUS_PER_SEC: u32 = 2000;
+
+/// Counts spurious wake-ups; past [`SPURIOUS_PER_SEC`] in one second each one costs the queue
+/// a 1 ms sleep before it listens again (the guest's own disk slows, nothing else).
+struct FloodLimit {
+    queue: usize,
+    window: Instant,
+    count: u32,
+    warned: bool,
+    events_only: bool,
+}
+
+impl FloodLimit {
+    fn new(queue: usize) -> FloodLimit {
+        FloodLimit {
+            queue,
+            window: Instant::now(),
+            count: 0,
+            warned: false,
+            events_only: false,
+        }
+    }
+
+    fn woke(&mut self, ev: bool, eng: bool) {
+        self.events_only = ev && !eng;
+    }
+
+    fn spurious(&mut self) {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            self.window = Instant::now();
+            self.count = 0;
+        }
+        self.count += 1;
+        if self.count > SPURIOUS_PER_SEC {
+            if !self.warned {
+                warn!(
+                    queue = self.queue,
+                    "event channel flood from the frontend (no requests behind the notifications); rate limiting"
+                );
+                self.warned = true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
@@ -300,4 +356,32 @@ fn drain<G: GrantTable, E: EventChannels>(
     }
     debug!(queue = p.index, "queue drained");
     QueueExit::Stopped(stats)
+}
+
+#[cfg(test)]
+mod flood_tests {
+    use super::*;
+
+    #[test]
+    fn spurious_notifications_beyond_the_budget_cost_a_sleep_each() {
+        let mut f = FloodLimit::new(0);
+        let t = Instant::now();
+        for _ in 0..SPURIOUS_PER_SEC {
+            f.spurious();
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "the budget is free"
+        );
+        assert!(!f.warned);
+        let t = Instant::now();
+        for _ in 0..20 {
+            f.spurious();
+        }
+        assert!(
+            t.elapsed() >= Duration::from_millis(20),
+            "past it, 1 ms each"
+        );
+        assert!(f.warned);
+    }
 }
