@@ -581,3 +581,37 @@ fn a_broken_lock_is_noticed_and_fences_writes() {
     // the data written before the fence is intact
     assert!(c.export(&name)[..4096] == expect[..4096]);
 }
+
+/// A request that finishes while it is submitted (a discard too small to free anything, a
+/// read past the end) still wakes the queue's owner: waiting on the fd alone gets it.
+#[test]
+fn requests_finished_at_submission_wake_the_owner() {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let c = cluster();
+    let name = c.create_image("direct-wake", 4, None);
+    let img = Image::open(&direct_spec(c, &name)).unwrap();
+    let mut q = img.queue().unwrap();
+    for op in [
+        BlockOp::Discard {
+            offset: 512,
+            len: 4096,
+        },
+        BlockOp::Read {
+            offset: 4 << 20,
+            buf: vec![0; 512],
+        },
+        BlockOp::Flush,
+    ] {
+        q.submit(1, op).unwrap();
+        let mut fds = [PollFd::new(q.as_fd(), PollFlags::POLLIN)];
+        assert_eq!(
+            poll(&mut fds, PollTimeout::from(2000u16)).unwrap(),
+            1,
+            "woken"
+        );
+        let mut out = Vec::new();
+        q.reap(&mut out);
+        assert_eq!(out.len(), 1);
+    }
+}

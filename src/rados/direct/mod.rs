@@ -323,7 +323,11 @@ impl Control {
     }
 
     fn notify(&self, op: u32, token: u64) {
-        let msg = codec::lock_notify(op, self.s.cid());
+        self.notify_as(op, token, self.s.cid());
+    }
+
+    fn notify_as(&self, op: u32, token: u64, cid: ClientId) {
+        let msg = codec::lock_notify(op, cid);
         if let Err(e) = self.s.meta.aio_notify(
             &self.s.header_oid,
             &msg,
@@ -743,9 +747,22 @@ impl Control {
 
     fn shutdown(&mut self) {
         let lock = self.s.lock_state().lock.clone();
-        if let LockState::Locked(c) | LockState::Releasing(c) = lock {
-            self.release(&c, true);
-            // let the RELEASED_LOCK notify go out before the watch goes
+        let cid = self.s.cid();
+        let held = match lock {
+            LockState::Locked(c) | LockState::Releasing(c) => {
+                self.release(&c, false);
+                true
+            }
+            LockState::Unlocked => false,
+        };
+        // the watch goes first, so the RELEASED_LOCK notify below does not wait for an
+        // acknowledgement from ourselves
+        let cookie = self.s.watch_cookie.swap(0, Ordering::Relaxed);
+        if cookie != 0 {
+            let _ = self.s.meta.unwatch(cookie);
+        }
+        if held {
+            self.notify_as(notify_op::RELEASED_LOCK, TOKEN_OTHER_NOTIFY, cid);
             let deadline = Instant::now() + Duration::from_millis(NOTIFY_TIMEOUT_MS);
             let mut done = Vec::new();
             while Instant::now() < deadline {
@@ -756,10 +773,6 @@ impl Control {
                     break;
                 }
             }
-        }
-        let cookie = self.s.watch_cookie.swap(0, Ordering::Relaxed);
-        if cookie != 0 {
-            let _ = self.s.meta.unwatch(cookie);
         }
     }
 }

@@ -136,6 +136,8 @@ pub(crate) struct DirectQueue {
     gen: u64,
     header: Arc<Header>,
     failure_seq: u64,
+    /// Inside [`Self::reap`]: requests finishing now are handed out by it.
+    reaping: bool,
     /// Data pool with the image's snapshot context (layer 0).
     io: IoCtx,
     /// Data pool with an empty snapshot context (deep copy-up).
@@ -200,6 +202,7 @@ impl DirectQueue {
             gen: u64::MAX,
             header,
             failure_seq: 0,
+            reaping: false,
             io,
             io_nosnap,
             parents,
@@ -1005,6 +1008,11 @@ impl DirectQueue {
             result,
             buf,
         });
+        if !self.reaping {
+            // finished while being submitted (nothing to send, or refused): the owner must
+            // still be woken to reap it
+            self.sink.kick();
+        }
     }
 
     fn on_obj(&mut self, slot: usize, o: usize, rv: i64) {
@@ -1046,6 +1054,7 @@ impl DirectQueue {
     /// Handles finished operations, starts writes that were waiting for the lock, and moves
     /// finished requests into `out`.
     pub(crate) fn reap(&mut self, out: &mut Vec<Completion>) {
+        self.reaping = true;
         let mut done = std::mem::take(&mut self.scratch);
         self.sink.drain(&mut done);
         for d in done.drain(..) {
@@ -1064,6 +1073,7 @@ impl DirectQueue {
         }
         self.scratch = done;
         self.unpark();
+        self.reaping = false;
         self.accepted = self.accepted.saturating_sub(self.ready.len());
         out.append(&mut self.ready);
     }
