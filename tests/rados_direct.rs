@@ -615,3 +615,67 @@ fn requests_finished_at_submission_wake_the_owner() {
         assert_eq!(out.len(), 1);
     }
 }
+
+/// A librbd client killed while holding the exclusive lock (and the object map's lock) does
+/// not block the engine for ever: it answers no lock request, so it is blocklisted, its locks
+/// are broken, and the engine's write goes through.
+#[test]
+fn a_dead_lock_holder_is_fenced_and_its_lock_broken() {
+    let c = cluster();
+    let name = c.create_image("direct-dead", 8, None);
+    let mut bench = Command::new("rbd")
+        .arg("-c")
+        .arg(&c.conf)
+        .args([
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4K",
+            "--io-total",
+            "4G",
+            "--io-pattern",
+            "rand",
+            &format!("rbd/{name}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // wait until it holds the lock, then kill it without letting it release anything
+    let t = Instant::now();
+    loop {
+        let ls =
+            String::from_utf8_lossy(&c.rbd(&["lock", "ls", &format!("rbd/{name}")])).into_owned();
+        if ls.contains("auto ") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "rbd bench never took the lock"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bench.kill().unwrap();
+    let _ = bench.wait();
+    let img = Image::open(&direct_spec(c, &name)).unwrap();
+    let mut q = img.queue().unwrap();
+    let t = Instant::now();
+    let r = one(
+        &mut q,
+        BlockOp::Write {
+            offset: 0,
+            buf: pattern(4096, 5),
+        },
+    );
+    r.result.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t.elapsed()
+    );
+    drop(q);
+    drop(img);
+    assert!(c.export(&name)[..4096] == pattern(4096, 5)[..]);
+    assert_map_clean(&object_map_check(c, &name));
+}

@@ -253,10 +253,12 @@ pub(crate) struct Lockers {
     pub holders: Vec<(String, String, String)>,
 }
 
-fn split_nul(buf: &[u8], len: usize) -> Vec<String> {
+/// The first `n` NUL-terminated strings of `buf[..len]` (empty ones included: the object
+/// map's lock has an empty cookie, and the lists must stay aligned).
+fn split_nul(buf: &[u8], len: usize, n: usize) -> Vec<String> {
     buf[..len.min(buf.len())]
         .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
+        .take(n)
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect()
 }
@@ -427,9 +429,10 @@ impl IoCtx {
             if r < 0 {
                 return Err(Errno(i32::try_from(r).unwrap_or(-libc::EIO)));
             }
-            let clients = split_nul(&clients, cl);
-            let cookies = split_nul(&cookies, kl);
-            let addrs = split_nul(&addrs, al);
+            let n = usize::try_from(r).unwrap_or(0);
+            let clients = split_nul(&clients, cl, n);
+            let cookies = split_nul(&cookies, kl, n);
+            let addrs = split_nul(&addrs, al, n);
             let holders = clients
                 .into_iter()
                 .zip(cookies)
@@ -438,7 +441,10 @@ impl IoCtx {
                 .collect();
             return Ok(Lockers {
                 exclusive: exclusive != 0,
-                tag: split_nul(&tag, tl).into_iter().next().unwrap_or_default(),
+                tag: split_nul(&tag, tl, 1)
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default(),
                 holders,
             });
         }
@@ -841,4 +847,17 @@ extern "C" fn on_watch_error(arg: *mut c_void, cookie: u64, err: i32) {
     // SAFETY: `arg` is the sink leaked in `watch` (never freed).
     let sink = unsafe { &*arg.cast_const().cast::<WatchSink>() };
     sink.push(WatchEvent::Error { cookie, err });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_nul;
+
+    #[test]
+    fn locker_lists_keep_empty_cookies_aligned() {
+        let b = b"client.1\0\0client.2\0";
+        assert_eq!(split_nul(b, b.len(), 3), vec!["client.1", "", "client.2"]);
+        assert_eq!(split_nul(b"\0", 1, 1), vec![""]);
+        assert_eq!(split_nul(b"a\0b\0", 4, 1), vec!["a"]);
+    }
 }
