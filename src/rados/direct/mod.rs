@@ -278,6 +278,8 @@ struct Control {
     last_check: Instant,
     /// When to try registering the header watch again (after a failed attempt).
     rewatch_at: Option<Instant>,
+    /// Notifies sent and not completed (librados must not be shut down under them).
+    notifies: usize,
 }
 
 impl Control {
@@ -289,6 +291,7 @@ impl Control {
             silent: 0,
             last_check: Instant::now(),
             rewatch_at: None,
+            notifies: 0,
         }
     }
 
@@ -310,6 +313,7 @@ impl Control {
             }
             self.s.control.drain(&mut done);
             for d in done.drain(..) {
+                self.notifies = self.notifies.saturating_sub(1);
                 if d.token == TOKEN_REQUEST_LOCK {
                     self.on_request_reply(&d);
                 }
@@ -322,20 +326,21 @@ impl Control {
         }
     }
 
-    fn notify(&self, op: u32, token: u64) {
+    fn notify(&mut self, op: u32, token: u64) {
         self.notify_as(op, token, self.s.cid());
     }
 
-    fn notify_as(&self, op: u32, token: u64, cid: ClientId) {
+    fn notify_as(&mut self, op: u32, token: u64, cid: ClientId) {
         let msg = codec::lock_notify(op, cid);
-        if let Err(e) = self.s.meta.aio_notify(
+        match self.s.meta.aio_notify(
             &self.s.header_oid,
             &msg,
             NOTIFY_TIMEOUT_MS,
             &self.s.control,
             token,
         ) {
-            warn!(image = %self.s.name, error = %e, "cannot send lock notify {op}");
+            Ok(()) => self.notifies += 1,
+            Err(e) => warn!(image = %self.s.name, error = %e, "cannot send lock notify {op}"),
         }
     }
 
@@ -763,16 +768,21 @@ impl Control {
         }
         if held {
             self.notify_as(notify_op::RELEASED_LOCK, TOKEN_OTHER_NOTIFY, cid);
-            let deadline = Instant::now() + Duration::from_millis(NOTIFY_TIMEOUT_MS);
-            let mut done = Vec::new();
-            while Instant::now() < deadline {
-                let mut fds = [PollFd::new(self.s.control.as_fd(), PollFlags::POLLIN)];
-                let _ = poll(&mut fds, PollTimeout::from(100u16));
-                self.s.control.drain(&mut done);
-                if done.iter().any(|d| d.token == TOKEN_OTHER_NOTIFY) {
-                    break;
-                }
-            }
+        }
+        // every notify must complete before the pool context and the cluster go
+        let deadline = Instant::now() + Duration::from_millis(2 * NOTIFY_TIMEOUT_MS + 1000);
+        let mut done = Vec::new();
+        while self.notifies > 0 && Instant::now() < deadline {
+            let mut fds = [PollFd::new(self.s.control.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(&mut fds, PollTimeout::from(100u16));
+            self.notifies = self
+                .notifies
+                .saturating_sub(self.s.control.drain(&mut done));
+            done.clear();
+        }
+        if self.notifies > 0 {
+            warn!(image = %self.s.name, "notifies still in flight at close; leaking the cluster handle");
+            std::mem::forget(Arc::clone(&self.s));
         }
     }
 }

@@ -122,6 +122,17 @@ enum Target {
     },
 }
 
+/// A queue's own pool contexts.
+#[derive(Debug)]
+struct Ctxs {
+    /// Data pool with the image's snapshot context (layer 0).
+    io: IoCtx,
+    /// Data pool with an empty snapshot context (deep copy-up).
+    io_nosnap: IoCtx,
+    /// Parent layers' data pools, reading at the parent snapshot.
+    parents: Vec<IoCtx>,
+}
+
 /// A queue of the direct engine.
 #[derive(Debug)]
 pub(crate) struct DirectQueue {
@@ -138,12 +149,9 @@ pub(crate) struct DirectQueue {
     failure_seq: u64,
     /// Inside [`Self::reap`]: requests finishing now are handed out by it.
     reaping: bool,
-    /// Data pool with the image's snapshot context (layer 0).
-    io: IoCtx,
-    /// Data pool with an empty snapshot context (deep copy-up).
-    io_nosnap: IoCtx,
-    /// Parent layers' data pools, reading at the parent snapshot.
-    parents: Vec<IoCtx>,
+    /// The queue's pool contexts (shared only so that a queue dropped with operations in
+    /// flight can leak them: librados must not see them destroyed under its operations).
+    ctx: Arc<Ctxs>,
     sink: Arc<AioSink>,
     shared: Arc<Shared>,
 }
@@ -203,9 +211,11 @@ impl DirectQueue {
             header,
             failure_seq: 0,
             reaping: false,
-            io,
-            io_nosnap,
-            parents,
+            ctx: Arc::new(Ctxs {
+                io,
+                io_nosnap,
+                parents,
+            }),
             sink,
             shared,
         };
@@ -229,7 +239,7 @@ impl DirectQueue {
             return;
         }
         if !self.shared.read_only {
-            if let Err(e) = self.io.set_write_ctx(h.snap_seq, &h.snaps) {
+            if let Err(e) = self.ctx.io.set_write_ctx(h.snap_seq, &h.snaps) {
                 warn!(image = %self.shared.name, error = %e, "cannot set the snapshot context");
             }
         }
@@ -452,7 +462,7 @@ impl DirectQueue {
         let Some(h) = layer_header(&r.header, layer).cloned() else {
             return self.fail(slot, "read", -libc::EIO);
         };
-        if layer > self.parents.len() {
+        if layer > self.ctx.parents.len() {
             return self.fail(slot, "read", -libc::EIO);
         }
         let Some(ptr) = self.dst_ptr(slot, dst, p.len) else {
@@ -469,9 +479,9 @@ impl DirectQueue {
         };
         let token = self.token(t);
         let io = if layer == 0 {
-            &self.io
+            &self.ctx.io
         } else {
-            &self.parents[layer - 1]
+            &self.ctx.parents[layer - 1]
         };
         // SAFETY: `ptr` points into a buffer owned by request `slot` (or one of its object
         // requests), which stays in the table, unmoved on the heap and untouched, until this
@@ -738,8 +748,8 @@ impl DirectQueue {
         let token = self.token(Target::Obj { slot, obj: o });
         let io = match ctx {
             Ctx::Meta => &self.shared.meta,
-            Ctx::Data => &self.io,
-            Ctx::DataNoSnap => &self.io_nosnap,
+            Ctx::Data => &self.ctx.io,
+            Ctx::DataNoSnap => &self.ctx.io_nosnap,
         };
         match op.aio_operate(io, oid, &self.sink, token) {
             Ok(()) => {
@@ -1137,19 +1147,38 @@ impl AsFd for DirectQueue {
 
 impl Drop for DirectQueue {
     fn drop(&mut self) {
+        // let operations in flight finish (bounded): librados must not see the pool contexts
+        // or the cluster go under them, and their buffers must outlive them; writes still
+        // waiting for the lock are never started
+        self.parked.clear();
+        let deadline = std::time::Instant::now() + DROP_WAIT;
+        let mut out = Vec::new();
+        while !self.targets.is_empty() && std::time::Instant::now() < deadline {
+            let mut fds = [nix::poll::PollFd::new(
+                self.sink.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+            self.reap(&mut out);
+            out.clear();
+        }
         let mut st = self.shared.lock_state();
         st.waiters.retain(|w| !Arc::ptr_eq(w, &self.sink));
         drop(st);
         if !self.targets.is_empty() {
-            // operations in flight may still write into these buffers: leak them
             warn!(
                 in_flight = self.targets.len(),
-                "direct queue dropped with operations in flight"
+                "direct queue dropped with operations in flight; leaking their buffers and contexts"
             );
             std::mem::forget(std::mem::take(&mut self.reqs));
+            std::mem::forget(Arc::clone(&self.ctx));
+            std::mem::forget(Arc::clone(&self.shared));
         }
     }
 }
+
+/// How long a dropped queue waits for its operations in flight.
+const DROP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn shift(d: Dst, by: usize) -> Dst {
     match d {
