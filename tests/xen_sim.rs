@@ -283,3 +283,30 @@ fn real_bindings_link_and_name_missing_nodes() {
     let e = p.evtchn().unwrap_err().to_string();
     assert!(e.contains("/dev/xen/evtchn"), "{e}");
 }
+
+/// A path written in a loop (a guest flooding its nodes, XSA-349) queues at most
+/// `WATCH_QUEUE_MAX` events on a watch that is not drained, and the watch still works after.
+#[test]
+fn a_watch_flood_is_bounded() {
+    use rbdback::xen::xenstore::WATCH_QUEUE_MAX;
+    let (xen, _guest) = setup();
+    let dom0 = xen.platform().xenstore().unwrap();
+    let path = "/local/domain/0/flood";
+    dom0.write(path, "0").unwrap();
+    let w = dom0.watch(path).unwrap();
+    for i in 0..5000 {
+        dom0.write(path, &i.to_string()).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let mut queued = 0;
+    while w.try_recv().is_some() {
+        queued += 1;
+    }
+    assert!(
+        queued > 0 && queued <= WATCH_QUEUE_MAX,
+        "{queued} events queued"
+    );
+    assert!(!readable(&w, 0), "the eventfd matches the queue");
+    dom0.write(path, "after").unwrap();
+    assert_eq!(w.recv_timeout(Duration::from_secs(1)).unwrap().path, path);
+}

@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -87,9 +87,14 @@ pub struct WatchEvent {
 }
 
 struct Sink {
-    tx: Sender<WatchEvent>,
+    tx: SyncSender<WatchEvent>,
     efd: Arc<EventFd>,
 }
+
+/// Events a watch keeps queued. A guest writing its nodes in a loop (XSA-349) cannot grow
+/// our memory: past this, events are dropped — every consumer treats an event as "something
+/// under the path changed, re-read it", and a full queue already guarantees a wake-up.
+pub const WATCH_QUEUE_MAX: usize = 256;
 
 struct Inner {
     writer: Mutex<Box<dyn Write + Send>>,
@@ -158,11 +163,17 @@ fn dispatch(inner: &Inner, msg: Msg) {
         };
         let watches = lock(&inner.watches);
         if let Some(sink) = watches.get(token) {
-            let _ = sink.tx.send(WatchEvent {
-                path: path.clone(),
-                token: token.clone(),
-            });
-            let _ = sink.efd.write(1);
+            // a full queue drops the event (see WATCH_QUEUE_MAX); the eventfd is readable anyway
+            if sink
+                .tx
+                .try_send(WatchEvent {
+                    path: path.clone(),
+                    token: token.clone(),
+                })
+                .is_ok()
+            {
+                let _ = sink.efd.write(1);
+            }
         }
         return;
     }
@@ -321,7 +332,7 @@ impl Xenstore {
         let token = format!("rbdback-{}", TOKENS.fetch_add(1, Ordering::Relaxed));
         let efd =
             Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK).map_err(std::io::Error::from)?);
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(WATCH_QUEUE_MAX);
         lock(&self.inner.watches).insert(
             token.clone(),
             Sink {
