@@ -679,3 +679,42 @@ fn a_dead_lock_holder_is_fenced_and_its_lock_broken() {
     assert!(c.export(&name)[..4096] == pattern(4096, 5)[..]);
     assert_map_clean(&object_map_check(c, &name));
 }
+
+/// An image in a RADOS namespace (how ceph-csi isolates tenants) is addressed in it.
+#[test]
+fn images_in_a_namespace_are_served() {
+    let c = cluster();
+    let ns = format!("tenant{}", std::process::id());
+    let _ = Command::new("rbd")
+        .arg("-c")
+        .arg(&c.conf)
+        .args(["namespace", "create", &format!("rbd/{ns}")])
+        .output();
+    let name = "disk0";
+    c.rbd(&["create", "--size", "8M", &format!("rbd/{ns}/{name}")]);
+    let mut spec = direct_spec(c, name);
+    spec.namespace = Some(ns.clone());
+    let img = Image::open(&spec).unwrap();
+    let mut q = img.queue().unwrap();
+    let mut expect = vec![0u8; 8 << 20];
+    write(&mut q, &mut expect, (4 << 20) - 4096, pattern(8192, 4));
+    drop(q);
+    drop(img);
+    let out = std::env::temp_dir().join(format!("rbdback-ns-{}", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    c.rbd(&[
+        "export",
+        "--no-progress",
+        &format!("rbd/{ns}/{name}"),
+        &out.display().to_string(),
+    ]);
+    let got = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    assert!(
+        got == expect,
+        "rbd export of the namespaced image equals what was written"
+    );
+    // the same name outside the namespace does not exist
+    let e = Image::open(&direct_spec(c, name)).unwrap_err();
+    assert!(matches!(e, RadosError::NoImage { .. }), "{e}");
+}
