@@ -718,3 +718,28 @@ fn images_in_a_namespace_are_served() {
     let e = Image::open(&direct_spec(c, name)).unwrap_err();
     assert!(matches!(e, RadosError::NoImage { .. }), "{e}");
 }
+
+/// A feature the engine cannot honour, enabled while the image is open (`rbd feature enable`
+/// takes the lock from us, then notifies), stops the disk's requests with its name.
+#[test]
+fn a_feature_enabled_live_stops_the_engine_by_name() {
+    let c = cluster();
+    let name = c.create_image("direct-live", 8, None);
+    let img = Image::open(&direct_spec(c, &name)).unwrap();
+    let mut q = img.queue().unwrap();
+    let mut expect = vec![0u8; 8 << 20];
+    write(&mut q, &mut expect, 0, pattern(4096, 1));
+    c.rbd(&["feature", "enable", &format!("rbd/{name}"), "journaling"]);
+    let r = one(
+        &mut q,
+        BlockOp::Write {
+            offset: 4096,
+            buf: vec![3; 4096],
+        },
+    );
+    let e = r.result.unwrap_err().to_string();
+    assert!(e.contains("journaling") && e.contains("librbd"), "{e}");
+    drop(q);
+    drop(img);
+    assert!(c.export(&name)[..4096] == expect[..4096]);
+}
