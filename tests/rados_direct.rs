@@ -312,6 +312,23 @@ fn snapshot_while_writing(features: Option<&str>) {
     );
     if features.is_none() {
         assert_map_clean(&object_map_check(c, &name));
+        // fast-diff reads the object maps: the object written after the snapshot is dirty,
+        // the one discarded after it is gone
+        let diff = String::from_utf8_lossy(&c.rbd(&[
+            "diff",
+            "--from-snap",
+            "s1",
+            "--whole-object",
+            "--format",
+            "json",
+            &format!("rbd/{name}"),
+        ]))
+        .into_owned();
+        assert!(
+            diff.contains(r#"{"offset":0,"length":4194304,"exists":"true"}"#)
+                && diff.contains(r#"{"offset":4194304,"length":4194304,"exists":"false"}"#),
+            "{diff}"
+        );
     }
 }
 
