@@ -396,26 +396,40 @@ fn clone_reads_and_copy_ups_match_librbd() {
     assert_map_clean(&object_map_check(c, &child));
 }
 
+/// `rbd bench` writing `total` in 4 KiB random writes: a librbd client that wants the lock
+/// (`rbd` itself, so that killing it kills the client).
+fn rbd_bench(c: &TestCluster, name: &str, total: &str) -> Command {
+    let mut cmd = Command::new("rbd");
+    cmd.arg("-c").arg(&c.conf).args([
+        "bench",
+        "--io-type",
+        "write",
+        "--io-size",
+        "4K",
+        "--io-total",
+        total,
+        "--io-pattern",
+        "rand",
+        &format!("rbd/{name}"),
+    ]);
+    cmd
+}
+
+/// A short `rbd bench`, given at most 60 s.
 fn rbd_write_bench(c: &TestCluster, name: &str) -> std::process::Output {
-    Command::new("timeout")
-        .arg("60")
-        .arg("rbd")
-        .arg("-c")
-        .arg(&c.conf)
-        .args([
-            "bench",
-            "--io-type",
-            "write",
-            "--io-size",
-            "4K",
-            "--io-total",
-            "64K",
-            "--io-pattern",
-            "rand",
-            &format!("rbd/{name}"),
-        ])
-        .output()
-        .unwrap()
+    let mut bench = rbd_bench(c, name, "64K")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while bench.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = bench.kill();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bench.wait_with_output().unwrap()
 }
 
 /// A librbd client asking for the lock gets it (hand-over); the engine takes it back for
@@ -640,21 +654,7 @@ fn requests_finished_at_submission_wake_the_owner() {
 fn a_dead_lock_holder_is_fenced_and_its_lock_broken() {
     let c = cluster();
     let name = c.create_image("direct-dead", 8, None);
-    let mut bench = Command::new("rbd")
-        .arg("-c")
-        .arg(&c.conf)
-        .args([
-            "bench",
-            "--io-type",
-            "write",
-            "--io-size",
-            "4K",
-            "--io-total",
-            "4G",
-            "--io-pattern",
-            "rand",
-            &format!("rbd/{name}"),
-        ])
+    let mut bench = rbd_bench(c, &name, "4G")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

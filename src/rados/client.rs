@@ -138,41 +138,16 @@ impl Cluster {
 
     /// An I/O context on the spec's pool and namespace.
     pub(crate) fn ioctx(&self, spec: &ImageSpec) -> Result<IoCtx, RadosError> {
+        let ns = spec.namespace.as_deref().unwrap_or("");
+        let name = match &spec.pool {
+            PoolRef::Id(id) => return self.ioctx_by_id(*id, ns),
+            PoolRef::Name(n) => n,
+        };
+        let p = cstr(name, "pool name")?;
         let mut io: sys::rados_ioctx_t = std::ptr::null_mut();
-        let (rc, pool_name) = match &spec.pool {
-            PoolRef::Name(n) => {
-                let p = cstr(n, "pool name")?;
-                // SAFETY: valid handle; out-pointer to a local.
-                (
-                    unsafe { sys::rados_ioctx_create(self.h, p.as_ptr(), &mut io) },
-                    n.clone(),
-                )
-            }
-            // SAFETY: valid handle; out-pointer to a local.
-            PoolRef::Id(id) => (
-                unsafe { sys::rados_ioctx_create2(self.h, *id, &mut io) },
-                format!("#{id}"),
-            ),
-        };
-        if rc == -libc::ENOENT {
-            return Err(RadosError::NoPool(pool_name));
-        }
-        if rc < 0 {
-            return Err(RadosError::Call {
-                what: "rados_ioctx_create",
-                errno: Errno(rc),
-            });
-        }
-        let ctx = IoCtx {
-            h: io,
-            pool: pool_name,
-        };
-        if let Some(ns) = &spec.namespace {
-            let n = cstr(ns, "namespace")?;
-            // SAFETY: valid ioctx; the string is copied by librados.
-            unsafe { sys::rados_ioctx_set_namespace(ctx.h, n.as_ptr()) };
-        }
-        Ok(ctx)
+        // SAFETY: valid handle; out-pointer to a local.
+        let r = unsafe { sys::rados_ioctx_create(self.h, p.as_ptr(), &mut io) };
+        IoCtx::made(r, io, name.clone(), ns)
     }
 }
 
@@ -215,23 +190,7 @@ impl Cluster {
         let mut io: sys::rados_ioctx_t = std::ptr::null_mut();
         // SAFETY: valid handle; out-pointer to a local.
         let r = unsafe { sys::rados_ioctx_create2(self.h, id, &mut io) };
-        if r == -libc::ENOENT {
-            return Err(RadosError::NoPool(format!("#{id}")));
-        }
-        if r < 0 {
-            return Err(RadosError::Call {
-                what: "rados_ioctx_create2",
-                errno: Errno(r),
-            });
-        }
-        let ctx = IoCtx {
-            h: io,
-            pool: format!("#{id}"),
-        };
-        let ns = cstr(namespace, "namespace")?;
-        // SAFETY: valid ioctx; the string is copied by librados.
-        unsafe { sys::rados_ioctx_set_namespace(ctx.h, ns.as_ptr()) };
-        Ok(ctx)
+        IoCtx::made(r, io, format!("#{id}"), namespace)
     }
 
     /// Blocklists a client address (`ip:port/nonce`) for `secs` seconds (0: the default).
@@ -264,6 +223,29 @@ fn split_nul(buf: &[u8], len: usize, n: usize) -> Vec<String> {
 }
 
 impl IoCtx {
+    /// Wraps what `rados_ioctx_create{,2}` returned and sets the namespace.
+    fn made(
+        r: i32,
+        io: sys::rados_ioctx_t,
+        pool: String,
+        namespace: &str,
+    ) -> Result<IoCtx, RadosError> {
+        if r == -libc::ENOENT {
+            return Err(RadosError::NoPool(pool));
+        }
+        if r < 0 {
+            return Err(RadosError::Call {
+                what: "rados_ioctx_create",
+                errno: Errno(r),
+            });
+        }
+        let ctx = IoCtx { h: io, pool };
+        let ns = cstr(namespace, "namespace")?;
+        // SAFETY: valid ioctx; the string is copied by librados.
+        unsafe { sys::rados_ioctx_set_namespace(ctx.h, ns.as_ptr()) };
+        Ok(ctx)
+    }
+
     /// A second context on the same pool and namespace (own snapshot read/write settings).
     pub(crate) fn dup(&self, cluster: &Cluster) -> Result<IoCtx, RadosError> {
         let mut io = cluster.ioctx_by_id(self.pool_id(), &self.namespace())?;

@@ -300,11 +300,11 @@ impl Control {
         let mut done: Vec<AioDone> = Vec::new();
         loop {
             {
-                let fds = [
+                let mut fds = [
                     PollFd::new(self.s.watch_sink.as_fd(), PollFlags::POLLIN),
                     PollFd::new(self.s.control.as_fd(), PollFlags::POLLIN),
                 ];
-                let mut fds = fds;
+                // the timeout paces lock retries and the periodic lock check
                 let _ = poll(&mut fds, PollTimeout::from(250u16));
             }
             self.s.watch_sink.drain(&mut events);

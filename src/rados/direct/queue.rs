@@ -105,21 +105,23 @@ enum Ctx {
     DataNoSnap,
 }
 
+/// One read of `len` bytes at `obj_off` of object `objno` of layer `layer` (0: the image,
+/// 1: its parent, ...) into `dst` of request `slot`.
+#[derive(Debug, Clone, Copy)]
+struct ReadAt {
+    slot: usize,
+    layer: usize,
+    objno: u64,
+    obj_off: u64,
+    len: u64,
+    dst: Dst,
+}
+
 /// What a token stands for.
 #[derive(Debug, Clone, Copy)]
 enum Target {
-    Read {
-        slot: usize,
-        layer: usize,
-        objno: u64,
-        obj_off: u64,
-        len: u64,
-        dst: Dst,
-    },
-    Obj {
-        slot: usize,
-        obj: usize,
-    },
+    Read(ReadAt),
+    Obj { slot: usize, obj: usize },
 }
 
 /// A queue's own pool contexts.
@@ -469,15 +471,14 @@ impl DirectQueue {
             return self.fail(slot, "read", -libc::EIO);
         };
         let oid = data_object(&h.prefix, p.objno);
-        let t = Target::Read {
+        let token = self.token(Target::Read(ReadAt {
             slot,
             layer,
             objno: p.objno,
             obj_off: p.obj_off,
             len: p.len,
             dst,
-        };
-        let token = self.token(t);
+        }));
         let io = if layer == 0 {
             &self.ctx.io
         } else {
@@ -529,17 +530,8 @@ impl DirectQueue {
         buf.get_mut(off..end)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_read(
-        &mut self,
-        slot: usize,
-        layer: usize,
-        objno: u64,
-        obj_off: u64,
-        len: u64,
-        dst: Dst,
-        rv: i64,
-    ) {
+    fn on_read(&mut self, at: ReadAt, rv: i64) {
+        let ReadAt { slot, len, dst, .. } = at;
         if rv >= 0 {
             let n = to_usize(u64::try_from(rv).unwrap_or(0).min(len));
             if let Some(s) = self.dst_slice(slot, dst, len) {
@@ -547,7 +539,7 @@ impl DirectQueue {
                 zero_fill(s, n, l);
             }
         } else if rv == -i64::from(libc::ENOENT) {
-            self.read_parent(slot, layer, objno, obj_off, len, dst);
+            self.read_parent(at);
         } else {
             let what = if matches!(dst, Dst::Copyup(..)) {
                 "copy-up read"
@@ -570,15 +562,15 @@ impl DirectQueue {
 
     /// An absent object at `layer`: its bytes come from the parent within the overlap, and
     /// are zeros beyond it.
-    fn read_parent(
-        &mut self,
-        slot: usize,
-        layer: usize,
-        objno: u64,
-        obj_off: u64,
-        len: u64,
-        dst: Dst,
-    ) {
+    fn read_parent(&mut self, at: ReadAt) {
+        let ReadAt {
+            slot,
+            layer,
+            objno,
+            obj_off,
+            len,
+            dst,
+        } = at;
         let Some(h) = self
             .req(slot)
             .and_then(|r| layer_header(&r.header, layer).cloned())
@@ -1069,14 +1061,7 @@ impl DirectQueue {
         self.sink.drain(&mut done);
         for d in done.drain(..) {
             match self.targets.remove(&d.token) {
-                Some(Target::Read {
-                    slot,
-                    layer,
-                    objno,
-                    obj_off,
-                    len,
-                    dst,
-                }) => self.on_read(slot, layer, objno, obj_off, len, dst, d.rv),
+                Some(Target::Read(at)) => self.on_read(at, d.rv),
                 Some(Target::Obj { slot, obj }) => self.on_obj(slot, obj, d.rv),
                 None => {}
             }
