@@ -512,6 +512,26 @@ fn unsupported_features_and_bad_targets_are_named() {
 
     let e = Image::open(&direct_spec(c, "no-such-image")).unwrap_err();
     assert!(matches!(e, RadosError::NoImage { .. }), "{e}");
+    // a format 1 header (Ceph 16 no longer creates them; its object is enough to tell)
+    let v1 = format!("old-v1-{}", std::process::id());
+    let st = Command::new("rados")
+        .arg("-c")
+        .arg(&c.conf)
+        .args(["-p", "rbd", "put", &format!("{v1}.rbd"), "/dev/null"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let e = Image::open(&direct_spec(c, &v1)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RadosError::Unsupported {
+                feature: "image format 1",
+                ..
+            }
+        ),
+        "{e}"
+    );
     let mut spec = direct_spec(c, "x");
     spec.conf_options = vec![("mon_host".into(), "v2:127.0.0.1:9".into())];
     let t = Instant::now();

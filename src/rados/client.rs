@@ -253,6 +253,14 @@ impl IoCtx {
         Ok(io)
     }
 
+    /// Whether object `oid` exists (errors count as no).
+    pub(crate) fn exists(&self, oid: &str) -> bool {
+        let Ok(o) = name(oid) else { return false };
+        let (mut size, mut mtime) = (0u64, 0 as libc::time_t);
+        // SAFETY: valid ioctx; out-pointers to locals; synchronous.
+        unsafe { sys::rados_stat(self.h, o.as_ptr(), &mut size, &mut mtime) >= 0 }
+    }
+
     /// Pool id.
     pub(crate) fn pool_id(&self) -> i64 {
         // SAFETY: valid ioctx.

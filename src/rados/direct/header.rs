@@ -108,6 +108,14 @@ fn call(io: &IoCtx, oid: &str, method: &'static str, input: &[u8]) -> Result<Vec
 pub fn image_id(io: &IoCtx, name: &str) -> Result<String, RadosError> {
     match io.exec(&format!("rbd_id.{name}"), "rbd", "get_id", &[]) {
         Ok(b) => codec::string_reply(&b, "get_id").map_err(bad),
+        // a format 1 image has `<name>.rbd` instead: librbd serves those
+        Err(Errno(e)) if e == -libc::ENOENT && io.exists(&format!("{name}.rbd")) => {
+            Err(RadosError::Unsupported {
+                image: name.to_owned(),
+                feature: "image format 1",
+                engine: "direct",
+            })
+        }
         Err(Errno(e)) if e == -libc::ENOENT => Err(RadosError::NoImage {
             pool: io.pool.clone(),
             image: name.to_owned(),
