@@ -6,21 +6,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rbdback::rados::direct::LockPolicy;
-use rbdback::rados::testing::{cluster, TestCluster};
+use rbdback::rados::testing::{cluster, wait_all, TestCluster};
 use rbdback::rados::{
     BlockOp, Completion, EngineChoice, EngineKind, Image, ImageSpec, Queue, RadosError,
 };
-
-fn wait_all(q: &mut Queue, n: usize) -> Vec<Completion> {
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while out.len() < n && Instant::now() < deadline {
-        q.reap(&mut out);
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert_eq!(out.len(), n, "completions");
-    out
-}
 
 fn one(q: &mut Queue, op: BlockOp) -> Completion {
     q.submit(0, op).unwrap();

@@ -2,19 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use rbdback::rados::testing::cluster;
-use rbdback::rados::{BlockOp, Completion, EngineChoice, EngineKind, Image, Queue, RadosError};
-
-fn wait_all(q: &mut Queue, n: usize) -> Vec<Completion> {
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while out.len() < n && Instant::now() < deadline {
-        q.reap(&mut out);
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert_eq!(out.len(), n, "completions");
-    out
-}
+use rbdback::rados::testing::{cluster, wait_all};
+use rbdback::rados::{BlockOp, EngineChoice, EngineKind, Image, RadosError};
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     (0..len)

@@ -527,37 +527,26 @@ impl IoCtx {
     ) -> Result<(), Errno> {
         let o = name(oid)?;
         let len = i32::try_from(payload.len()).map_err(|_| Errno(-libc::EINVAL))?;
-        let ctx = Box::new(AioCtx {
-            token,
-            sink: Arc::clone(sink),
-            reply: std::ptr::null_mut(),
-            reply_len: 0,
-        });
-        let raw = Box::into_raw(ctx);
-        let comp = completion(raw)?;
-        // SAFETY: `raw` stays valid until the callback reclaims it, which cannot happen before
-        // the submission below; the reply out-pointers live inside it.
-        let reply = unsafe { &raw mut (*raw).reply };
-        // SAFETY: as above.
-        let reply_len = unsafe { &raw mut (*raw).reply_len };
-        // SAFETY: as above; librados copies the payload.
-        let r = unsafe {
-            sys::rados_aio_notify(
-                self.h,
-                o.as_ptr(),
-                comp,
-                payload.as_ptr().cast(),
-                len,
-                timeout_ms,
-                reply,
-                reply_len,
-            )
-        };
-        if r < 0 {
-            abandon(comp, raw);
-            return Err(Errno(r));
-        }
-        Ok(())
+        submit_aio(sink, token, |comp, ctx| {
+            // SAFETY: `ctx` stays valid until the callback reclaims it, which cannot happen
+            // before this call returns: the reply out-pointers live inside it.
+            let reply = unsafe { &raw mut (*ctx).reply };
+            // SAFETY: as above.
+            let reply_len = unsafe { &raw mut (*ctx).reply_len };
+            // SAFETY: as above; librados copies the payload.
+            unsafe {
+                sys::rados_aio_notify(
+                    self.h,
+                    o.as_ptr(),
+                    comp,
+                    payload.as_ptr().cast(),
+                    len,
+                    timeout_ms,
+                    reply,
+                    reply_len,
+                )
+            }
+        })
     }
 
     /// Reads up to `len` bytes at `off` of `oid` into `buf`; the byte count (or -errno)
@@ -576,15 +565,10 @@ impl IoCtx {
         token: u64,
     ) -> Result<(), Errno> {
         let o = name(oid)?;
-        let raw = Box::into_raw(Box::new(AioCtx::new(token, sink)));
-        let comp = completion(raw)?;
-        // SAFETY: the caller keeps `buf` valid and unaliased until the token returns.
-        let r = unsafe { sys::rados_aio_read(self.h, o.as_ptr(), comp, buf.cast(), len, off) };
-        if r < 0 {
-            abandon(comp, raw);
-            return Err(Errno(r));
-        }
-        Ok(())
+        submit_aio(sink, token, |comp, _| {
+            // SAFETY: the caller keeps `buf` valid and unaliased until the token returns.
+            unsafe { sys::rados_aio_read(self.h, o.as_ptr(), comp, buf.cast(), len, off) }
+        })
     }
 }
 
@@ -684,18 +668,20 @@ impl WriteOp {
         token: u64,
     ) -> Result<(), Errno> {
         let o = name(oid)?;
-        let raw = Box::into_raw(Box::new(AioCtx::new(token, sink)));
-        let comp = completion(raw)?;
-        // SAFETY: valid op, ioctx and completion; the op outlives the operation (caller's
-        // contract); NULL mtime = now.
-        let r = unsafe {
-            sys::rados_aio_write_op_operate(self.h, io.h, comp, o.as_ptr(), std::ptr::null_mut(), 0)
-        };
-        if r < 0 {
-            abandon(comp, raw);
-            return Err(Errno(r));
-        }
-        Ok(())
+        submit_aio(sink, token, |comp, _| {
+            // SAFETY: valid op, ioctx and completion; the op outlives the operation (caller's
+            // contract); NULL mtime = now.
+            unsafe {
+                sys::rados_aio_write_op_operate(
+                    self.h,
+                    io.h,
+                    comp,
+                    o.as_ptr(),
+                    std::ptr::null_mut(),
+                    0,
+                )
+            }
+        })
     }
 }
 
@@ -727,35 +713,39 @@ struct AioCtx {
     reply_len: usize,
 }
 
-impl AioCtx {
-    fn new(token: u64, sink: &Arc<AioSink>) -> AioCtx {
-        AioCtx {
-            token,
-            sink: Arc::clone(sink),
-            reply: std::ptr::null_mut(),
-            reply_len: 0,
-        }
-    }
-}
-
-fn completion(raw: *mut AioCtx) -> Result<sys::rados_completion_t, Errno> {
+/// Starts one asynchronous operation whose completion goes to `sink` as `token`: `start`
+/// gets the completion and the boxed context (owned by the callback from then on) and returns
+/// librados' result. On failure no callback will run, so the completion is released and the
+/// context reclaimed here — the one place that protocol lives.
+fn submit_aio(
+    sink: &Arc<AioSink>,
+    token: u64,
+    start: impl FnOnce(sys::rados_completion_t, *mut AioCtx) -> i32,
+) -> Result<(), Errno> {
+    let raw = Box::into_raw(Box::new(AioCtx {
+        token,
+        sink: Arc::clone(sink),
+        reply: std::ptr::null_mut(),
+        reply_len: 0,
+    }));
     let mut comp: sys::rados_completion_t = std::ptr::null_mut();
-    // SAFETY: `raw` is a leaked box reclaimed exactly once, by the callback or by `abandon`.
+    // SAFETY: `raw` is a leaked box reclaimed exactly once, by the callback or below.
     let r = unsafe { sys::rados_aio_create_completion2(raw.cast(), Some(on_aio), &mut comp) };
     if r < 0 {
         // SAFETY: no completion exists, so no callback will run: reclaim the box.
         drop(unsafe { Box::from_raw(raw) });
         return Err(Errno(r));
     }
-    Ok(comp)
-}
-
-fn abandon(comp: sys::rados_completion_t, raw: *mut AioCtx) {
-    // SAFETY: the submission failed, so librados will not call back: release the completion
-    // and reclaim the box, once each.
-    unsafe { sys::rados_aio_release(comp) };
-    // SAFETY: as above.
-    drop(unsafe { Box::from_raw(raw) });
+    let r = start(comp, raw);
+    if r < 0 {
+        // SAFETY: the submission failed, so librados will not call back: release the
+        // completion and reclaim the box, once each.
+        unsafe { sys::rados_aio_release(comp) };
+        // SAFETY: as above.
+        drop(unsafe { Box::from_raw(raw) });
+        return Err(Errno(r));
+    }
+    Ok(())
 }
 
 /// Completion callback (librados thread): hand over token and result, nothing more.

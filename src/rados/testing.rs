@@ -9,7 +9,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
-use super::ImageSpec;
+use std::time::{Duration, Instant};
+
+use super::{Completion, ImageSpec, Queue};
 
 /// A running local cluster.
 #[derive(Debug, Clone)]
@@ -104,4 +106,16 @@ impl TestCluster {
         let _ = std::fs::remove_file(&dir);
         data
     }
+}
+
+/// Reaps `q` until `n` completions arrived (at most 120 s; fewer fails the test).
+pub fn wait_all(q: &mut Queue, n: usize) -> Vec<Completion> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while out.len() < n && Instant::now() < deadline {
+        q.reap(&mut out);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(out.len(), n, "completions");
+    out
 }

@@ -230,16 +230,16 @@ impl DirectQueue {
         Ok(q)
     }
 
-    /// Picks up a refreshed header: the snapshot context goes on the data context before
-    /// the next write.
-    fn sync_header(&mut self) {
-        let (gen, h) = {
+    /// Picks up a refreshed header (the snapshot context goes on the data context before the
+    /// next write); returns the image's fatal condition, if any, read under the same lock.
+    fn sync_header(&mut self) -> Option<String> {
+        let (gen, h, fatal) = {
             let st = self.shared.lock_state();
-            (st.gen, Arc::clone(&st.header))
+            if st.gen == self.gen {
+                return st.fatal.clone();
+            }
+            (st.gen, Arc::clone(&st.header), st.fatal.clone())
         };
-        if gen == self.gen {
-            return;
-        }
         if !self.shared.read_only {
             if let Err(e) = self.ctx.io.set_write_ctx(h.snap_seq, &h.snaps) {
                 warn!(image = %self.shared.name, error = %e, "cannot set the snapshot context");
@@ -247,6 +247,7 @@ impl DirectQueue {
         }
         self.gen = gen;
         self.header = h;
+        fatal
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -256,22 +257,14 @@ impl DirectQueue {
     /// Takes `op`; its completion comes out of [`Self::reap`].
     pub(crate) fn submit(&mut self, tag: u64, op: BlockOp) {
         self.accepted += 1;
-        let fatal = self.shared.lock_state().fatal.clone();
-        if let Some(f) = fatal {
+        // (writes to a read-only image never get here: `Queue::submit` refuses them)
+        if let Some(f) = self.sync_header() {
             return self.finish_now(tag, op, Err(RadosError::Invalid(f)));
         }
         if matches!(op, BlockOp::Flush) {
             // acknowledged writes are already on the OSDs' stable storage
             return self.finish_now(tag, op, Ok(()));
         }
-        if !matches!(op, BlockOp::Read { .. }) && self.shared.read_only {
-            return self.finish_now(
-                tag,
-                op,
-                Err(RadosError::Invalid("write to a read-only image".into())),
-            );
-        }
-        self.sync_header();
         let is_write = !matches!(op, BlockOp::Read { .. });
         if is_write && self.shared.needs_lock(&self.header) {
             if !self.parked.is_empty() || !self.enter_lock() {
@@ -1116,7 +1109,7 @@ impl DirectQueue {
             if !self.enter_lock() {
                 return;
             }
-            self.sync_header();
+            let _ = self.sync_header();
             if let Some((tag, op)) = self.parked.pop_front() {
                 self.start(tag, op, true);
             }
