@@ -125,12 +125,36 @@ impl Layout {
 
 /// `rbd_data.<id>.<objno as %016x>` (or the header's own prefix).
 pub fn data_object(prefix: &str, objno: u64) -> String {
-    format!("{prefix}.{objno:016x}")
+    // one per object request: built by hand (the formatter pads char by char), with room
+    // for the NUL the C call adds
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(prefix.len() + 18);
+    s.push_str(prefix);
+    s.push('.');
+    for b in objno.to_be_bytes() {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    s
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_object_names_are_zero_padded_hex() {
+        assert_eq!(
+            data_object("rbd_data.1a2b", 0),
+            "rbd_data.1a2b.0000000000000000"
+        );
+        assert_eq!(data_object("p", 0xfe), "p.00000000000000fe");
+        assert_eq!(data_object("p", u64::MAX), "p.ffffffffffffffff");
+        assert_eq!(
+            data_object("p", 0x0123_4567_89ab_cdef),
+            format!("p.{:016x}", 0x0123_4567_89ab_cdefu64)
+        );
+    }
 
     #[test]
     fn simple_layout_splits_at_object_boundaries() {
