@@ -74,6 +74,9 @@ pub struct Options {
     pub queue: QueueConfig,
     /// How often the image size is re-read for online resize.
     pub resize_poll: Duration,
+    /// How long opening the image may go unanswered before the VBD says so in its `error`
+    /// node (it keeps waiting: librados gives an operation no time bound of its own).
+    pub open_report_after: Duration,
 }
 
 impl Default for Options {
@@ -85,6 +88,7 @@ impl Default for Options {
             max_indirect_segments: ring::request::DEFAULT_MAX_INDIRECT_SEGMENTS,
             queue: QueueConfig::default(),
             resize_poll: Duration::from_secs(5),
+            open_report_after: Duration::from_secs(30),
         }
     }
 }
@@ -101,6 +105,17 @@ pub enum VbdError {
     /// The image could not be opened.
     #[error("cannot open the RBD image")]
     Open(#[source] rados::RadosError),
+    /// Opening the image has gone unanswered for a while (still waiting).
+    #[error(
+        "opening {image}: no answer from the cluster for {secs} s (are the OSDs of its pool \
+         down, or its placement groups inactive?); still trying"
+    )]
+    OpenWaiting {
+        /// The image.
+        image: String,
+        /// Seconds waited so far.
+        secs: u64,
+    },
     /// The frontend's connect nodes are unusable.
     #[error("bad frontend configuration")]
     Frontend(#[from] FrontendError),
@@ -140,6 +155,16 @@ pub enum VbdEnd {
     Removed,
     /// The process is stopping.
     Stopped,
+}
+
+/// How a watched open ended.
+enum Opening {
+    /// The opener returned.
+    Done(Result<Arc<Image>, rados::RadosError>),
+    /// The process is stopping.
+    Stopped,
+    /// The toolstack took the device away while it was opening.
+    Removed,
 }
 
 /// Builds the engine's image description from the disk spec and the VBD's mode.
@@ -204,6 +229,59 @@ impl<P: Platform> Vbd<P> {
         // xenbus_dev_error's format: "<errno> <message>"; we have no errno, use EIO's.
         if let Err(xe) = self.xs.write(&self.id.error_path(), &format!("5 {msg}")) {
             warn!(error = %xe, "cannot write the error node");
+        }
+    }
+
+    /// Opens the image on a helper thread, so that this thread keeps seeing stop requests
+    /// and removals: librados bounds the monitors' answers (the mount timeout) but not the
+    /// OSDs', so an open against inactive placement groups waits as long as they stay so.
+    /// After `open_report_after` the VBD says so in its `error` node and keeps waiting. An
+    /// abandoned open ends on its own thread, which then closes what it opened.
+    fn open_watched(
+        &self,
+        opener: &Arc<dyn ImageOpener>,
+        spec: &ImageSpec,
+        stop: &Receiver<()>,
+    ) -> Opening {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (o, sp) = (Arc::clone(opener), spec.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("rbdback-open-{}", self.id.devid))
+            .spawn(move || {
+                // the receiver is gone when the VBD gave up: the image is dropped (closed)
+                let _ = tx.send(o.open(&sp));
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start the opening thread; opening inline");
+            return Opening::Done(opener.open(spec));
+        }
+        let t0 = Instant::now();
+        let mut reported = false;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(r) => return Opening::Done(r),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    // the opener panicked: its message is in the log
+                    return Opening::Done(Err(rados::RadosError::Invalid(
+                        "the image opener ended without an answer".into(),
+                    )));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) {
+                return Opening::Stopped;
+            }
+            if matches!(self.online(), Ok(false)) {
+                info!("device removed while its image was opening");
+                return Opening::Removed;
+            }
+            if !reported && t0.elapsed() >= self.opts.open_report_after {
+                reported = true;
+                self.report(&VbdError::OpenWaiting {
+                    image: spec.to_string(),
+                    secs: t0.elapsed().as_secs(),
+                });
+            }
         }
     }
 
@@ -483,13 +561,22 @@ pub fn run_vbd<P: Platform>(
                     .as_deref(),
                 Some("0")
             );
-            match DiskSpec::parse(&params)
-                .map_err(VbdError::from)
-                .and_then(|spec| {
+            let opened = match DiskSpec::parse(&params) {
+                Err(e) => Err(VbdError::from(e)),
+                Ok(spec) => {
                     let ispec = image_spec(&spec, vbd.read_only);
-                    info!(image = %spec.target.image, engine = ?spec.target.engine, "opening image");
-                    opener.open(&ispec).map_err(VbdError::Open)
-                }) {
+                    info!(image = %ispec, engine = ?spec.target.engine, "opening image");
+                    match vbd.open_watched(&opener, &ispec, &stop) {
+                        Opening::Done(r) => r.map_err(VbdError::Open),
+                        Opening::Stopped => return VbdEnd::Stopped,
+                        Opening::Removed => {
+                            let _ = xs.rm(&id.error_path());
+                            return VbdEnd::Removed;
+                        }
+                    }
+                }
+            };
+            match opened {
                 Ok(image) => {
                     vbd.read_only = vbd.read_only || image.info().read_only;
                     vbd.capacity.store(image.size() / 512, Ordering::Relaxed);

@@ -76,6 +76,24 @@ pub struct ImageSpec {
     pub read_only: bool,
 }
 
+/// `pool[/namespace]/image[@snapshot]` (a pool given by id shows as `#<id>`).
+impl std::fmt::Display for ImageSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.pool {
+            PoolRef::Name(n) => write!(f, "{n}/")?,
+            PoolRef::Id(id) => write!(f, "#{id}/")?,
+        }
+        if let Some(ns) = &self.namespace {
+            write!(f, "{ns}/")?;
+        }
+        write!(f, "{}", self.image)?;
+        if let Some(snap) = &self.snapshot {
+            write!(f, "@{snap}")?;
+        }
+        Ok(())
+    }
+}
+
 impl ImageSpec {
     /// `pool/image` with defaults (client `admin`, default conf, auto engine).
     pub fn new(pool: &str, image: &str) -> ImageSpec {
