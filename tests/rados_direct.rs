@@ -335,14 +335,7 @@ fn clone_reads_and_copy_ups_match_librbd() {
         write(&mut q, &mut pdata, 0, pattern(6 << 20, 11));
         write(&mut q, &mut pdata, (9 << 20) + 4096, pattern(8192, 12));
     }
-    c.rbd(&["snap", "create", &format!("rbd/{parent}@base")]);
-    c.rbd(&["snap", "protect", &format!("rbd/{parent}@base")]);
-    let child = format!("{parent}-clone");
-    c.rbd(&[
-        "clone",
-        &format!("rbd/{parent}@base"),
-        &format!("rbd/{child}"),
-    ]);
+    let child = clone_of(c, &parent);
     let img = Image::open(&direct_spec(c, &child)).unwrap();
     let mut q = img.queue().unwrap();
     assert!(
@@ -768,4 +761,93 @@ fn a_feature_enabled_live_stops_the_engine_by_name() {
     drop(q);
     drop(img);
     assert!(c.export(&name)[..4096] == expect[..4096]);
+}
+
+/// Snapshots `parent` as `@base`, protects it and clones it as `<parent>-clone`.
+fn clone_of(c: &TestCluster, parent: &str) -> String {
+    c.rbd(&["snap", "create", &format!("rbd/{parent}@base")]);
+    c.rbd(&["snap", "protect", &format!("rbd/{parent}@base")]);
+    let child = format!("{parent}-clone");
+    c.rbd(&[
+        "clone",
+        &format!("rbd/{parent}@base"),
+        &format!("rbd/{child}"),
+    ]);
+    child
+}
+
+fn rados(c: &TestCluster, args: &[&str]) {
+    let st = Command::new("rados")
+        .arg("-c")
+        .arg(&c.conf)
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(st.success(), "rados {args:?}");
+}
+
+fn data_prefix(c: &TestCluster, name: &str) -> String {
+    let info = String::from_utf8(c.rbd(&["info", &format!("rbd/{name}")])).unwrap();
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix("block_name_prefix: "))
+        .unwrap_or_else(|| panic!("no block_name_prefix in {info}"))
+        .to_owned()
+}
+
+#[test]
+fn the_lock_holder_trusts_the_object_map_for_absent_objects() {
+    let c = cluster();
+    let parent = c.create_image("mapskip-parent", 12, None);
+    let pdata = pattern(12 << 20, 31);
+    {
+        let img = Image::open(&direct_spec(c, &parent)).unwrap();
+        let mut q = img.queue().unwrap();
+        write(&mut q, &mut vec![0; 12 << 20], 0, pdata.clone());
+    }
+    let child = clone_of(c, &parent);
+    let plain = c.create_image("mapskip", 12, None);
+    let planted = vec![0x5au8; 4 << 20];
+    let file = std::env::temp_dir().join(format!("{plain}.obj"));
+    std::fs::write(&file, &planted).unwrap();
+
+    // what absent objects read as: zeros, or the parent's data for the clone
+    for (name, base) in [(&plain, vec![0u8; 12 << 20]), (&child, pdata.clone())] {
+        let img = Image::open(&direct_spec(c, name)).unwrap();
+        let mut q = img.queue().unwrap();
+        // writes take the exclusive lock and load the object map: objects 0 and 2 exist now,
+        // object 1 does not
+        let mut expect = base.clone();
+        write(&mut q, &mut expect, 0, pattern(4096, 32));
+        write(&mut q, &mut expect, 8 << 20, pattern(4096, 33));
+        // object 1 appears behind the lock holder's back (rados put, which no RBD client
+        // does): the holder, trusting its map, never asks the OSD for it
+        let obj1 = format!("{}.{:016x}", data_prefix(c, name), 1);
+        rados(c, &["-p", "rbd", "put", &obj1, file.to_str().unwrap()]);
+        let at = (4usize << 20) + 4096;
+        assert!(
+            read(&mut q, at as u64, 4096) == base[at..][..4096],
+            "{name}: map not trusted"
+        );
+        // a read answered at once for object 1 and by the OSD for object 2
+        let at = (8usize << 20) - 4096;
+        assert!(
+            read(&mut q, at as u64, 8192) == expect[at..][..8192],
+            "{name}: across objects"
+        );
+        drop(q);
+        drop(img);
+        // without the lock the map proves nothing: a read-only open asks the OSD
+        let mut ro = direct_spec(c, name);
+        ro.read_only = true;
+        let img = Image::open(&ro).unwrap();
+        let mut q = img.queue().unwrap();
+        assert!(
+            read(&mut q, 4 << 20, 4096) == planted[..4096],
+            "{name}: read-only open"
+        );
+        drop(q);
+        drop(img);
+        rados(c, &["-p", "rbd", "rm", &obj1]);
+    }
+    let _ = std::fs::remove_file(&file);
 }

@@ -75,7 +75,7 @@ pub struct Header {
     pub layout: Layout,
     pub prefix: String,
     pub features: u64,
-    /// Image flags (bit 0: object map invalid).
+    /// Image flags ([`FLAG_OBJECT_MAP_INVALID`], fast-diff invalid).
     pub flags: u64,
     pub snap_seq: u64,
     /// Snapshot ids, newest first.
@@ -267,3 +267,6 @@ fn read_parent(
 
 /// The head marker, re-exported for callers.
 pub const HEAD: u64 = NOSNAP;
+
+/// `RBD_FLAG_OBJECT_MAP_INVALID`: the object map may be wrong (`rbd object-map rebuild`).
+pub const FLAG_OBJECT_MAP_INVALID: u64 = 1;

@@ -164,7 +164,7 @@ impl DirectImage {
                 engine: "direct",
             });
         }
-        if h.flags & 1 != 0 && h.features & feature::OBJECT_MAP != 0 {
+        if h.flags & header::FLAG_OBJECT_MAP_INVALID != 0 && h.features & feature::OBJECT_MAP != 0 {
             warn!(image = %spec.image, "the image's object map is flagged invalid (rbd object-map rebuild fixes it)");
         }
         let control = AioSink::new()?;

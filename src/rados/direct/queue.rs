@@ -16,8 +16,8 @@ use tracing::warn;
 
 use super::super::client::{AioDone, AioSink, IoCtx, WriteOp};
 use super::super::{BlockOp, Completion, Errno, RadosError};
-use super::codec::{self, objstate, RBD_LOCK_NAME};
-use super::header::{feature, Header};
+use super::codec::{self, objstate, NOSNAP, RBD_LOCK_NAME};
+use super::header::{self, feature, Header};
 use super::layout::{data_object, Piece};
 use super::{objmap_apply, objmap_update_needed, LockState, Shared, ALLOC_SIZE};
 
@@ -355,8 +355,15 @@ impl DirectQueue {
         if in_range {
             let pieces = h.layout.map(offset, len);
             if kind == Kind::Read {
+                // held while submitting: a piece may complete at once (object map)
+                if let Some(r) = self.req_mut(slot) {
+                    r.pending += 1;
+                }
                 for p in pieces {
                     self.submit_read(slot, 0, p, Dst::Req(to_usize(p.buf_off)));
+                }
+                if let Some(r) = self.req_mut(slot) {
+                    r.pending -= 1;
                 }
             } else {
                 self.plan_writes(slot, &h, kind, &pieces);
@@ -463,15 +470,21 @@ impl DirectQueue {
         let Some(ptr) = self.dst_ptr(slot, dst, p.len) else {
             return self.fail(slot, "read", -libc::EIO);
         };
-        let oid = data_object(&h.prefix, p.objno);
-        let token = self.token(Target::Read(ReadAt {
+        let at = ReadAt {
             slot,
             layer,
             objno: p.objno,
             obj_off: p.obj_off,
             len: p.len,
             dst,
-        }));
+        };
+        if layer == 0 && self.known_absent(p.objno) {
+            // what the OSD would answer, without asking it
+            self.add_pending(slot, dst, 1);
+            return self.on_read(at, -i64::from(libc::ENOENT));
+        }
+        let oid = data_object(&h.prefix, p.objno);
+        let token = self.token(Target::Read(at));
         let io = if layer == 0 {
             &self.ctx.io
         } else {
@@ -488,6 +501,29 @@ impl DirectQueue {
                 self.fail(slot, "read", e.0);
             }
         }
+    }
+
+    /// librbd's `object_may_exist`, inverted: while this client holds the exclusive lock
+    /// (so nobody else writes) and the head object map is loaded and not flagged invalid, an
+    /// object the map calls nonexistent is absent. Our own writes mark an object before
+    /// writing it (pre-update), and discards unmark it only after removing it, so the map
+    /// never calls an object absent while it has data.
+    fn known_absent(&self, objno: u64) -> bool {
+        if self.shared.snap_id != NOSNAP {
+            return false;
+        }
+        let st = self.shared.lock_state();
+        let h = &st.header;
+        if !matches!(st.lock, LockState::Locked(_))
+            || h.features & feature::OBJECT_MAP == 0
+            || h.flags & header::FLAG_OBJECT_MAP_INVALID != 0
+        {
+            return false;
+        }
+        usize::try_from(objno)
+            .ok()
+            .and_then(|i| st.objmap.get(i))
+            .is_some_and(|s| *s == objstate::NONEXISTENT)
     }
 
     fn add_pending(&mut self, slot: usize, dst: Dst, n: usize) {
