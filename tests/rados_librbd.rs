@@ -3,7 +3,9 @@
 use std::time::{Duration, Instant};
 
 use rbdback::rados::testing::{cluster, wait_all};
-use rbdback::rados::{BlockOp, EngineChoice, EngineKind, Image, RadosError};
+use rbdback::rados::{
+    BlockOp, Encryption, EncryptionFormat, EngineChoice, EngineKind, Image, RadosError,
+};
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     (0..len)
@@ -216,4 +218,108 @@ fn unreachable_monitor_fails_in_bounded_time() {
         t.elapsed()
     );
     assert!(matches!(e, RadosError::Connect { .. }), "{e}");
+}
+
+fn io(q: &mut rbdback::rados::Queue, op: BlockOp) -> Option<Vec<u8>> {
+    q.submit(0, op).unwrap();
+    let c = wait_all(q, 1).pop().unwrap();
+    c.result.unwrap();
+    c.buf
+}
+
+/// 64 KiB at 1 MiB.
+fn read_1m(q: &mut rbdback::rados::Queue) -> Vec<u8> {
+    let buf = vec![0; 64 << 10];
+    io(
+        q,
+        BlockOp::Read {
+            offset: 1 << 20,
+            buf,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn encrypted_images_are_served_decrypted_and_refused_by_the_direct_engine() {
+    let c = cluster();
+    let name = c.create_image("librbd-luks", 64, None);
+    let dir = std::env::temp_dir();
+    let pass = dir.join(format!("{name}.pass"));
+    let wrong = dir.join(format!("{name}.wrong"));
+    std::fs::write(&pass, b"correct horse battery").unwrap();
+    std::fs::write(&wrong, b"incorrect horse").unwrap();
+    c.rbd(&[
+        "encryption",
+        "format",
+        &format!("rbd/{name}"),
+        "luks2",
+        pass.to_str().unwrap(),
+    ]);
+    let enc = |file: &std::path::Path, format| {
+        let mut s = c.spec(&name);
+        s.encryption = Some(Encryption {
+            format,
+            passphrase_file: file.to_str().unwrap().to_owned(),
+        });
+        s
+    };
+    let data = pattern(64 << 10, 41);
+    {
+        // auto hands the image to librbd, which decrypts it
+        let img = Image::open(&enc(&pass, EncryptionFormat::Luks2)).unwrap();
+        assert_eq!(img.info().engine, EngineKind::Librbd);
+        let size = img.size();
+        assert!(
+            size > 0 && size < 64 << 20,
+            "the LUKS header is not the guest's: {size}"
+        );
+        let mut q = img.queue().unwrap();
+        io(
+            &mut q,
+            BlockOp::Write {
+                offset: 1 << 20,
+                buf: data.clone(),
+            },
+        );
+        assert!(read_1m(&mut q) == data);
+    }
+    // a second open with the passphrase reads the plaintext back ...
+    let img = Image::open(&enc(&pass, EncryptionFormat::Luks2)).unwrap();
+    let mut q = img.queue().unwrap();
+    assert!(read_1m(&mut q) == data);
+    drop(q);
+    drop(img);
+    // ... while the stored image holds a LUKS header and only ciphertext
+    let raw = c.export(&name);
+    assert_eq!(&raw[..6], b"LUKS\xba\xbe");
+    assert!(
+        raw.chunks(4096).all(|b| b != &data[..4096]),
+        "plaintext found in the stored image"
+    );
+    // a wrong passphrase, or the wrong LUKS version, is named
+    for (file, format) in [
+        (&wrong, EncryptionFormat::Luks2),
+        (&pass, EncryptionFormat::Luks1),
+    ] {
+        let e = Image::open(&enc(file, format)).unwrap_err();
+        assert!(matches!(e, RadosError::EncryptionLoad { .. }), "{e}");
+        assert!(e.to_string().contains("wrong passphrase"), "{e}");
+    }
+    let e = Image::open(&enc(
+        &dir.join("no-such-passphrase-file"),
+        EncryptionFormat::Luks2,
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("passphrase file"), "{e}");
+    // the direct engine does not decrypt: it refuses by name and points to librbd
+    let mut s = enc(&pass, EncryptionFormat::Luks2);
+    s.engine = EngineChoice::Direct;
+    let e = Image::open(&s).unwrap_err();
+    assert!(
+        e.to_string().contains("encryption") && e.to_string().contains("engine=librbd"),
+        "{e}"
+    );
+    let _ = std::fs::remove_file(&pass);
+    let _ = std::fs::remove_file(&wrong);
 }

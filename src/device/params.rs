@@ -21,6 +21,7 @@
 use thiserror::Error;
 
 use crate::rados::direct::LockPolicy;
+use crate::rados::{Encryption, EncryptionFormat};
 pub use crate::rados::{EngineChoice, ImageSpec, PoolRef};
 
 /// A parsed disk target: what the storage layer opens, plus where it came from.
@@ -187,6 +188,7 @@ impl DiskSpec {
         for opt in parts {
             spec.apply_option(&opt)?;
         }
+        spec.check()?;
         Ok(spec)
     }
 
@@ -237,7 +239,20 @@ impl DiskSpec {
             }
             spec.apply_option(&opt)?;
         }
+        spec.check()?;
         Ok(spec)
+    }
+
+    /// What single options cannot tell.
+    fn check(&self) -> Result<(), ParamsError> {
+        match &self.target.encryption {
+            Some(e) if e.passphrase_file.is_empty() => Err(ParamsError::BadValue {
+                key: "encryption_format".into(),
+                value: format!("{:?}", e.format).to_lowercase(),
+                why: "needs encryption_passphrase_file",
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn apply_option(&mut self, opt: &str) -> Result<(), ParamsError> {
@@ -269,6 +284,36 @@ impl DiskSpec {
                 }
             }
             "rbd_cache" => self.target.rbd_cache = parse_bool(&key, &value)?,
+            "encryption_format" => {
+                let format = match value.as_str() {
+                    "luks1" => EncryptionFormat::Luks1,
+                    "luks2" => EncryptionFormat::Luks2,
+                    _ => {
+                        return Err(ParamsError::BadValue {
+                            key,
+                            value,
+                            why: "expected luks1 or luks2",
+                        })
+                    }
+                };
+                let file = self.target.encryption.take().map(|e| e.passphrase_file);
+                self.target.encryption = Some(Encryption {
+                    format,
+                    passphrase_file: file.unwrap_or_default(),
+                });
+            }
+            "encryption_passphrase_file" => {
+                let file = nonempty(value, "encryption passphrase file", opt)?;
+                let format = self
+                    .target
+                    .encryption
+                    .take()
+                    .map_or(EncryptionFormat::Luks2, |e| e.format);
+                self.target.encryption = Some(Encryption {
+                    format,
+                    passphrase_file: file,
+                });
+            }
             "exclusive" => {
                 self.target.lock_policy = if parse_bool(&key, &value)? {
                     LockPolicy::Refuse
@@ -306,6 +351,35 @@ mod tests {
             s.target.conf_options,
             vec![("mon_host".to_owned(), "127.0.0.1:6789".to_owned())]
         );
+    }
+
+    #[test]
+    fn encryption_options() {
+        let s = DiskSpec::parse(
+            r"rbd:p/i:encryption_format=luks1:encryption_passphrase_file=/etc/ceph/p\:1",
+        )
+        .unwrap();
+        let e = s.target.encryption.unwrap();
+        assert_eq!(e.format, EncryptionFormat::Luks1);
+        assert_eq!(e.passphrase_file, "/etc/ceph/p:1");
+        // the file alone means LUKS2, in either order
+        let s = DiskSpec::parse("rbd:p/i:encryption_passphrase_file=/k").unwrap();
+        assert_eq!(s.target.encryption.unwrap().format, EncryptionFormat::Luks2);
+        let s = DiskSpec::parse("rbd:p/i:encryption_passphrase_file=/k:encryption_format=luks1")
+            .unwrap();
+        assert_eq!(s.target.encryption.unwrap().format, EncryptionFormat::Luks1);
+        let e = DiskSpec::parse("rbd:p/i:encryption_format=luks2").unwrap_err();
+        assert!(
+            e.to_string().contains("needs encryption_passphrase_file"),
+            "{e}"
+        );
+        let e = DiskSpec::parse("rbd:p/i:encryption_format=aes").unwrap_err();
+        assert!(e.to_string().contains("luks1 or luks2"), "{e}");
+        assert!(DiskSpec::parse("rbd:p/i")
+            .unwrap()
+            .target
+            .encryption
+            .is_none());
     }
 
     #[test]

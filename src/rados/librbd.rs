@@ -21,8 +21,30 @@ use std::sync::Arc;
 use super::client::{cstr, Cluster, IoCtx};
 use super::sys;
 use super::{
-    BlockOp, Completion, EngineKind, Errno, ImageInfo, ImageSpec, Mailbox, RadosError, SubmitError,
+    BlockOp, Completion, Encryption, EncryptionFormat, EngineKind, Errno, ImageInfo, ImageSpec,
+    Mailbox, RadosError, SubmitError,
 };
+
+/// `rbd_encryption_load` with `opts` and its size.
+///
+/// # Safety
+/// `img` is an open image and `T` is the options struct librbd expects for `format`, whose
+/// pointers are valid for the call.
+unsafe fn encryption_load<T>(
+    img: sys::rbd_image_t,
+    format: sys::rbd_encryption_format_t,
+    opts: &mut T,
+) -> i32 {
+    // SAFETY: per this function's contract; the size passed is the struct's.
+    unsafe {
+        sys::rbd_encryption_load(
+            img,
+            format,
+            std::ptr::from_mut(opts).cast(),
+            std::mem::size_of::<T>(),
+        )
+    }
+}
 
 /// An image opened through librbd. Field order is drop order: image, ioctx, cluster.
 #[derive(Debug)]
@@ -103,8 +125,63 @@ impl LibrbdImage {
             obj_size: info.obj_size,
             last_size: AtomicU64::new(0),
         };
+        if let Some(e) = &spec.encryption {
+            // on failure `me` is dropped, which closes the image
+            me.load_encryption(e)?;
+        }
         me.last_size.store(me.size(), Ordering::Relaxed);
         Ok(me)
+    }
+
+    /// `rbd_encryption_load`: from now on librbd decrypts reads and encrypts writes, and the
+    /// image's size is what the guest may use (the LUKS header excluded).
+    fn load_encryption(&self, e: &Encryption) -> Result<(), RadosError> {
+        let mut pass = std::fs::read(&e.passphrase_file).map_err(|err| {
+            RadosError::Invalid(format!(
+                "cannot read the encryption passphrase file {}: {err}",
+                e.passphrase_file
+            ))
+        })?;
+        // `alg` is ignored when loading: the LUKS header names the cipher
+        let alg = sys::rbd_encryption_algorithm_t_RBD_ENCRYPTION_ALGORITHM_AES256;
+        let (p, n) = (pass.as_ptr().cast(), pass.len());
+        let img = self.img.as_ptr();
+        let rc = match e.format {
+            // SAFETY: valid image; the LUKS1 options struct for the LUKS1 format; it and the
+            // passphrase it points to outlive the call.
+            EncryptionFormat::Luks1 => unsafe {
+                encryption_load(
+                    img,
+                    sys::rbd_encryption_format_t_RBD_ENCRYPTION_FORMAT_LUKS1,
+                    &mut sys::rbd_encryption_luks1_format_options_t {
+                        alg,
+                        passphrase: p,
+                        passphrase_size: n,
+                    },
+                )
+            },
+            // SAFETY: as above, LUKS2.
+            EncryptionFormat::Luks2 => unsafe {
+                encryption_load(
+                    img,
+                    sys::rbd_encryption_format_t_RBD_ENCRYPTION_FORMAT_LUKS2,
+                    &mut sys::rbd_encryption_luks2_format_options_t {
+                        alg,
+                        passphrase: p,
+                        passphrase_size: n,
+                    },
+                )
+            },
+        };
+        pass.fill(0);
+        if rc < 0 {
+            return Err(RadosError::EncryptionLoad {
+                image: self.name.clone(),
+                format: e.format,
+                errno: Errno(rc),
+            });
+        }
+        Ok(())
     }
 
     /// Facts for [`super::Image::info`].

@@ -74,6 +74,28 @@ pub struct ImageSpec {
     pub lock_policy: direct::LockPolicy,
     /// Open read-only.
     pub read_only: bool,
+    /// librbd's client-side encryption to load (librbd engine only).
+    pub encryption: Option<Encryption>,
+}
+
+/// An image formatted with `rbd encryption format`: librbd decrypts it once the passphrase is
+/// loaded (`rbd_encryption_load`). The direct engine refuses such a spec by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encryption {
+    /// The LUKS version the image was formatted with.
+    pub format: EncryptionFormat,
+    /// The file holding the passphrase (read at open, never logged; a trailing newline is
+    /// part of the passphrase, as for `rbd encryption format`).
+    pub passphrase_file: String,
+}
+
+/// `rbd encryption format`'s formats in Ceph 16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncryptionFormat {
+    /// LUKS1.
+    Luks1,
+    /// LUKS2.
+    Luks2,
 }
 
 /// `pool[/namespace]/image[@snapshot]` (a pool given by id shows as `#<id>`).
@@ -111,6 +133,7 @@ impl ImageSpec {
             rbd_cache: false,
             lock_policy: direct::LockPolicy::HandOver,
             read_only: false,
+            encryption: None,
         }
     }
 }
@@ -176,6 +199,19 @@ pub enum RadosError {
         feature: &'static str,
         /// Engine name.
         engine: &'static str,
+    },
+    /// librbd could not load the image's encryption.
+    #[error(
+        "image {image}: cannot load its {format:?} encryption ({errno}): wrong passphrase, \
+         or the image was not formatted with `rbd encryption format`"
+    )]
+    EncryptionLoad {
+        /// Image.
+        image: String,
+        /// The format asked for.
+        format: EncryptionFormat,
+        /// librbd's error.
+        errno: Errno,
     },
     /// A librados/librbd call failed.
     #[error("{what}: {errno}")]

@@ -148,6 +148,14 @@ impl DirectImage {
     /// Opens `spec`: connects, reads the header, refuses unsupported features, watches the
     /// header and starts the control thread.
     pub fn open(spec: &ImageSpec, policy: LockPolicy) -> Result<DirectImage, RadosError> {
+        if spec.encryption.is_some() {
+            // decryption (librbd's crypto layer) is not implemented here
+            return Err(RadosError::Unsupported {
+                image: spec.image.clone(),
+                feature: "encryption (an encryption_format was given)",
+                engine: "direct",
+            });
+        }
         let cluster = Cluster::connect(spec)?;
         let meta = cluster.ioctx(spec)?;
         let id = header::image_id(&meta, &spec.image)?;
