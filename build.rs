@@ -1,11 +1,16 @@
-//! Build script: generates the FFI bindings the edges of rbdback need.
+//! Build script: generates the FFI bindings the edges of rbdback need, and the CSI plugin's
+//! gRPC service code.
 //!
 //! Each edge owns one file under `build/`: `xen.rs` (libxengnttab, libxenevtchn) and
-//! `ceph.rs` (librados, librbd). Both run bindgen against the system headers installed
-//! by `tools/install-deps` (libxen-dev, librados-dev, librbd-dev, libclang-dev).
+//! `ceph.rs` (librados, librbd) run bindgen against the system headers installed by
+//! `tools/install-deps` (libxen-dev, librados-dev, librbd-dev, libclang-dev); `csi.rs`
+//! (feature `csi`) describes the CSI services to tonic-build, no protoc needed.
 
 #[path = "build/ceph.rs"]
 mod ceph;
+#[cfg(feature = "csi")]
+#[path = "build/csi.rs"]
+mod csi;
 #[path = "build/xen.rs"]
 mod xen;
 
@@ -13,4 +18,6 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     xen::generate();
     ceph::generate();
+    #[cfg(feature = "csi")]
+    csi::generate();
 }

@@ -6,6 +6,8 @@
 //! - [`rados`]: storage engines over librados/librbd; never sees a grant or a ring.
 //! - [`shm`]: the only code that touches guest-shared memory (volatile/atomic, bounds checked).
 
+#[cfg(feature = "csi")]
+pub mod csi;
 pub mod device;
 pub mod rados;
 pub mod ring;

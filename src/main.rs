@@ -8,6 +8,8 @@
 //!   workload (reads, writes, indirect requests, flushes, discards and some invalid requests);
 //!   the back ring takes, validates and answers them against an in-memory disk; the frontend
 //!   checks every status and every byte read, and the throughput is printed.
+//! - `rbdback csi --node-id ID`: the CSI node plugin (gRPC on a unix socket) for volumes that
+//!   ceph-csi's controller provisions; also runs the supervisor unless `--no-supervise`.
 //! - `rbdback engine-bench`: one storage-engine queue at a fixed depth on an existing image
 //!   (benchmark images only: it writes), without the ring; `tools/bench-engines` runs it
 //!   beside fio.
@@ -38,6 +40,9 @@ const USAGE: &str = "usage:
                [--span-mib N] [--bench-image NAME (existing image, no verification)
                [--bs-kib 4-1024] [--seq]]
   rbdback ring-demo [--abi x86_64-abi|x86_32-abi] [--order 0-4] [--requests N]
+  rbdback csi --node-id ID [--endpoint unix:///var/lib/kubelet/plugins/rbd.csi.ceph.com/csi.sock]
+              [--driver-name rbd.csi.ceph.com] [--state-dir /var/lib/rbdback/csi]
+              [--ceph-conf FILE] [--no-supervise]
   rbdback engine-bench --image POOL/NAME [--ceph-conf FILE] [--engine direct|librbd]
                [--rw randread|randwrite|read|write] [--bs BYTES] [--qd N] [--seconds N]
                [--span-mib N]";
@@ -55,6 +60,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("serve") => run_serve(rest),
         Some("supervise") => run_supervise(rest),
+        Some("csi") => run_csi(rest),
         Some("demo") => run_full_demo(rest),
         Some("ring-demo") => run_demo(rest),
         Some("engine-bench") => run_engine_bench(rest),
@@ -109,6 +115,80 @@ fn run_serve(args: &[String]) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&chain(&e)),
     }
+}
+
+#[cfg(feature = "csi")]
+fn run_csi(args: &[String]) -> ExitCode {
+    let Some(node_id) = opt(args, "--node-id") else {
+        return fail("csi needs --node-id ID (this node's name, as Kubernetes knows it)");
+    };
+    let endpoint = opt(args, "--endpoint")
+        .unwrap_or("unix:///var/lib/kubelet/plugins/rbd.csi.ceph.com/csi.sock");
+    let Some(socket) = endpoint.strip_prefix("unix://") else {
+        return fail(&format!("--endpoint must be unix:///path (got {endpoint})"));
+    };
+    let cfg = rbdback::csi::Config {
+        driver_name: opt(args, "--driver-name")
+            .unwrap_or("rbd.csi.ceph.com")
+            .to_owned(),
+        node_id: node_id.to_owned(),
+        state_dir: opt(args, "--state-dir")
+            .unwrap_or("/var/lib/rbdback/csi")
+            .into(),
+        ceph_conf: opt(args, "--ceph-conf").map(str::to_owned),
+        open_timeout: std::time::Duration::from_secs(30),
+    };
+    if !args.iter().any(|a| a == "--no-supervise") {
+        // the guests' backends: the same loop as `rbdback supervise`
+        let rest: Vec<String> = Vec::new();
+        if let Err(e) = std::thread::Builder::new()
+            .name("supervise".into())
+            .spawn(move || {
+                let code = run_supervise(&rest);
+                if code != ExitCode::SUCCESS {
+                    tracing::error!("the supervisor stopped; the CSI plugin exits too");
+                    std::process::exit(1);
+                }
+            })
+        {
+            return fail(&format!("cannot start the supervisor: {e}"));
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the gRPC runtime: {e}")),
+    };
+    // kubelet's container runtime stops the plugin with SIGTERM; a terminal with SIGINT
+    let shutdown = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        tracing::info!("CSI plugin stopping");
+    };
+    match rt.block_on(rbdback::csi::serve(
+        cfg,
+        std::path::Path::new(socket),
+        shutdown,
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("CSI plugin on {socket}: {e}")),
+    }
+}
+
+#[cfg(not(feature = "csi"))]
+fn run_csi(_args: &[String]) -> ExitCode {
+    fail("this rbdback was built without the csi feature")
 }
 
 fn run_supervise(args: &[String]) -> ExitCode {

@@ -1,0 +1,661 @@
+//! The CSI node plugin (`rbdback csi`): lets Kubernetes hand RBD volumes provisioned by
+//! ceph-csi's controller to Xen guests served by rbdback on this host.
+//!
+//! Owns: the gRPC server on its unix socket (Identity and Node services, CSI v1), the keyrings
+//! it writes from the volumes' secrets (`<state dir>/keys/`, mode 0600), the stage record in
+//! each staging path and the disk descriptor in each publish path.
+//! Trusts: nothing in a request: every field is checked, the disk string it builds goes
+//! through the same parser as a VBD's `params`, and the image is opened once (bounded in time)
+//! before a stage succeeds, so a missing image, a bad key or an unreachable cluster is named
+//! at stage time with the matching gRPC code.
+//! Must never: log a secret, create a dom0 block device (rbdback serves guests, not dom0),
+//! or touch a path the request did not name (apart from its own keyrings).
+//!
+//! What a publish gives: volumes are requested with the Filesystem access type (a block
+//! volume would have to be a dom0 block device, which containerd insists on and rbdback does
+//! not make). The target directory receives `disk`, the rbdback disk string (`rbd:...`), and
+//! `xl-disk`, a ready `xl` disk specification without `vdev` (`access=..., backendtype=phy,
+//! script=block-rbdback, target=...`): the VM's launcher adds the virtual device and attaches
+//! it; the supervisor (`rbdback supervise`, which `rbdback csi` runs unless told not to)
+//! starts the guest's backend.
+
+pub mod proto;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::device::params::DiskSpec;
+use crate::device::vbd::chain;
+use crate::rados::{Image, RadosError};
+
+use proto::volume_capability::{AccessType, Mode};
+use proto::*;
+
+/// The stage record's file name in a staging directory.
+pub const STAGE_RECORD: &str = "rbdback-volume";
+/// The publish directory's disk string file.
+pub const DISK_FILE: &str = "disk";
+/// The publish directory's `xl` disk specification (without `vdev`).
+pub const XL_DISK_FILE: &str = "xl-disk";
+
+/// How the plugin is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The CSI driver name kubelet knows the plugin by: ceph-csi's controller provisions the
+    /// volumes, so the node plugin registers under its name (`rbd.csi.ceph.com`).
+    pub driver_name: String,
+    /// This node's id (`NodeGetInfo`).
+    pub node_id: String,
+    /// Where keyrings are written.
+    pub state_dir: PathBuf,
+    /// ceph.conf for the volumes (`None`: librados' default search).
+    pub ceph_conf: Option<String>,
+    /// How long the verifying open at stage time may take.
+    pub open_timeout: Duration,
+}
+
+/// The Identity and Node services.
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    cfg: Arc<Config>,
+}
+
+impl Plugin {
+    /// A plugin with this configuration.
+    pub fn new(cfg: Config) -> Plugin {
+        Plugin { cfg: Arc::new(cfg) }
+    }
+}
+
+/// Serves the plugin on the unix socket `socket` until `shutdown` completes. A stale socket
+/// file is replaced.
+pub async fn serve(
+    cfg: Config,
+    socket: &Path,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), std::io::Error> {
+    if socket.exists() {
+        std::fs::remove_file(socket)?;
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let keys = cfg.state_dir.join("keys");
+    std::fs::create_dir_all(&keys)?;
+    // keyrings hold secrets: the directory is the plugin's alone
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700))?;
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    info!(socket = %socket.display(), driver = %cfg.driver_name, node = %cfg.node_id,
+          "CSI node plugin listening");
+    let plugin = Plugin::new(cfg);
+    tonic::transport::Server::builder()
+        .add_service(identity_server::IdentityServer::new(plugin.clone()))
+        .add_service(node_server::NodeServer::new(plugin))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(std::io::Error::other)
+}
+
+/// Why a CSI call failed; each maps to the gRPC code the CSI specification gives it.
+#[derive(Debug, Error)]
+pub enum CsiError {
+    /// A required field is empty.
+    #[error("{0} is required")]
+    Missing(&'static str),
+    /// A path field is not absolute.
+    #[error("{what} must be an absolute path (got {path:?})")]
+    NotAbsolute {
+        /// The field.
+        what: &'static str,
+        /// Its value.
+        path: String,
+    },
+    /// Block access was asked for.
+    #[error(
+        "block access: rbdback serves RBD volumes to Xen guests and makes no dom0 block device; \
+         request volumeMode Filesystem (the publish directory then holds the guest's disk \
+         specification)"
+    )]
+    BlockAccess,
+    /// The capability is incomplete.
+    #[error("volume_capability has no {0}")]
+    Capability(&'static str),
+    /// The secrets are unusable.
+    #[error("secrets: {0}")]
+    Secrets(&'static str),
+    /// The disk string built from the request does not parse.
+    #[error("volume {volume}: {why}")]
+    Disk {
+        /// Volume id.
+        volume: String,
+        /// The parser's message.
+        why: String,
+    },
+    /// The image could not be opened.
+    #[error("volume {volume}")]
+    Open {
+        /// Volume id.
+        volume: String,
+        /// Why.
+        #[source]
+        source: RadosError,
+    },
+    /// The verifying open took too long.
+    #[error("volume {volume}: the cluster did not open the image within {secs} s")]
+    OpenTimeout {
+        /// Volume id.
+        volume: String,
+        /// The bound.
+        secs: u64,
+    },
+    /// The opening task died.
+    #[error("volume {0}: the opening task failed")]
+    OpenTask(String),
+    /// The staging path holds another volume.
+    #[error("{path} already stages volume {other}")]
+    StagedElsewhere {
+        /// Staging path.
+        path: String,
+        /// The volume staged there.
+        other: String,
+    },
+    /// Publish before stage.
+    #[error("volume {volume} is not staged at {path}")]
+    NotStaged {
+        /// Volume id.
+        volume: String,
+        /// Staging path.
+        path: String,
+    },
+    /// A file the plugin owns could not be read, written or removed.
+    #[error("{what} {path}")]
+    Io {
+        /// What was done.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stage record that rbdback did not write.
+    #[error("{0} is not a stage record of rbdback")]
+    NotARecord(String),
+}
+
+impl CsiError {
+    fn io(what: &'static str, path: &Path, source: std::io::Error) -> CsiError {
+        CsiError::Io {
+            what,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    /// The gRPC code.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            CsiError::Missing(_)
+            | CsiError::NotAbsolute { .. }
+            | CsiError::BlockAccess
+            | CsiError::Capability(_)
+            | CsiError::Secrets(_)
+            | CsiError::Disk { .. } => Code::InvalidArgument,
+            CsiError::Open { source, .. } => match source {
+                RadosError::NoPool(_) | RadosError::NoImage { .. } => Code::NotFound,
+                RadosError::Connect { errno, .. }
+                    if errno.0 == -libc::EACCES || errno.0 == -libc::EPERM =>
+                {
+                    Code::PermissionDenied
+                }
+                RadosError::Connect { .. } => Code::Unavailable,
+                RadosError::Unsupported { .. } | RadosError::EncryptionLoad { .. } => {
+                    Code::FailedPrecondition
+                }
+                RadosError::Invalid(_) => Code::InvalidArgument,
+                _ => Code::Internal,
+            },
+            CsiError::OpenTimeout { .. } => Code::Unavailable,
+            CsiError::StagedElsewhere { .. } => Code::AlreadyExists,
+            CsiError::NotStaged { .. } => Code::FailedPrecondition,
+            CsiError::OpenTask(_) | CsiError::Io { .. } | CsiError::NotARecord(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<CsiError> for Status {
+    fn from(e: CsiError) -> Status {
+        Status::new(e.code(), chain(&e))
+    }
+}
+
+fn need<'a>(v: &'a str, what: &'static str) -> Result<&'a str, CsiError> {
+    if v.is_empty() {
+        Err(CsiError::Missing(what))
+    } else {
+        Ok(v)
+    }
+}
+
+fn need_abs(v: &str, what: &'static str) -> Result<PathBuf, CsiError> {
+    let p = Path::new(need(v, what)?);
+    if !p.is_absolute() {
+        return Err(CsiError::NotAbsolute {
+            what,
+            path: v.to_owned(),
+        });
+    }
+    Ok(p.to_path_buf())
+}
+
+/// Checks a capability; returns whether it only allows reading.
+fn check_capability(c: Option<&VolumeCapability>) -> Result<bool, CsiError> {
+    let c = c.ok_or(CsiError::Missing("volume_capability"))?;
+    match &c.access_type {
+        Some(AccessType::Mount(_)) => {}
+        Some(AccessType::Block(_)) => return Err(CsiError::BlockAccess),
+        None => return Err(CsiError::Capability("access type")),
+    }
+    let mode = c
+        .access_mode
+        .as_ref()
+        .and_then(|m| Mode::try_from(m.mode).ok())
+        .unwrap_or(Mode::Unknown);
+    match mode {
+        Mode::Unknown => Err(CsiError::Capability("known access mode")),
+        Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly => Ok(true),
+        _ => Ok(false),
+    }
+}
+
+/// `\` before the characters the disk string gives a meaning to.
+fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '\\' | ':' | '@' | '/' | '=') {
+            o.push('\\');
+        }
+        o.push(c);
+    }
+    o
+}
+
+/// A file name for a volume id (which may hold any character).
+fn key_file_name(volume_id: &str) -> String {
+    // FNV-1a, then the id's safe characters for readability
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in volume_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let safe: String = volume_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(48)
+        .collect();
+    format!("{safe}-{h:016x}.keyring")
+}
+
+/// Writes `text` to `path` (mode 0600) through a temporary file, so readers never see half.
+fn write_private(path: &Path, text: &str) -> Result<(), CsiError> {
+    let tmp = path.with_extension("tmp");
+    let io = |e| CsiError::io("cannot write", path, e);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Removes a file; an absent one is fine (CSI calls are retried).
+fn remove(path: &Path) -> Result<(), CsiError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CsiError::io("cannot remove", path, e)),
+    }
+}
+
+/// The stage record: the volume and the disk string built for it.
+struct Record {
+    volume_id: String,
+    disk: String,
+}
+
+impl Record {
+    fn read(dir: &Path) -> Result<Option<Record>, CsiError> {
+        let path = dir.join(STAGE_RECORD);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CsiError::io("cannot read", &path, e)),
+        };
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix(' ')))
+                .map(str::to_owned)
+        };
+        match (field("volume_id"), field("disk")) {
+            (Some(volume_id), Some(disk)) => Ok(Some(Record { volume_id, disk })),
+            _ => Err(CsiError::NotARecord(path.display().to_string())),
+        }
+    }
+
+    fn write(&self, dir: &Path) -> Result<(), CsiError> {
+        let text = format!("volume_id {}\ndisk {}\n", self.volume_id, self.disk);
+        write_private(&dir.join(STAGE_RECORD), &text)
+    }
+}
+
+impl Plugin {
+    fn keyring_path(&self, volume_id: &str) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("keys")
+            .join(key_file_name(volume_id))
+    }
+
+    /// The disk string for a stage request, its keyring written first when secrets came.
+    fn disk_string(&self, r: &NodeStageVolumeRequest) -> Result<String, CsiError> {
+        let ctx = &r.volume_context;
+        let mut disk = match (ctx.get("pool"), ctx.get("imageName")) {
+            (Some(pool), Some(image)) if !pool.is_empty() && !image.is_empty() => {
+                let ns = ctx
+                    .get("radosNamespace")
+                    .filter(|n| !n.is_empty())
+                    .map(|n| format!("{}/", esc(n)))
+                    .unwrap_or_default();
+                format!("rbd:{}/{ns}{}", esc(pool), esc(image))
+            }
+            // a ceph-csi volume handle names the pool (by id) and the image itself
+            _ => format!("csi:{}", esc(&r.volume_id)),
+        };
+        if let (Some(user), Some(key)) = (r.secrets.get("userID"), r.secrets.get("userKey")) {
+            let bad =
+                |s: &str| s.is_empty() || s.chars().any(|c| c.is_control() || "[]".contains(c));
+            if bad(user) || bad(key) {
+                return Err(CsiError::Secrets(
+                    "userID and userKey must be non-empty single-line values",
+                ));
+            }
+            let base64 = key.len() % 4 == 0
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c));
+            if !base64 {
+                return Err(CsiError::Secrets(
+                    "userKey is not a cephx key (base64, as `ceph auth get-key` prints)",
+                ));
+            }
+            let path = self.keyring_path(&r.volume_id);
+            write_private(&path, &format!("[client.{user}]\n\tkey = {key}\n"))?;
+            disk.push_str(&format!(
+                ":id={}:keyring={}",
+                esc(user),
+                esc(&path.to_string_lossy())
+            ));
+        }
+        if let Some(conf) = &self.cfg.ceph_conf {
+            disk.push_str(&format!(":conf={}", esc(conf)));
+        }
+        Ok(disk)
+    }
+
+    async fn stage(&self, r: NodeStageVolumeRequest) -> Result<(), CsiError> {
+        let volume_id = need(&r.volume_id, "volume_id")?.to_owned();
+        let staging = need_abs(&r.staging_target_path, "staging_target_path")?;
+        let read_only = check_capability(r.volume_capability.as_ref())?;
+        if let Some(old) = Record::read(&staging)? {
+            if old.volume_id != volume_id {
+                return Err(CsiError::StagedElsewhere {
+                    path: staging.display().to_string(),
+                    other: old.volume_id,
+                });
+            }
+        }
+        let disk = self.disk_string(&r)?;
+        let mut spec = DiskSpec::parse(&disk)
+            .map_err(|e| CsiError::Disk {
+                volume: volume_id.clone(),
+                why: chain(&e),
+            })?
+            .target;
+        spec.read_only = read_only;
+        info!(volume = %volume_id, image = %spec, "staging: checking the image opens");
+        // the image is closed on the blocking thread too (closing may wait for the cluster)
+        let open = tokio::task::spawn_blocking(move || Image::open(&spec).map(drop));
+        match tokio::time::timeout(self.cfg.open_timeout, open).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(source))) => {
+                let e = CsiError::Open {
+                    volume: volume_id,
+                    source,
+                };
+                warn!(error = %chain(&e), "stage refused");
+                return Err(e);
+            }
+            Ok(Err(_)) => return Err(CsiError::OpenTask(volume_id)),
+            Err(_) => {
+                return Err(CsiError::OpenTimeout {
+                    volume: volume_id,
+                    secs: self.cfg.open_timeout.as_secs(),
+                })
+            }
+        }
+        std::fs::create_dir_all(&staging)
+            .map_err(|e| CsiError::io("cannot create", &staging, e))?;
+        Record {
+            volume_id: volume_id.clone(),
+            disk,
+        }
+        .write(&staging)?;
+        info!(volume = %volume_id, staging = %staging.display(), "staged");
+        Ok(())
+    }
+
+    fn unstage(&self, r: &NodeUnstageVolumeRequest) -> Result<(), CsiError> {
+        let volume_id = need(&r.volume_id, "volume_id")?;
+        let staging = need_abs(&r.staging_target_path, "staging_target_path")?;
+        remove(&staging.join(STAGE_RECORD))?;
+        remove(&self.keyring_path(volume_id))?;
+        info!(volume = %volume_id, staging = %staging.display(), "unstaged");
+        Ok(())
+    }
+
+    fn publish(&self, r: &NodePublishVolumeRequest) -> Result<(), CsiError> {
+        let volume_id = need(&r.volume_id, "volume_id")?;
+        let staging = need_abs(&r.staging_target_path, "staging_target_path")?;
+        let target = need_abs(&r.target_path, "target_path")?;
+        let read_only = check_capability(r.volume_capability.as_ref())? || r.readonly;
+        let rec = Record::read(&staging)?
+            .filter(|rec| rec.volume_id == volume_id)
+            .ok_or_else(|| CsiError::NotStaged {
+                volume: volume_id.to_owned(),
+                path: staging.display().to_string(),
+            })?;
+        std::fs::create_dir_all(&target).map_err(|e| CsiError::io("cannot create", &target, e))?;
+        let access = if read_only { "ro" } else { "rw" };
+        let xl = format!(
+            "access={access}, backendtype=phy, script=block-rbdback, target={}",
+            rec.disk
+        );
+        write_private(&target.join(DISK_FILE), &format!("{}\n", rec.disk))?;
+        write_private(&target.join(XL_DISK_FILE), &format!("{xl}\n"))?;
+        info!(volume = %volume_id, target = %target.display(), access, "published");
+        Ok(())
+    }
+
+    fn unpublish(&self, r: &NodeUnpublishVolumeRequest) -> Result<(), CsiError> {
+        let volume_id = need(&r.volume_id, "volume_id")?;
+        let target = need_abs(&r.target_path, "target_path")?;
+        remove(&target.join(DISK_FILE))?;
+        remove(&target.join(XL_DISK_FILE))?;
+        // the directory goes too when nothing else is in it (kubelet may also remove it)
+        let _ = std::fs::remove_dir(&target);
+        info!(volume = %volume_id, target = %target.display(), "unpublished");
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl identity_server::Identity for Plugin {
+    async fn get_plugin_info(
+        &self,
+        _r: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
+        Ok(Response::new(GetPluginInfoResponse {
+            name: self.cfg.driver_name.clone(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+            manifest: HashMap::from([("backend".to_owned(), "rbdback (Xen)".to_owned())]),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _r: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        // node only: ceph-csi's controller provisions
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities: Vec::new(),
+        }))
+    }
+
+    async fn probe(&self, _r: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        let keys = self.cfg.state_dir.join("keys");
+        if !keys.is_dir() {
+            return Err(Status::failed_precondition(format!(
+                "state directory {} is missing",
+                keys.display()
+            )));
+        }
+        Ok(Response::new(ProbeResponse {
+            ready: Some(BoolValue { value: true }),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl node_server::Node for Plugin {
+    async fn node_stage_volume(
+        &self,
+        r: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        self.stage(r.into_inner()).await?;
+        Ok(Response::new(NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        r: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        self.unstage(r.get_ref())?;
+        Ok(Response::new(NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        r: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        self.publish(r.get_ref())?;
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        r: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        self.unpublish(r.get_ref())?;
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _r: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        use node_service_capability::{Rpc, RpcType, Type};
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: vec![NodeServiceCapability {
+                r#type: Some(Type::Rpc(Rpc {
+                    r#type: RpcType::StageUnstageVolume as i32,
+                })),
+            }],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _r: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.cfg.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: None,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaped_values_parse_back() {
+        let disk = format!(
+            "rbd:{}/{}:keyring={}",
+            esc("po:ol"),
+            esc("im@g=e"),
+            esc("/a:b")
+        );
+        let s = DiskSpec::parse(&disk).unwrap().target;
+        assert_eq!(s.image, "im@g=e");
+        assert_eq!(s.keyring.as_deref(), Some("/a:b"));
+    }
+
+    #[test]
+    fn key_files_are_distinct_and_safe() {
+        let a = key_file_name("0001-0009-ceph-0000000000000002-abc");
+        let b = key_file_name("0001-0009-ceph-0000000000000002-abd");
+        assert_ne!(a, b);
+        let c = key_file_name("../../etc/passwd");
+        assert!(!c.contains('/') && !c.contains(".."), "{c}");
+    }
+
+    #[test]
+    fn capabilities_are_checked() {
+        use volume_capability::{AccessMode, BlockVolume, MountVolume};
+        let cap = |t: Option<AccessType>, mode: Mode| VolumeCapability {
+            access_type: t,
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+        };
+        let mount = || Some(AccessType::Mount(MountVolume::default()));
+        assert!(!check_capability(Some(&cap(mount(), Mode::SingleNodeWriter))).unwrap());
+        assert!(check_capability(Some(&cap(mount(), Mode::MultiNodeReaderOnly))).unwrap());
+        let e = check_capability(Some(&cap(
+            Some(AccessType::Block(BlockVolume {})),
+            Mode::SingleNodeWriter,
+        )))
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(Status::from(e).code(), tonic::Code::InvalidArgument);
+        assert!(check_capability(Some(&cap(mount(), Mode::Unknown))).is_err());
+        assert!(check_capability(Some(&cap(None, Mode::SingleNodeWriter))).is_err());
+        assert!(check_capability(None).is_err());
+    }
+}

@@ -1,0 +1,369 @@
+//! The CSI node plugin over its real gRPC socket, against the project's local Ceph cluster: a
+//! client speaks CSI v1 to `rbdback::csi::serve` the way kubelet does, and the disk string the
+//! plugin publishes is attached to a guest over the simulated Xen, whose writes `rbd export`
+//! must show.
+
+#![cfg(feature = "csi")]
+// the helpers hand the client's `tonic::Status` back as it came
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rbdback::csi::proto::identity_client::IdentityClient;
+use rbdback::csi::proto::node_client::NodeClient;
+use rbdback::csi::proto::volume_capability::{
+    AccessMode, AccessType, BlockVolume, Mode, MountVolume,
+};
+use rbdback::csi::proto::*;
+use rbdback::csi::{Config, DISK_FILE, STAGE_RECORD, XL_DISK_FILE};
+use rbdback::device::backend::{serve, ServeConfig};
+use rbdback::device::testfront::{toolstack_attach, toolstack_detach, AttachSpec, SimBlkfront};
+use rbdback::device::vbd::{Options, RadosOpener};
+use rbdback::rados::testing::{cluster, TestCluster};
+use rbdback::ring::Status as RingStatus;
+use rbdback::xen::sim::SimXen;
+use rbdback::xen::Platform;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Code;
+
+const T: Duration = Duration::from_secs(60);
+const GUEST: u16 = 12;
+
+struct Plugin {
+    dir: PathBuf,
+    rt: tokio::runtime::Runtime,
+    node: NodeClient<Channel>,
+    identity: IdentityClient<Channel>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn start(c: &TestCluster, name: &str) -> Plugin {
+    let dir = std::env::temp_dir().join(format!("rbdback-csi-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("csi.sock");
+    let cfg = Config {
+        driver_name: "rbd.csi.ceph.com".into(),
+        node_id: "xen-host-1".into(),
+        state_dir: dir.join("state"),
+        ceph_conf: Some(c.conf.display().to_string()),
+        open_timeout: Duration::from_secs(30),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let s = sock.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(rbdback::csi::serve(cfg, &s, async {
+            let _ = stopped.await;
+        }))
+        .unwrap();
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let channel = rt.block_on(async {
+        for _ in 0..200 {
+            if sock.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let p = sock.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                }
+            }))
+            .await
+            .unwrap()
+    });
+    Plugin {
+        dir,
+        rt,
+        node: NodeClient::new(channel.clone()),
+        identity: IdentityClient::new(channel),
+        _stop: stop,
+    }
+}
+
+fn admin_key(c: &TestCluster) -> String {
+    let keyring = c.conf.parent().unwrap().join("ceph.client.admin.keyring");
+    let text = std::fs::read_to_string(&keyring).unwrap();
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("key = "))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn mount(mode: Mode) -> Option<VolumeCapability> {
+    Some(VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    })
+}
+
+fn stage_req(p: &Plugin, c: &TestCluster, volume: &str, image: &str) -> NodeStageVolumeRequest {
+    NodeStageVolumeRequest {
+        volume_id: volume.into(),
+        staging_target_path: p
+            .dir
+            .join(format!("staging-{volume}"))
+            .display()
+            .to_string(),
+        volume_capability: mount(Mode::SingleNodeWriter),
+        secrets: HashMap::from([
+            ("userID".into(), "admin".into()),
+            ("userKey".into(), admin_key(c)),
+        ]),
+        volume_context: HashMap::from([
+            ("clusterID".into(), "test".into()),
+            ("pool".into(), "rbd".into()),
+            ("imageName".into(), image.into()),
+        ]),
+        ..Default::default()
+    }
+}
+
+fn publish_req(stage: &NodeStageVolumeRequest, target: &Path) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: stage.volume_id.clone(),
+        staging_target_path: stage.staging_target_path.clone(),
+        target_path: target.display().to_string(),
+        volume_capability: stage.volume_capability.clone(),
+        volume_context: stage.volume_context.clone(),
+        ..Default::default()
+    }
+}
+
+impl Plugin {
+    fn stage(&mut self, r: NodeStageVolumeRequest) -> Result<(), tonic::Status> {
+        let mut n = self.node.clone();
+        self.rt.block_on(n.node_stage_volume(r)).map(drop)
+    }
+    fn publish(&mut self, r: NodePublishVolumeRequest) -> Result<(), tonic::Status> {
+        let mut n = self.node.clone();
+        self.rt.block_on(n.node_publish_volume(r)).map(drop)
+    }
+    fn unpublish(&mut self, volume_id: &str, target: &Path) -> Result<(), tonic::Status> {
+        let mut n = self.node.clone();
+        let r = NodeUnpublishVolumeRequest {
+            volume_id: volume_id.into(),
+            target_path: target.display().to_string(),
+        };
+        self.rt.block_on(n.node_unpublish_volume(r)).map(drop)
+    }
+    fn unstage(&mut self, volume_id: &str, staging: &str) -> Result<(), tonic::Status> {
+        let mut n = self.node.clone();
+        let r = NodeUnstageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: staging.into(),
+        };
+        self.rt.block_on(n.node_unstage_volume(r)).map(drop)
+    }
+}
+
+#[test]
+fn identity_and_node_describe_the_plugin() {
+    let c = cluster();
+    let mut p = start(c, "identity");
+    let mut id = p.identity.clone();
+    let info =
+        p.rt.block_on(id.get_plugin_info(GetPluginInfoRequest {}))
+            .unwrap()
+            .into_inner();
+    assert_eq!(info.name, "rbd.csi.ceph.com");
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+    let caps =
+        p.rt.block_on(id.get_plugin_capabilities(GetPluginCapabilitiesRequest {}))
+            .unwrap()
+            .into_inner();
+    assert!(
+        caps.capabilities.is_empty(),
+        "node only: no controller service"
+    );
+    let probe =
+        p.rt.block_on(id.probe(ProbeRequest {}))
+            .unwrap()
+            .into_inner();
+    assert_eq!(probe.ready, Some(BoolValue { value: true }));
+    let mut n = p.node.clone();
+    let caps =
+        p.rt.block_on(n.node_get_capabilities(NodeGetCapabilitiesRequest {}))
+            .unwrap()
+            .into_inner();
+    use node_service_capability::{Rpc, RpcType, Type};
+    assert_eq!(
+        caps.capabilities,
+        vec![NodeServiceCapability {
+            r#type: Some(Type::Rpc(Rpc {
+                r#type: RpcType::StageUnstageVolume as i32
+            }))
+        }]
+    );
+    let info =
+        p.rt.block_on(n.node_get_info(NodeGetInfoRequest {}))
+            .unwrap()
+            .into_inner();
+    assert_eq!(info.node_id, "xen-host-1");
+    let e = p.unstage("", "/x").expect_err("volume_id is required");
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+#[test]
+fn a_published_volume_is_a_disk_a_guest_gets() {
+    let c = cluster();
+    let image = c.create_image("csi-vol", 16, None);
+    let mut p = start(c, "publish");
+    let stage = stage_req(&p, c, "vol-1", &image);
+    p.stage(stage.clone()).unwrap();
+    p.stage(stage.clone()).unwrap(); // idempotent
+    let staging = PathBuf::from(&stage.staging_target_path);
+    assert!(staging.join(STAGE_RECORD).exists());
+    let keys: Vec<_> = std::fs::read_dir(p.dir.join("state/keys"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(keys.len(), 1);
+    let mode = std::fs::metadata(&keys[0]).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "keyring readable by its owner only");
+    assert!(std::fs::read_to_string(&keys[0])
+        .unwrap()
+        .contains(&admin_key(c)));
+
+    let target = p.dir.join("pods/uid-1/volumes/vol-1/mount");
+    p.publish(publish_req(&stage, &target)).unwrap();
+    p.publish(publish_req(&stage, &target)).unwrap(); // idempotent
+    let disk = std::fs::read_to_string(target.join(DISK_FILE)).unwrap();
+    let disk = disk.trim();
+    assert!(
+        disk.starts_with(&format!("rbd:rbd/{image}:id=admin:keyring=")),
+        "{disk}"
+    );
+    assert!(
+        !disk.contains(&admin_key(c)),
+        "the secret stays in the keyring file"
+    );
+    let xl = std::fs::read_to_string(target.join(XL_DISK_FILE)).unwrap();
+    assert_eq!(
+        xl.trim(),
+        format!("access=rw, backendtype=phy, script=block-rbdback, target={disk}")
+    );
+
+    // what the toolstack does with it: a guest disk served by rbdback
+    let xen = SimXen::start().unwrap();
+    let platform = Arc::new(xen.platform());
+    let cfg = ServeConfig {
+        kind: "vbd".into(),
+        backend_domid: 0,
+        domid: GUEST,
+        exit_when_empty: false,
+        options: Options::default(),
+    };
+    let (stop, rx) = mpsc::channel();
+    let server =
+        std::thread::spawn(move || serve(platform, Arc::new(RadosOpener), &cfg, &rx).unwrap());
+    let dom0 = xen.platform().xenstore().unwrap();
+    let spec = AttachSpec::new(disk);
+    let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
+    let mut f = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
+    assert_eq!(f.sectors, 16 << 11);
+    let data = vec![0xc5u8; 8192];
+    assert_eq!(f.write_sync(0, 2048, 0, &data).unwrap(), RingStatus::Okay);
+    f.close(T).unwrap();
+    toolstack_detach(&dom0, &be).unwrap();
+    let _ = stop.send(());
+    server.join().unwrap();
+    assert!(
+        c.export(&image)[1 << 20..][..8192] == data[..],
+        "rbd export shows the guest's write"
+    );
+
+    p.unpublish("vol-1", &target).unwrap();
+    assert!(!target.exists());
+    p.unpublish("vol-1", &target).unwrap(); // idempotent
+    p.unstage("vol-1", &stage.staging_target_path).unwrap();
+    assert!(!staging.join(STAGE_RECORD).exists());
+    assert!(!keys[0].exists(), "the keyring goes with the stage");
+    p.unstage("vol-1", &stage.staging_target_path).unwrap(); // idempotent
+}
+
+#[test]
+fn bad_requests_get_csi_error_codes() {
+    let c = cluster();
+    let image = c.create_image("csi-bad", 8, None);
+    let mut p = start(c, "errors");
+    let good = stage_req(&p, c, "vol-e", &image);
+    let code = |p: &mut Plugin, r: NodeStageVolumeRequest| p.stage(r).unwrap_err().code();
+
+    let mut r = good.clone();
+    r.volume_id.clear();
+    assert_eq!(code(&mut p, r), Code::InvalidArgument);
+    let mut r = good.clone();
+    r.volume_capability = None;
+    assert_eq!(code(&mut p, r), Code::InvalidArgument);
+    let mut r = good.clone();
+    r.staging_target_path = "relative/path".into();
+    assert_eq!(code(&mut p, r), Code::InvalidArgument);
+    let mut r = good.clone();
+    r.volume_capability = Some(VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    });
+    let e = p.stage(r).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("Filesystem"), "{}", e.message());
+
+    let mut r = good.clone();
+    r.volume_context
+        .insert("imageName".into(), "no-such-image".into());
+    let e = p.stage(r).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    assert!(e.message().contains("no-such-image"), "{}", e.message());
+
+    let mut r = good.clone();
+    r.secrets.insert("userKey".into(), "not a key".into());
+    assert_eq!(code(&mut p, r), Code::InvalidArgument);
+    // a well-formed key that is not the user's: one character of the secret changed
+    let mut r = good.clone();
+    let mut key: Vec<char> = admin_key(c).chars().collect();
+    key[24] = if key[24] == 'A' { 'B' } else { 'A' };
+    r.secrets
+        .insert("userKey".into(), key.into_iter().collect());
+    let e = p.stage(r).unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // publishing what was never staged
+    let target = p.dir.join("target-e");
+    let e = p.publish(publish_req(&good, &target)).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(!target.exists());
+
+    // a staging path holds one volume
+    p.stage(good.clone()).unwrap();
+    let mut other = good.clone();
+    other.volume_id = "vol-other".into();
+    assert_eq!(code(&mut p, other), Code::AlreadyExists);
+    // read-only publication
+    let mut r = publish_req(&good, &target);
+    r.readonly = true;
+    p.publish(r).unwrap();
+    let xl = std::fs::read_to_string(target.join(XL_DISK_FILE)).unwrap();
+    assert!(xl.starts_with("access=ro, "), "{xl}");
+    p.unpublish("vol-e", &target).unwrap();
+    p.unstage("vol-e", &good.staging_target_path).unwrap();
+}
