@@ -346,6 +346,9 @@ fn bad_requests_get_csi_error_codes() {
         .insert("userKey".into(), key.into_iter().collect());
     let e = p.stage(r).unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // failed stages leave no keyring behind
+    let keys = std::fs::read_dir(p.dir.join("state/keys")).unwrap().count();
+    assert_eq!(keys, 0, "keyrings of failed stages");
 
     // publishing what was never staged
     let target = p.dir.join("target-e");

@@ -422,15 +422,34 @@ impl Plugin {
         let volume_id = need(&r.volume_id, "volume_id")?.to_owned();
         let staging = need_abs(&r.staging_target_path, "staging_target_path")?;
         let read_only = check_capability(r.volume_capability.as_ref())?;
-        if let Some(old) = Record::read(&staging)? {
-            if old.volume_id != volume_id {
+        let staged_before = match Record::read(&staging)? {
+            Some(old) if old.volume_id != volume_id => {
                 return Err(CsiError::StagedElsewhere {
                     path: staging.display().to_string(),
                     other: old.volume_id,
-                });
+                })
             }
+            old => old.is_some(),
+        };
+        let result = self
+            .verify_and_record(&r, &volume_id, &staging, read_only)
+            .await;
+        if result.is_err() && !staged_before {
+            // a failed first stage leaves no secret behind
+            let _ = remove(&self.keyring_path(&volume_id));
         }
-        let disk = self.disk_string(&r)?;
+        result
+    }
+
+    async fn verify_and_record(
+        &self,
+        r: &NodeStageVolumeRequest,
+        volume_id: &str,
+        staging: &Path,
+        read_only: bool,
+    ) -> Result<(), CsiError> {
+        let volume_id = volume_id.to_owned();
+        let disk = self.disk_string(r)?;
         let mut spec = DiskSpec::parse(&disk)
             .map_err(|e| CsiError::Disk {
                 volume: volume_id.clone(),
@@ -459,13 +478,12 @@ impl Plugin {
                 })
             }
         }
-        std::fs::create_dir_all(&staging)
-            .map_err(|e| CsiError::io("cannot create", &staging, e))?;
+        std::fs::create_dir_all(staging).map_err(|e| CsiError::io("cannot create", staging, e))?;
         Record {
             volume_id: volume_id.clone(),
             disk,
         }
-        .write(&staging)?;
+        .write(staging)?;
         info!(volume = %volume_id, staging = %staging.display(), "staged");
         Ok(())
     }
