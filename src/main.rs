@@ -42,7 +42,7 @@ const USAGE: &str = "usage:
   rbdback ring-demo [--abi x86_64-abi|x86_32-abi] [--order 0-4] [--requests N]
   rbdback csi --node-id ID [--endpoint unix:///var/lib/kubelet/plugins/rbd.csi.ceph.com/csi.sock]
               [--driver-name rbd.csi.ceph.com] [--state-dir /var/lib/rbdback/csi]
-              [--ceph-conf FILE] [--no-supervise]
+              [--ceph-conf FILE] [--clusters /etc/ceph-csi-config/config.json] [--no-supervise]
   rbdback engine-bench --image POOL/NAME [--ceph-conf FILE] [--engine direct|librbd]
                [--rw randread|randwrite|read|write] [--bs BYTES] [--qd N] [--seconds N]
                [--span-mib N]";
@@ -136,6 +136,7 @@ fn run_csi(args: &[String]) -> ExitCode {
             .unwrap_or("/var/lib/rbdback/csi")
             .into(),
         ceph_conf: opt(args, "--ceph-conf").map(str::to_owned),
+        clusters: opt(args, "--clusters").map(Into::into),
         open_timeout: std::time::Duration::from_secs(30),
     };
     if !args.iter().any(|a| a == "--no-supervise") {

@@ -44,17 +44,23 @@ struct Plugin {
 }
 
 fn start(c: &TestCluster, name: &str) -> Plugin {
+    start_with(c, name, |_| {})
+}
+
+fn start_with(c: &TestCluster, name: &str, tweak: impl FnOnce(&mut Config)) -> Plugin {
     let dir = std::env::temp_dir().join(format!("rbdback-csi-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("csi.sock");
-    let cfg = Config {
+    let mut cfg = Config {
         driver_name: "rbd.csi.ceph.com".into(),
         node_id: "xen-host-1".into(),
         state_dir: dir.join("state"),
         ceph_conf: Some(c.conf.display().to_string()),
+        clusters: None,
         open_timeout: Duration::from_secs(30),
     };
+    tweak(&mut cfg);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let s = sock.clone();
     std::thread::spawn(move || {
@@ -263,29 +269,8 @@ fn a_published_volume_is_a_disk_a_guest_gets() {
     );
 
     // what the toolstack does with it: a guest disk served by rbdback
-    let xen = SimXen::start().unwrap();
-    let platform = Arc::new(xen.platform());
-    let cfg = ServeConfig {
-        kind: "vbd".into(),
-        backend_domid: 0,
-        domid: GUEST,
-        exit_when_empty: false,
-        options: Options::default(),
-    };
-    let (stop, rx) = mpsc::channel();
-    let server =
-        std::thread::spawn(move || serve(platform, Arc::new(RadosOpener), &cfg, &rx).unwrap());
-    let dom0 = xen.platform().xenstore().unwrap();
-    let spec = AttachSpec::new(disk);
-    let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
-    let mut f = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
-    assert_eq!(f.sectors, 16 << 11);
     let data = vec![0xc5u8; 8192];
-    assert_eq!(f.write_sync(0, 2048, 0, &data).unwrap(), RingStatus::Okay);
-    f.close(T).unwrap();
-    toolstack_detach(&dom0, &be).unwrap();
-    let _ = stop.send(());
-    server.join().unwrap();
+    assert_eq!(guest_writes(disk, &data), 16 << 11);
     assert!(
         c.export(&image)[1 << 20..][..8192] == data[..],
         "rbd export shows the guest's write"
@@ -369,4 +354,78 @@ fn bad_requests_get_csi_error_codes() {
     assert!(xl.starts_with("access=ro, "), "{xl}");
     p.unpublish("vol-e", &target).unwrap();
     p.unstage("vol-e", &good.staging_target_path).unwrap();
+}
+
+/// Attaches `disk` to a guest over the simulated Xen, writes `data` at 1 MiB, detaches;
+/// returns the disk's size in sectors as the guest saw it.
+fn guest_writes(disk: &str, data: &[u8]) -> u64 {
+    let xen = SimXen::start().unwrap();
+    let platform = Arc::new(xen.platform());
+    let cfg = ServeConfig {
+        kind: "vbd".into(),
+        backend_domid: 0,
+        domid: GUEST,
+        exit_when_empty: false,
+        options: Options::default(),
+    };
+    let (stop, rx) = mpsc::channel();
+    let server =
+        std::thread::spawn(move || serve(platform, Arc::new(RadosOpener), &cfg, &rx).unwrap());
+    let dom0 = xen.platform().xenstore().unwrap();
+    let spec = AttachSpec::new(disk);
+    let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
+    let mut f = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
+    assert_eq!(f.write_sync(0, 2048, 0, data).unwrap(), RingStatus::Okay);
+    f.close(T).unwrap();
+    toolstack_detach(&dom0, &be).unwrap();
+    let _ = stop.send(());
+    server.join().unwrap();
+    f.sectors
+}
+
+#[test]
+fn ceph_csi_cluster_map_gives_the_monitors() {
+    let c = cluster();
+    let image = c.create_image("csi-map", 8, None);
+    let conf = std::fs::read_to_string(&c.conf).unwrap();
+    let mon = conf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("mon host = "))
+        .unwrap()
+        .to_owned();
+    let map = std::env::temp_dir().join(format!("rbdback-csi-map-{}.json", std::process::id()));
+    std::fs::write(
+        &map,
+        format!(r#"[{{"clusterID":"other","monitors":["192.0.2.1:6789"]}},{{"clusterID":"lab","monitors":["{mon}"]}}]"#),
+    )
+    .unwrap();
+    // no ceph.conf at all: monitors from the map, key from the secrets
+    let m = map.clone();
+    let mut p = start_with(c, "map", move |cfg| {
+        cfg.ceph_conf = None;
+        cfg.clusters = Some(m);
+    });
+    let mut stage = stage_req(&p, c, "vol-m", &image);
+    stage
+        .volume_context
+        .insert("clusterID".into(), "lab".into());
+    p.stage(stage.clone()).unwrap();
+    let target = p.dir.join("target-m");
+    p.publish(publish_req(&stage, &target)).unwrap();
+    let disk = std::fs::read_to_string(target.join(DISK_FILE)).unwrap();
+    assert!(
+        disk.contains(":mon_host=") && !disk.contains(":conf="),
+        "{disk}"
+    );
+    let data = vec![0x3cu8; 4096];
+    assert_eq!(guest_writes(disk.trim(), &data), 8 << 11);
+    assert!(c.export(&image)[1 << 20..][..4096] == data[..]);
+    // a cluster the map does not know
+    let mut r = stage_req(&p, c, "vol-n", &image);
+    r.volume_context
+        .insert("clusterID".into(), "nowhere".into());
+    let e = p.stage(r).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("nowhere"), "{}", e.message());
+    let _ = std::fs::remove_file(&map);
 }

@@ -58,6 +58,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// ceph.conf for the volumes (`None`: librados' default search).
     pub ceph_conf: Option<String>,
+    /// ceph-csi's cluster map (`config.json` of its `ceph-csi-config` ConfigMap: a list of
+    /// `{"clusterID", "monitors": [...], "rbd": {"radosNamespace"}}`), read at every stage so
+    /// that a changed map needs no restart. A volume's `clusterID` picks its monitors there.
+    pub clusters: Option<PathBuf>,
     /// How long the verifying open at stage time may take.
     pub open_timeout: Duration,
 }
@@ -192,6 +196,14 @@ pub enum CsiError {
     /// A stage record that rbdback did not write.
     #[error("{0} is not a stage record of rbdback")]
     NotARecord(String),
+    /// The cluster map is unreadable or does not name the volume's cluster.
+    #[error("cluster map {path}: {why}")]
+    Clusters {
+        /// The map's file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
 }
 
 impl CsiError {
@@ -229,7 +241,7 @@ impl CsiError {
             },
             CsiError::OpenTimeout { .. } => Code::Unavailable,
             CsiError::StagedElsewhere { .. } => Code::AlreadyExists,
-            CsiError::NotStaged { .. } => Code::FailedPrecondition,
+            CsiError::NotStaged { .. } | CsiError::Clusters { .. } => Code::FailedPrecondition,
             CsiError::OpenTask(_) | CsiError::Io { .. } | CsiError::NotARecord(_) => Code::Internal,
         }
     }
@@ -333,6 +345,47 @@ fn remove(path: &Path) -> Result<(), CsiError> {
     }
 }
 
+/// A cluster of ceph-csi's cluster map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ClusterEntry {
+    monitors: Vec<String>,
+    rados_namespace: Option<String>,
+}
+
+/// Finds `id` in a ceph-csi cluster map (`config.json`).
+fn cluster_entry(text: &str, id: &str) -> Result<ClusterEntry, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let list = v
+        .as_array()
+        .ok_or_else(|| "not a JSON list of clusters".to_owned())?;
+    let c = list
+        .iter()
+        .find(|c| c.get("clusterID").and_then(|x| x.as_str()) == Some(id))
+        .ok_or_else(|| format!("no cluster with clusterID {id:?}"))?;
+    let monitors: Vec<String> = c
+        .get("monitors")
+        .and_then(|m| m.as_array())
+        .map(|m| {
+            m.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if monitors.is_empty() {
+        return Err(format!("cluster {id:?} lists no monitors"));
+    }
+    let rados_namespace = c
+        .get("rbd")
+        .and_then(|r| r.get("radosNamespace"))
+        .and_then(|n| n.as_str())
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned);
+    Ok(ClusterEntry {
+        monitors,
+        rados_namespace,
+    })
+}
+
 /// The stage record: the volume and the disk string built for it.
 struct Record {
     volume_id: String,
@@ -375,11 +428,23 @@ impl Plugin {
     /// The disk string for a stage request, its keyring written first when secrets came.
     fn disk_string(&self, r: &NodeStageVolumeRequest) -> Result<String, CsiError> {
         let ctx = &r.volume_context;
+        let cluster = match (&self.cfg.clusters, ctx.get("clusterID")) {
+            (Some(path), Some(id)) => {
+                let bad = |why: String| CsiError::Clusters {
+                    path: path.display().to_string(),
+                    why,
+                };
+                let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+                Some(cluster_entry(&text, id).map_err(bad)?)
+            }
+            _ => None,
+        };
         let mut disk = match (ctx.get("pool"), ctx.get("imageName")) {
             (Some(pool), Some(image)) if !pool.is_empty() && !image.is_empty() => {
                 let ns = ctx
                     .get("radosNamespace")
                     .filter(|n| !n.is_empty())
+                    .or(cluster.as_ref().and_then(|c| c.rados_namespace.as_ref()))
                     .map(|n| format!("{}/", esc(n)))
                     .unwrap_or_default();
                 format!("rbd:{}/{ns}{}", esc(pool), esc(image))
@@ -414,6 +479,9 @@ impl Plugin {
         }
         if let Some(conf) = &self.cfg.ceph_conf {
             disk.push_str(&format!(":conf={}", esc(conf)));
+        }
+        if let Some(c) = &cluster {
+            disk.push_str(&format!(":mon_host={}", esc(&c.monitors.join(","))));
         }
         Ok(disk)
     }
@@ -644,6 +712,30 @@ mod tests {
         let s = DiskSpec::parse(&disk).unwrap().target;
         assert_eq!(s.image, "im@g=e");
         assert_eq!(s.keyring.as_deref(), Some("/a:b"));
+    }
+
+    #[test]
+    fn cluster_maps_as_ceph_csi_writes_them() {
+        let map = r#"[{"clusterID":"a","monitors":["10.0.0.1:6789","10.0.0.2:6789"]},
+                      {"clusterID":"b","monitors":["[v2:10.1.0.1:3300]"],
+                       "rbd":{"radosNamespace":"tenant"}}]"#;
+        assert_eq!(
+            cluster_entry(map, "a").unwrap(),
+            ClusterEntry {
+                monitors: vec!["10.0.0.1:6789".into(), "10.0.0.2:6789".into()],
+                rados_namespace: None,
+            }
+        );
+        assert_eq!(
+            cluster_entry(map, "b").unwrap().rados_namespace.as_deref(),
+            Some("tenant")
+        );
+        assert!(cluster_entry(map, "c").unwrap_err().contains("no cluster"));
+        assert!(cluster_entry(r#"[{"clusterID":"a"}]"#, "a")
+            .unwrap_err()
+            .contains("no monitors"));
+        assert!(cluster_entry("{", "a").is_err());
+        assert!(cluster_entry("{}", "a").unwrap_err().contains("list"));
     }
 
     #[test]

@@ -72,7 +72,9 @@ impl Cluster {
         let rc = unsafe {
             sys::rados_conf_read_file(c.h, conf.as_ref().map_or(std::ptr::null(), |p| p.as_ptr()))
         };
-        if rc < 0 {
+        // without a named file, no default ceph.conf is fine: `mon_host` and `keyring` may
+        // come as options (as the CSI plugin's cluster map gives them), as for Ceph's tools
+        if rc < 0 && !(spec.conf.is_none() && rc == -libc::ENOENT) {
             return Err(fail(
                 &format!(
                     "reading {}",
