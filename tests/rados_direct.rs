@@ -851,3 +851,32 @@ fn the_lock_holder_trusts_the_object_map_for_absent_objects() {
     }
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn closing_never_waits_longer_than_its_bound_for_a_silent_cluster() {
+    let c = cluster();
+    let name = c.create_image("close-bound", 8, None);
+    let mut spec = direct_spec(c, &name);
+    // Ceph's fault injection, armed but idle: messages from OSDs are delayed only once the
+    // probability is raised at run time
+    spec.conf_options = vec![
+        ("ms_inject_delay_type".into(), "osd".into()),
+        ("ms_inject_delay_probability".into(), "0".into()),
+    ];
+    spec.close_wait = Duration::from_secs(1);
+    let img = Image::open(&spec).unwrap();
+    let mut q = img.queue().unwrap();
+    // a write takes the exclusive lock: closing must release it (OSD round trips)
+    write(&mut q, &mut vec![0; 8 << 20], 0, pattern(4096, 51));
+    drop(q);
+    // from now on every OSD reply is held for up to 10 minutes
+    img.set_option("ms_inject_delay_max", "600").unwrap();
+    img.set_option("ms_inject_delay_probability", "1").unwrap();
+    let t0 = Instant::now();
+    drop(img);
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "closing waited {took:?} for a cluster that does not answer"
+    );
+}

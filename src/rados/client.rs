@@ -126,7 +126,7 @@ impl Cluster {
         Ok(c)
     }
 
-    fn set(&self, key: &str, value: &str) -> Result<(), i32> {
+    pub(crate) fn set(&self, key: &str, value: &str) -> Result<(), i32> {
         let k = CString::new(key).map_err(|_| -libc::EINVAL)?;
         let v = CString::new(value).map_err(|_| -libc::EINVAL)?;
         // SAFETY: valid handle, NUL-terminated strings that outlive the call.

@@ -184,6 +184,10 @@ impl LibrbdImage {
         Ok(())
     }
 
+    pub(crate) fn cluster(&self) -> &Cluster {
+        &self._cluster
+    }
+
     /// Facts for [`super::Image::info`].
     pub fn info(&self) -> ImageInfo {
         ImageInfo {

@@ -76,6 +76,9 @@ pub struct ImageSpec {
     pub read_only: bool,
     /// librbd's client-side encryption to load (librbd engine only).
     pub encryption: Option<Encryption>,
+    /// How long closing may wait for the cluster (direct engine: releasing the lock, the
+    /// watch) before the release is left to a background thread.
+    pub close_wait: std::time::Duration,
 }
 
 /// An image formatted with `rbd encryption format`: librbd decrypts it once the passphrase is
@@ -134,6 +137,7 @@ impl ImageSpec {
             lock_policy: direct::LockPolicy::HandOver,
             read_only: false,
             encryption: None,
+            close_wait: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -452,6 +456,20 @@ impl Image {
                 discard_granularity: 512,
             },
         })
+    }
+
+    /// Sets a librados option on the image's cluster handle while it runs (for example a
+    /// debug level, or Ceph's `ms_inject_*` fault injection in tests).
+    pub fn set_option(&self, key: &str, value: &str) -> Result<(), RadosError> {
+        let fail = |rc| RadosError::Call {
+            what: "rados_conf_set",
+            errno: Errno(rc),
+        };
+        match &self.engine {
+            Engine::Memory(_) => Ok(()),
+            Engine::Librbd(i) => i.cluster().set(key, value).map_err(fail),
+            Engine::Direct(i) => i.shared.cluster.set(key, value).map_err(fail),
+        }
     }
 
     /// Current size in bytes.

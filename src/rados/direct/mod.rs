@@ -142,6 +142,7 @@ pub struct DirectImage {
     pub(crate) shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     last_size: AtomicU64,
+    close_wait: Duration,
 }
 
 impl DirectImage {
@@ -228,6 +229,7 @@ impl DirectImage {
             shared,
             thread: Some(thread),
             last_size: AtomicU64::new(size),
+            close_wait: spec.close_wait,
         })
     }
 
@@ -261,11 +263,24 @@ impl DirectImage {
 }
 
 impl Drop for DirectImage {
+    /// Stops the control thread, which releases the lock and the watch. When the cluster does
+    /// not answer within `close_wait`, the thread is left to finish on its own (it owns the
+    /// shared state, so nothing is freed under librados); a detach never hangs on a dead
+    /// cluster, and the next lock owner breaks a lock we could not release.
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         self.shared.control.kick();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            let deadline = Instant::now() + self.close_wait;
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                warn!(image = %self.shared.name, secs = self.close_wait.as_secs(),
+                      "the cluster did not answer while the image was closing; its release goes on in the background");
+            }
         }
     }
 }
