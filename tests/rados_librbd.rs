@@ -323,3 +323,37 @@ fn encrypted_images_are_served_decrypted_and_refused_by_the_direct_engine() {
     let _ = std::fs::remove_file(&pass);
     let _ = std::fs::remove_file(&wrong);
 }
+
+#[test]
+fn closing_never_waits_longer_than_its_bound_for_a_silent_cluster() {
+    let c = cluster();
+    let name = c.create_image("librbd-close-bound", 8, None);
+    let mut spec = c.spec(&name);
+    spec.engine = EngineChoice::Librbd;
+    // Ceph's fault injection, armed but idle until raised at run time
+    spec.conf_options = vec![
+        ("ms_inject_delay_type".into(), "osd".into()),
+        ("ms_inject_delay_probability".into(), "0".into()),
+    ];
+    spec.close_wait = Duration::from_secs(1);
+    let img = Image::open(&spec).unwrap();
+    let mut q = img.queue().unwrap();
+    // a write takes the exclusive lock: rbd_close must release it
+    io(
+        &mut q,
+        BlockOp::Write {
+            offset: 0,
+            buf: pattern(4096, 61),
+        },
+    );
+    drop(q);
+    img.set_option("ms_inject_delay_max", "600").unwrap();
+    img.set_option("ms_inject_delay_probability", "1").unwrap();
+    let t0 = Instant::now();
+    drop(img);
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "closing waited {took:?} for a cluster that does not answer"
+    );
+}

@@ -14,9 +14,12 @@
 //! makes them durable (the guest's flushes are passed through).
 
 use std::ffi::c_void;
+use std::mem::ManuallyDrop;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tracing::warn;
 
 use super::client::{cstr, Cluster, IoCtx};
 use super::sys;
@@ -50,13 +53,15 @@ unsafe fn encryption_load<T>(
 #[derive(Debug)]
 pub struct LibrbdImage {
     img: NonNull<c_void>,
-    _io: IoCtx,
-    _cluster: Cluster,
+    // dropped by hand, after the image is closed (see Drop)
+    _io: ManuallyDrop<IoCtx>,
+    _cluster: ManuallyDrop<Cluster>,
     name: String,
     read_only: bool,
     features: u64,
     obj_size: u64,
     last_size: AtomicU64,
+    close_wait: std::time::Duration,
 }
 
 // SAFETY: librbd image handles are thread-safe; concurrent aio submissions from several
@@ -117,13 +122,14 @@ impl LibrbdImage {
         };
         let me = LibrbdImage {
             img,
-            _io: io,
-            _cluster: cluster,
+            _io: ManuallyDrop::new(io),
+            _cluster: ManuallyDrop::new(cluster),
             name: spec.image.clone(),
             read_only,
             features,
             obj_size: info.obj_size,
             last_size: AtomicU64::new(0),
+            close_wait: spec.close_wait,
         };
         if let Some(e) = &spec.encryption {
             // on failure `me` is dropped, which closes the image
@@ -186,6 +192,17 @@ impl LibrbdImage {
 
     pub(crate) fn cluster(&self) -> &Cluster {
         &self._cluster
+    }
+
+    /// Closes the image, then its pool context and cluster handle, in that order.
+    ///
+    /// # Safety
+    /// Called once, from Drop; nothing uses the handles afterwards.
+    unsafe fn close_handles(img: NonNull<c_void>, io: IoCtx, cluster: Cluster) {
+        // SAFETY: per the contract, closed once; rbd_close waits for in-flight aio.
+        unsafe { sys::rbd_close(img.as_ptr()) };
+        drop(io);
+        drop(cluster);
     }
 
     /// Facts for [`super::Image::info`].
@@ -339,10 +356,60 @@ extern "C" fn on_complete(comp: sys::rbd_completion_t, arg: *mut c_void) {
     });
 }
 
+/// The handles of an image being closed, moved to the closing thread.
+struct Closing {
+    img: NonNull<c_void>,
+    io: IoCtx,
+    cluster: Cluster,
+}
+
+// SAFETY: librbd and librados handles may be used and released from any thread; after the
+// move only the closing thread holds these.
+unsafe impl Send for Closing {}
+
 impl Drop for LibrbdImage {
+    /// `rbd_close` releases the exclusive lock and the watch, which needs the OSDs: it runs
+    /// on a thread of its own, waited for at most `close_wait`; past that it goes on in the
+    /// background (it owns the handles), so a detach never hangs on a silent cluster.
     fn drop(&mut self) {
-        // SAFETY: closed once; rbd_close waits for in-flight aio to complete.
-        unsafe { sys::rbd_close(self.img.as_ptr()) };
-        let _ = &self.name;
+        // SAFETY: taken exactly once, here; the fields are not touched afterwards.
+        let io = unsafe { ManuallyDrop::take(&mut self._io) };
+        // SAFETY: as above.
+        let cluster = unsafe { ManuallyDrop::take(&mut self._cluster) };
+        let c = Closing {
+            img: self.img,
+            io,
+            cluster,
+        };
+        // whoever takes the handles out of the slot closes them: the thread, or this one
+        // when no thread can be started
+        let slot = Arc::new(Mutex::new(Some(c)));
+        let close = |slot: &Mutex<Option<Closing>>| {
+            let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(c) = taken {
+                // SAFETY: the handles leave the slot once, so this is their only close.
+                unsafe { LibrbdImage::close_handles(c.img, c.io, c.cluster) };
+            }
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = Arc::clone(&slot);
+        let spawned = std::thread::Builder::new()
+            .name("rbd-close".into())
+            .spawn(move || {
+                close(&s2);
+                let _ = tx.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                if rx.recv_timeout(self.close_wait).is_err() {
+                    warn!(image = %self.name, secs = self.close_wait.as_secs(),
+                          "the cluster did not answer while the image was closing; its release goes on in the background");
+                }
+            }
+            Err(e) => {
+                warn!(image = %self.name, error = %e, "cannot start a closing thread; closing here");
+                close(&slot);
+            }
+        }
     }
 }
