@@ -197,7 +197,8 @@ impl LibrbdImage {
     /// Closes the image, then its pool context and cluster handle, in that order.
     ///
     /// # Safety
-    /// Called once, from Drop; nothing uses the handles afterwards.
+    /// Called once per image (by its Drop, on the closing thread or inline); nothing uses
+    /// the handles afterwards.
     unsafe fn close_handles(img: NonNull<c_void>, io: IoCtx, cluster: Cluster) {
         // SAFETY: per the contract, closed once; rbd_close waits for in-flight aio.
         unsafe { sys::rbd_close(img.as_ptr()) };
