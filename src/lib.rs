@@ -16,3 +16,16 @@ pub mod xen;
 
 #[cfg(feature = "test-utils")]
 pub mod demo;
+
+/// An error and its causes on one line (`outer: cause: root cause`), for logs, xenstore
+/// `error` nodes and gRPC statuses.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

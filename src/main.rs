@@ -17,8 +17,9 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use rbdback::chain;
 use rbdback::device::backend::{serve, supervise, ServeConfig};
-use rbdback::device::vbd::{chain, Options, RadosOpener};
+use rbdback::device::vbd::{Options, RadosOpener};
 use rbdback::xen::real::RealPlatform;
 use rbdback::xen::Platform;
 

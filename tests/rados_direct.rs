@@ -6,15 +6,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rbdback::rados::direct::LockPolicy;
-use rbdback::rados::testing::{cluster, wait_all, TestCluster};
-use rbdback::rados::{
-    BlockOp, Completion, EngineChoice, EngineKind, Image, ImageSpec, Queue, RadosError,
+use rbdback::rados::testing::{
+    arm_osd_delay, cluster, drop_with_silent_osds, one, wait_all, TestCluster,
 };
-
-fn one(q: &mut Queue, op: BlockOp) -> Completion {
-    q.submit(0, op).unwrap();
-    wait_all(q, 1).pop().unwrap()
-}
+use rbdback::rados::{BlockOp, EngineChoice, EngineKind, Image, ImageSpec, Queue, RadosError};
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     (0..len)
@@ -864,24 +859,14 @@ fn closing_never_waits_longer_than_its_bound_for_a_silent_cluster() {
     let c = cluster();
     let name = c.create_image("close-bound", 8, None);
     let mut spec = direct_spec(c, &name);
-    // Ceph's fault injection, armed but idle: messages from OSDs are delayed only once the
-    // probability is raised at run time
-    spec.conf_options = vec![
-        ("ms_inject_delay_type".into(), "osd".into()),
-        ("ms_inject_delay_probability".into(), "0".into()),
-    ];
+    arm_osd_delay(&mut spec);
     spec.close_wait = Duration::from_secs(1);
     let img = Image::open(&spec).unwrap();
     let mut q = img.queue().unwrap();
     // a write takes the exclusive lock: closing must release it (OSD round trips)
     write(&mut q, &mut vec![0; 8 << 20], 0, pattern(4096, 51));
     drop(q);
-    // from now on every OSD reply is held for up to 10 minutes
-    img.set_option("ms_inject_delay_max", "600").unwrap();
-    img.set_option("ms_inject_delay_probability", "1").unwrap();
-    let t0 = Instant::now();
-    drop(img);
-    let took = t0.elapsed();
+    let took = drop_with_silent_osds(img);
     assert!(
         took < Duration::from_secs(10),
         "closing waited {took:?} for a cluster that does not answer"

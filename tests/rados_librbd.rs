@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use rbdback::rados::testing::{cluster, wait_all};
+use rbdback::rados::testing::{arm_osd_delay, cluster, drop_with_silent_osds, one, wait_all};
 use rbdback::rados::{
     BlockOp, Encryption, EncryptionFormat, EngineChoice, EngineKind, Image, RadosError,
 };
@@ -221,8 +221,7 @@ fn unreachable_monitor_fails_in_bounded_time() {
 }
 
 fn io(q: &mut rbdback::rados::Queue, op: BlockOp) -> Option<Vec<u8>> {
-    q.submit(0, op).unwrap();
-    let c = wait_all(q, 1).pop().unwrap();
+    let c = one(q, op);
     c.result.unwrap();
     c.buf
 }
@@ -330,28 +329,15 @@ fn closing_never_waits_longer_than_its_bound_for_a_silent_cluster() {
     let name = c.create_image("librbd-close-bound", 8, None);
     let mut spec = c.spec(&name);
     spec.engine = EngineChoice::Librbd;
-    // Ceph's fault injection, armed but idle until raised at run time
-    spec.conf_options = vec![
-        ("ms_inject_delay_type".into(), "osd".into()),
-        ("ms_inject_delay_probability".into(), "0".into()),
-    ];
+    arm_osd_delay(&mut spec);
     spec.close_wait = Duration::from_secs(1);
     let img = Image::open(&spec).unwrap();
     let mut q = img.queue().unwrap();
     // a write takes the exclusive lock: rbd_close must release it
-    io(
-        &mut q,
-        BlockOp::Write {
-            offset: 0,
-            buf: pattern(4096, 61),
-        },
-    );
+    let buf = pattern(4096, 61);
+    io(&mut q, BlockOp::Write { offset: 0, buf });
     drop(q);
-    img.set_option("ms_inject_delay_max", "600").unwrap();
-    img.set_option("ms_inject_delay_probability", "1").unwrap();
-    let t0 = Instant::now();
-    drop(img);
-    let took = t0.elapsed();
+    let took = drop_with_silent_osds(img);
     assert!(
         took < Duration::from_secs(10),
         "closing waited {took:?} for a cluster that does not answer"

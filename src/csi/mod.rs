@@ -32,8 +32,8 @@ use thiserror::Error;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::chain;
 use crate::device::params::DiskSpec;
-use crate::device::vbd::chain;
 use crate::rados::{Image, RadosError};
 
 use proto::volume_capability::{AccessType, Mode};

@@ -278,13 +278,7 @@ fn broken<G: GrantTable, E: EventChannels>(
     p: &QueueParts<G, E>,
     e: &dyn std::error::Error,
 ) -> QueueExit {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
+    let msg = crate::chain(e);
     warn!(queue = p.index, error = %msg, "frontend broke the ring protocol; stopping the queue");
     QueueExit::Broken(msg)
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tracing::{debug, info, info_span, warn};
 
+use crate::chain;
 use crate::rados::{self, Image, ImageSpec};
 use crate::ring::{self, BackRing};
 use crate::xen::xenstore::{Xenstore, XsError};
@@ -134,18 +135,6 @@ pub enum VbdError {
     /// A queue found the frontend breaking the protocol.
     #[error("frontend broke the ring protocol: {0}")]
     Broken(String),
-}
-
-/// The error and its causes on one line, for logs and xenstore.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 /// How a VBD's thread ended.

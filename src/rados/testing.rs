@@ -11,7 +11,9 @@ use std::sync::OnceLock;
 
 use std::time::{Duration, Instant};
 
-use super::{Completion, ImageSpec, Queue};
+use std::sync::Arc;
+
+use super::{BlockOp, Completion, Image, ImageSpec, Queue};
 
 /// A running local cluster.
 #[derive(Debug, Clone)]
@@ -118,4 +120,32 @@ pub fn wait_all(q: &mut Queue, n: usize) -> Vec<Completion> {
     }
     assert_eq!(out.len(), n, "completions");
     out
+}
+
+/// Submits `op` alone and waits for its completion.
+pub fn one(q: &mut Queue, op: BlockOp) -> Completion {
+    q.submit(0, op)
+        .unwrap_or_else(|e| panic!("submit: {}", e.error));
+    wait_all(q, 1).pop().unwrap_or_else(|| unreachable!())
+}
+
+/// Arms Ceph's own fault injection in `spec`: replies from OSDs can be delayed, but are not
+/// until [`drop_with_silent_osds`] raises the probability.
+pub fn arm_osd_delay(spec: &mut ImageSpec) {
+    spec.conf_options
+        .push(("ms_inject_delay_type".into(), "osd".into()));
+    spec.conf_options
+        .push(("ms_inject_delay_probability".into(), "0".into()));
+}
+
+/// Holds every later OSD reply to `img`'s client for up to 10 minutes, then drops `img`;
+/// returns how long dropping took.
+pub fn drop_with_silent_osds(img: Arc<Image>) -> Duration {
+    img.set_option("ms_inject_delay_max", "600")
+        .unwrap_or_else(|e| panic!("{e}"));
+    img.set_option("ms_inject_delay_probability", "1")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let t0 = Instant::now();
+    drop(img);
+    t0.elapsed()
 }

@@ -509,15 +509,17 @@ impl DirectQueue {
     /// writing it (pre-update), and discards unmark it only after removing it, so the map
     /// never calls an object absent while it has data.
     fn known_absent(&self, objno: u64) -> bool {
-        if self.shared.snap_id != NOSNAP {
-            return false;
-        }
-        let st = self.shared.lock_state();
-        let h = &st.header;
-        if !matches!(st.lock, LockState::Locked(_))
+        // the header this submission plans with: images without a valid map never take the
+        // shared lock here
+        let h = &self.header;
+        if self.shared.snap_id != NOSNAP
             || h.features & feature::OBJECT_MAP == 0
             || h.flags & header::FLAG_OBJECT_MAP_INVALID != 0
         {
+            return false;
+        }
+        let st = self.shared.lock_state();
+        if !matches!(st.lock, LockState::Locked(_)) {
             return false;
         }
         usize::try_from(objno)
