@@ -6,6 +6,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rbdback::xen::sim::remote::RemotePlatform;
 use rbdback::xen::sim::{SimFrontend, SimXen};
 use rbdback::xen::{
     CopyDir, CopySeg, EventChannels, GrantMapping, GrantTable, Platform, XenError,
@@ -160,9 +161,15 @@ fn events_both_ways_with_mask_semantics<P: Platform>(p: &P, guest: &SimFrontend)
     ev.notify(local).unwrap();
     assert!(guest.wait(gport, Duration::from_secs(1)).unwrap());
     assert!(!guest.wait(gport, Duration::from_millis(50)).unwrap());
-    // closing our end makes the guest's notify fail
+    // closing our end turns the guest's port back into an unbound one: its notifications are
+    // dropped (Xen's evtchn_send on ECS_UNBOUND), and dom0 may bind it again
     ev.unbind(local).unwrap();
-    assert!(guest.notify(gport).is_err());
+    guest.notify(gport).unwrap();
+    assert!(!readable(&ev, 50));
+    let again = ev.bind_interdomain(GUEST, gport).unwrap();
+    guest.notify(gport).unwrap();
+    assert!(readable(&ev, 1000));
+    assert_eq!(ev.pending().unwrap(), Some(again));
 }
 
 #[test]
@@ -187,6 +194,62 @@ fn grant_copy_reports_each_segment() {
 fn event_channels_notify_mask_and_unmask() {
     let (xen, guest) = setup();
     events_both_ways_with_mask_semantics(&xen.platform(), &guest);
+}
+
+/// The same behaviour through the hypercall socket a backend in another process uses.
+#[test]
+fn a_backend_in_another_process_sees_the_same_xen() {
+    let (xen, guest) = setup();
+    let remote = RemotePlatform::new(xen.dir());
+    shared_page_roundtrip(&remote, &guest);
+    grant_errors(&remote, &guest);
+    grant_copy_per_segment_status(&remote, &guest);
+    events_both_ways_with_mask_semantics(&remote, &guest);
+}
+
+/// A backend process that dies (its hypercall connection closes) leaves the guest's port
+/// unbound, so the next backend binds the same port from xenstore, and the guest's grants can
+/// be mapped again.
+#[test]
+fn a_dead_backends_ports_can_be_bound_by_the_next_one() {
+    let (xen, guest) = setup();
+    let gport = guest.alloc_unbound(0).unwrap();
+    let pages = guest.alloc_pages(1).unwrap();
+    let r = guest.grant(&pages, 0, 0, false).unwrap();
+    let first = RemotePlatform::new(xen.dir());
+    let mut ev = first.evtchn().unwrap();
+    let gnt = first.gnttab().unwrap();
+    let m = gnt.map(GUEST, &[r], true).unwrap();
+    m.mem().write(0, b"before").unwrap();
+    let _local = ev.bind_interdomain(GUEST, gport).unwrap();
+    // a second bind of a bound port is refused, as Xen refuses it
+    let mut other = RemotePlatform::new(xen.dir()).evtchn().unwrap();
+    assert!(other.bind_interdomain(GUEST, gport).is_err());
+    drop((ev, m, gnt)); // the process is gone
+    guest.notify(gport).unwrap(); // dropped, not an error
+    let next = RemotePlatform::new(xen.dir());
+    let mut ev = next.evtchn().unwrap();
+    let local = {
+        let mut tries = 0;
+        loop {
+            // the hypervisor notices the closed connection asynchronously
+            match ev.bind_interdomain(GUEST, gport) {
+                Ok(p) => break p,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("rebind failed: {e}"),
+            }
+        }
+    };
+    guest.notify(gport).unwrap();
+    assert!(readable(&ev, 1000));
+    assert_eq!(ev.pending().unwrap(), Some(local));
+    let m = next.gnttab().unwrap().map(GUEST, &[r], true).unwrap();
+    let mut b = [0u8; 6];
+    m.mem().read(0, &mut b).unwrap();
+    assert_eq!(&b, b"before");
 }
 
 #[test]

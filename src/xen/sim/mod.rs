@@ -28,6 +28,7 @@ use super::{
 };
 use crate::shm::SharedMem;
 
+pub mod remote;
 pub mod xenstored;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -65,6 +66,46 @@ impl Drop for Region {
         // outlives self (views borrow it).
         let _ = unsafe { munmap(self.ptr.cast(), self.len) };
     }
+}
+
+/// Maps guest pages (memfd, page index) contiguously in this process, as gntdev maps grants:
+/// one reservation, then each page `MAP_FIXED` over its slot.
+fn map_pages(pages: &[(BorrowedFd<'_>, usize)], writable: bool) -> Result<Region, XenError> {
+    let len = pages.len() * PAGE_SIZE;
+    let nz = NonZeroUsize::new(len).ok_or_else(|| XenError::Invalid("empty".into()))?;
+    // SAFETY: a fresh anonymous reservation, owned by the Region built below.
+    let base = unsafe { mmap_anonymous(None, nz, ProtFlags::PROT_NONE, MapFlags::MAP_PRIVATE) }
+        .map_err(io("reserve mapping"))?;
+    let region = Region {
+        ptr: base.cast(),
+        len,
+    };
+    let prot = if writable {
+        ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
+    } else {
+        ProtFlags::PROT_READ
+    };
+    let page_nz = NonZeroUsize::new(PAGE_SIZE).ok_or_else(|| XenError::Invalid("page".into()))?;
+    for (i, (fd, page)) in pages.iter().enumerate() {
+        let off =
+            i64::try_from(page * PAGE_SIZE).map_err(|_| XenError::Invalid("offset".into()))?;
+        let at = region.ptr.as_ptr().wrapping_add(i * PAGE_SIZE);
+        let at = NonZeroUsize::new(at as usize);
+        // SAFETY: MAP_FIXED over page i of our own reservation (inside `region`), backed by
+        // the granted page of the guest's memfd; the Region unmaps the whole range once.
+        unsafe {
+            mmap(
+                at,
+                page_nz,
+                prot,
+                MapFlags::MAP_SHARED | MapFlags::MAP_FIXED,
+                *fd,
+                off,
+            )
+        }
+        .map_err(io("map granted page"))?;
+    }
+    Ok(region)
 }
 
 /// Guest memory of a simulated domain: `n` pages of a memfd, mapped for the guest.
@@ -168,6 +209,19 @@ impl Handle {
             ready: Mutex::new(VecDeque::new()),
         }))
     }
+
+    /// The next pending port (the evtchn device's read), keeping the eventfd readable while
+    /// more are queued.
+    fn pop(&self) -> Option<Port> {
+        let p = lock(&self.ready).pop_front();
+        if p.is_some() {
+            let _ = self.efd.read();
+            if !lock(&self.ready).is_empty() {
+                let _ = self.efd.write(1);
+            }
+        }
+        p
+    }
 }
 
 #[derive(Debug, Default)]
@@ -200,17 +254,20 @@ impl Hypervisor {
         }
     }
 
+    /// `EVTCHNOP_send`: delivered to the peer of an interdomain port; on an unbound port
+    /// (its peer closed, e.g. a backend that died) silently dropped, as Xen's `evtchn_send`
+    /// does; on a port that does not exist, `EINVAL`.
     fn notify(&mut self, dom: DomId, port: Port) -> Result<(), XenError> {
-        let peer = self
-            .ports
-            .get(&(dom, port))
-            .and_then(|p| p.peer)
-            .ok_or_else(|| XenError::Evtchn {
+        let Some(ps) = self.ports.get(&(dom, port)) else {
+            return Err(XenError::Evtchn {
                 what: "notify",
                 port,
                 source: std::io::Error::from_raw_os_error(libc::EINVAL),
-            })?;
-        self.deliver(peer.0, peer.1);
+            });
+        };
+        if let Some(peer) = ps.peer {
+            self.deliver(peer.0, peer.1);
+        }
         Ok(())
     }
 
@@ -238,6 +295,36 @@ impl Hypervisor {
         }
     }
 
+    /// `EVTCHNOP_bind_interdomain` by `by` through `handle`: binds `remote` of `domid` if it
+    /// is unbound and offered to `by`; returns the local port.
+    fn bind(
+        &mut self,
+        by: DomId,
+        handle: &Arc<Handle>,
+        domid: DomId,
+        remote: Port,
+    ) -> Result<Port, XenError> {
+        match self.ports.get(&(domid, remote)) {
+            Some(ps) if ps.peer.is_none() && ps.remote == by => {}
+            _ => return Err(evtchn_err("bind_interdomain", remote, libc::EINVAL)),
+        }
+        let local = self.alloc_port(by);
+        self.ports.insert(
+            (by, local),
+            PortState {
+                owner: Arc::clone(handle),
+                peer: Some((domid, remote)),
+                remote: domid,
+                pending: false,
+                masked: false,
+            },
+        );
+        if let Some(ps) = self.ports.get_mut(&(domid, remote)) {
+            ps.peer = Some((by, local));
+        }
+        Ok(local)
+    }
+
     fn lookup(&self, granter: DomId, gref: GrantRef, by: DomId, write: bool) -> Result<Grant, i16> {
         let g = self.grants.get(&(granter, gref)).ok_or(GNTST_BAD_GNTREF)?;
         if g.to != by {
@@ -252,7 +339,7 @@ impl Hypervisor {
 
 /// The simulated machine: hypervisor state plus xenstored.
 pub struct SimXen {
-    hv: Mutex<Hypervisor>,
+    hv: Arc<Mutex<Hypervisor>>,
     xenstored: xenstored::SimXenstored,
     dir: PathBuf,
     sock: PathBuf,
@@ -271,7 +358,8 @@ impl Drop for SimXen {
 }
 
 impl SimXen {
-    /// Starts a simulated Xen with its xenstored on a socket in a fresh temporary directory.
+    /// Starts a simulated Xen with its xenstored on a socket in a fresh temporary directory,
+    /// and its hypercall socket for backends in other processes ([`remote`]).
     pub fn start() -> Result<Arc<SimXen>, XenError> {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -280,12 +368,21 @@ impl SimXen {
         let sock = dir.join("xenstored.sock");
         let xenstored = xenstored::SimXenstored::start(&sock)
             .map_err(|e| XenError::io("start sim xenstored", e))?;
+        let hv = Arc::new(Mutex::new(Hypervisor::default()));
+        remote::serve(&dir.join(remote::HYPERVISOR_SOCKET), Arc::clone(&hv))
+            .map_err(|e| XenError::io("start sim hypercall server", e))?;
         Ok(Arc::new(SimXen {
-            hv: Mutex::new(Hypervisor::default()),
+            hv,
             xenstored,
             dir,
             sock,
         }))
+    }
+
+    /// The directory holding the xenstored and hypercall sockets: what a backend in another
+    /// process needs ([`remote::RemotePlatform::new`]).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The xenstored socket.
@@ -397,41 +494,9 @@ impl GrantTable for SimGnttab {
                 })
                 .collect::<Result<_, _>>()?
         };
-        let len = refs.len() * PAGE_SIZE;
-        let nz = NonZeroUsize::new(len).ok_or_else(|| XenError::Invalid("empty".into()))?;
-        // SAFETY: a fresh anonymous reservation, owned by the Region built below.
-        let base = unsafe { mmap_anonymous(None, nz, ProtFlags::PROT_NONE, MapFlags::MAP_PRIVATE) }
-            .map_err(io("reserve mapping"))?;
-        let region = Region {
-            ptr: base.cast(),
-            len,
-        };
-        let prot = if writable {
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
-        } else {
-            ProtFlags::PROT_READ
-        };
-        let page_nz =
-            NonZeroUsize::new(PAGE_SIZE).ok_or_else(|| XenError::Invalid("page".into()))?;
-        for (i, g) in grants.iter().enumerate() {
-            let off = i64::try_from(g.page * PAGE_SIZE)
-                .map_err(|_| XenError::Invalid("offset".into()))?;
-            let at = region.ptr.as_ptr().wrapping_add(i * PAGE_SIZE);
-            let at = NonZeroUsize::new(at as usize);
-            // SAFETY: MAP_FIXED over page i of our own reservation (inside `region`), backed by
-            // the granted page of the guest's memfd; the Region unmaps the whole range once.
-            unsafe {
-                mmap(
-                    at,
-                    page_nz,
-                    prot,
-                    MapFlags::MAP_SHARED | MapFlags::MAP_FIXED,
-                    g.fd.as_fd(),
-                    off,
-                )
-            }
-            .map_err(io("map granted page"))?;
-        }
+        let pages: Vec<(BorrowedFd<'_>, usize)> =
+            grants.iter().map(|g| (g.fd.as_fd(), g.page)).collect();
+        let region = map_pages(&pages, writable)?;
         Ok(SimMapping {
             region,
             refs: refs.to_vec(),
@@ -440,30 +505,32 @@ impl GrantTable for SimGnttab {
 
     fn copy(&self, segs: &mut [CopySeg<'_>]) -> Result<(), XenError> {
         for seg in segs.iter_mut() {
-            if !seg.fits_page() {
-                seg.status = GNTST_BAD_COPY_ARG;
-                continue;
-            }
-            let write = matches!(seg.dir, CopyDir::ToGuest { .. });
-            let g = match lock(&self.xen.hv).lookup(seg.domid, seg.gref, self.domid, write) {
-                Ok(g) => g,
-                Err(st) => {
-                    seg.status = st;
-                    continue;
-                }
-            };
-            let off = i64::try_from(g.page * PAGE_SIZE + usize::from(seg.offset)).unwrap_or(-1);
-            let n = seg.dir.len();
-            let done = match &mut seg.dir {
-                CopyDir::FromGuest { dst } => pread(g.fd.as_fd(), dst, off),
-                CopyDir::ToGuest { src } => pwrite(g.fd.as_fd(), src, off),
-            };
-            seg.status = match done {
-                Ok(k) if k == n => GNTST_OKAY,
-                _ => super::GNTST_GENERAL_ERROR,
-            };
+            seg.status = copy_seg(&self.xen.hv, self.domid, seg);
         }
         Ok(())
+    }
+}
+
+/// One grant copy segment done by domain `by`, with Xen's per-segment checks; returns its
+/// status.
+fn copy_seg(hv: &Mutex<Hypervisor>, by: DomId, seg: &mut CopySeg<'_>) -> i16 {
+    if !seg.fits_page() {
+        return GNTST_BAD_COPY_ARG;
+    }
+    let write = matches!(seg.dir, CopyDir::ToGuest { .. });
+    let g = match lock(hv).lookup(seg.domid, seg.gref, by, write) {
+        Ok(g) => g,
+        Err(st) => return st,
+    };
+    let off = i64::try_from(g.page * PAGE_SIZE + usize::from(seg.offset)).unwrap_or(-1);
+    let n = seg.dir.len();
+    let done = match &mut seg.dir {
+        CopyDir::FromGuest { dst } => pread(g.fd.as_fd(), dst, off),
+        CopyDir::ToGuest { src } => pwrite(g.fd.as_fd(), src, off),
+    };
+    match done {
+        Ok(k) if k == n => GNTST_OKAY,
+        _ => super::GNTST_GENERAL_ERROR,
     }
 }
 
@@ -492,25 +559,7 @@ fn evtchn_err(what: &'static str, port: Port, errno: i32) -> XenError {
 
 impl EventChannels for SimEvtchn {
     fn bind_interdomain(&mut self, domid: DomId, remote: Port) -> Result<Port, XenError> {
-        let mut hv = lock(&self.xen.hv);
-        match hv.ports.get(&(domid, remote)) {
-            Some(ps) if ps.peer.is_none() && ps.remote == self.domid => {}
-            _ => return Err(evtchn_err("bind_interdomain", remote, libc::EINVAL)),
-        }
-        let local = hv.alloc_port(self.domid);
-        hv.ports.insert(
-            (self.domid, local),
-            PortState {
-                owner: Arc::clone(&self.handle),
-                peer: Some((domid, remote)),
-                remote: domid,
-                pending: false,
-                masked: false,
-            },
-        );
-        if let Some(ps) = hv.ports.get_mut(&(domid, remote)) {
-            ps.peer = Some((self.domid, local));
-        }
+        let local = lock(&self.xen.hv).bind(self.domid, &self.handle, domid, remote)?;
         self.bound.push(local);
         Ok(local)
     }
@@ -533,14 +582,7 @@ impl EventChannels for SimEvtchn {
     }
 
     fn pending(&self) -> Result<Option<Port>, XenError> {
-        let p = lock(&self.handle.ready).pop_front();
-        if p.is_some() {
-            let _ = self.handle.efd.read();
-            if !lock(&self.handle.ready).is_empty() {
-                let _ = self.handle.efd.write(1);
-            }
-        }
-        Ok(p)
+        Ok(self.handle.pop())
     }
 }
 
