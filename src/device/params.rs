@@ -256,8 +256,11 @@ impl DiskSpec {
     }
 
     fn apply_option(&mut self, opt: &str) -> Result<(), ParamsError> {
-        let (key, value) = match split_escaped(opt, '=', opt)?.as_slice() {
-            [k, v] => (unescape(k), unescape(v)),
+        // The value is everything after the first unescaped `=`: cephx keys are base64 and
+        // end in `=` (`key=AQB...==`), as QEMU's and krbd's option parsers allow.
+        let pieces = split_escaped(opt, '=', opt)?;
+        let (key, value) = match pieces.split_first() {
+            Some((k, rest)) if !rest.is_empty() => (unescape(k), unescape(&rest.join("="))),
             _ => return Err(ParamsError::BadOption(unescape(opt))),
         };
         if key.is_empty() {
@@ -351,6 +354,24 @@ mod tests {
             s.target.conf_options,
             vec![("mon_host".to_owned(), "127.0.0.1:6789".to_owned())]
         );
+    }
+
+    #[test]
+    fn an_inline_cephx_key_keeps_its_base64_padding() {
+        let s = DiskSpec::parse("rbd:p/i:id=xen:key=AQBHLcdl2Xq0JxAAwgDY1h6nD3pbkEV7mP8bGQ==")
+            .unwrap();
+        assert_eq!(
+            s.target.key.as_deref(),
+            Some("AQBHLcdl2Xq0JxAAwgDY1h6nD3pbkEV7mP8bGQ==")
+        );
+        assert!(matches!(
+            DiskSpec::parse("rbd:p/i:novalue"),
+            Err(ParamsError::BadOption(_))
+        ));
+        assert!(matches!(
+            DiskSpec::parse("rbd:p/i:=v"),
+            Err(ParamsError::BadOption(_))
+        ));
     }
 
     #[test]
