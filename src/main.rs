@@ -37,6 +37,8 @@ extern "C" {}
 const USAGE: &str = "usage:
   rbdback serve --domid N [--kind vbd] [--backend-domid 0] [--stay]
   rbdback supervise [--kind vbd] [--backend-domid 0]
+  (test builds: serve and supervise take --sim-dir DIR to run on a simulated Xen in another
+   process, see rbdback::xen::sim::remote)
   rbdback demo [--ceph-conf FILE] [--requests N] [--qd N] [--queues N] [--writes PCT]
                [--span-mib N] [--bench-image NAME (existing image, no verification)
                [--bs-kib 4-1024] [--seq]]
@@ -58,7 +60,7 @@ fn main() -> ExitCode {
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = args.get(1..).unwrap_or(&[]);
-    match args.first().map(String::as_str) {
+    let code = match args.first().map(String::as_str) {
         Some("serve") => run_serve(rest),
         Some("supervise") => run_supervise(rest),
         Some("csi") => run_csi(rest),
@@ -69,7 +71,16 @@ fn main() -> ExitCode {
             eprintln!("{USAGE}");
             ExitCode::from(2)
         }
-    }
+    };
+    // Never run exit handlers under librados threads that may still be at work (see
+    // exit_process): every command has torn down what it owns by now.
+    rbdback::rados::exit_process(if code == ExitCode::SUCCESS {
+        0
+    } else if code == ExitCode::from(2) {
+        2
+    } else {
+        1
+    })
 }
 
 /// Value of `--name` in `args`.
@@ -110,11 +121,34 @@ fn run_serve(args: &[String]) -> ExitCode {
         exit_when_empty: !args.iter().any(|a| a == "--stay"),
         options: Options::default(),
     };
-    let platform = Arc::new(RealPlatform::new());
     let (_stop_tx, stop_rx) = std::sync::mpsc::channel();
-    match serve(platform, Arc::new(RadosOpener), &cfg, &stop_rx) {
+    let res = match sim_dir(args) {
+        #[cfg(feature = "test-utils")]
+        Some(dir) => serve(
+            Arc::new(rbdback::xen::sim::remote::RemotePlatform::new(dir)),
+            Arc::new(RadosOpener),
+            &cfg,
+            &stop_rx,
+        ),
+        _ => serve(
+            Arc::new(RealPlatform::new()),
+            Arc::new(RadosOpener),
+            &cfg,
+            &stop_rx,
+        ),
+    };
+    match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&chain(&e)),
+    }
+}
+
+/// `--sim-dir DIR`: serve a simulated Xen hosted by another process (test builds only).
+fn sim_dir(args: &[String]) -> Option<&std::path::Path> {
+    if cfg!(feature = "test-utils") {
+        opt(args, "--sim-dir").map(std::path::Path::new)
+    } else {
+        None
     }
 }
 
@@ -149,7 +183,7 @@ fn run_csi(args: &[String]) -> ExitCode {
                 let code = run_supervise(&rest);
                 if code != ExitCode::SUCCESS {
                     tracing::error!("the supervisor stopped; the CSI plugin exits too");
-                    std::process::exit(1);
+                    rbdback::rados::exit_process(1);
                 }
             })
         {
@@ -203,12 +237,21 @@ fn run_supervise(args: &[String]) -> ExitCode {
         Ok(e) => e,
         Err(e) => return fail(&format!("cannot find our own executable: {e}")),
     };
-    let xs = match RealPlatform::new().xenstore() {
+    let xs = match sim_dir(args) {
+        #[cfg(feature = "test-utils")]
+        Some(dir) => rbdback::xen::sim::remote::RemotePlatform::new(dir).xenstore(),
+        _ => RealPlatform::new().xenstore(),
+    };
+    let xs = match xs {
         Ok(x) => x,
         Err(e) => return fail(&chain(&e)),
     };
     let (_stop_tx, stop_rx) = std::sync::mpsc::channel();
-    let extra = vec!["--backend-domid".to_owned(), backend_domid.to_string()];
+    let mut extra = vec!["--backend-domid".to_owned(), backend_domid.to_string()];
+    if let Some(dir) = sim_dir(args) {
+        extra.push("--sim-dir".to_owned());
+        extra.push(dir.display().to_string());
+    }
     match supervise(&xs, kind, backend_domid, &exe, &extra, &stop_rx) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&chain(&e)),

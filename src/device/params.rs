@@ -358,8 +358,8 @@ mod tests {
 
     #[test]
     fn an_inline_cephx_key_keeps_its_base64_padding() {
-        let s = DiskSpec::parse("rbd:p/i:id=xen:key=AQBHLcdl2Xq0JxAAwgDY1h6nD3pbkEV7mP8bGQ==")
-            .unwrap();
+        let s =
+            DiskSpec::parse("rbd:p/i:id=xen:key=AQBHLcdl2Xq0JxAAwgDY1h6nD3pbkEV7mP8bGQ==").unwrap();
         assert_eq!(
             s.target.key.as_deref(),
             Some("AQBHLcdl2Xq0JxAAwgDY1h6nD3pbkEV7mP8bGQ==")

@@ -656,6 +656,27 @@ fn mem_op(d: &MemDisk, op: &BlockOp) -> Result<(), RadosError> {
     }
 }
 
+/// Ends the process with `code` without running exit handlers or C++ static destructors.
+///
+/// A process that used librados may still have librados threads at work when it is done: an
+/// open abandoned because its device went away (it may be inside `rados_connect`), a lock
+/// release left to finish in the background after `close_wait`, a cluster handle leaked on
+/// purpose because operations were still in flight. `exit()` runs the C++ static destructors
+/// under those threads, which then touch destroyed globals and abort the process
+/// (`terminate called after throwing an instance of 'std::out_of_range' what(): map::at`
+/// was seen in the real Xen bed when `serve` exited). Ceph's own tools met the same class and
+/// end with `_exit` when librados may still be running (Ceph tracker 44526 and 44566: "exit
+/// runs all kinds of shutdown work that will interfere with the running librados threads").
+/// Everything rbdback owns is torn down before this is called; stdout and stderr are flushed.
+pub fn exit_process(code: u8) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit ends the process at once; it touches no memory of ours, and the only
+    // buffered state (Rust's stdout/stderr) was flushed above.
+    unsafe { libc::_exit(i32::from(code)) }
+}
+
 #[cfg(test)]
 mod sink_tests {
     use super::Sink;
