@@ -281,3 +281,75 @@ mod tests {
         assert!(out[510..].iter().all(|&b| b == 0xff));
     }
 }
+
+/// A file mapped shared into this process: memory that outlives the process, for the
+/// crash-recovery journal a later instance of rbdback reads after this one died. Accessed
+/// only through [`SharedMem`] views (volatile), like guest memory: a future reader is
+/// another party, and a process killed at any instruction leaves exactly the stores it
+/// executed (the page cache holds them; nothing is buffered in the process).
+#[derive(Debug)]
+pub struct MappedFile {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a shared file mapping; every access goes through SharedMem's volatile/atomic
+// accessors, which are safe from any thread.
+unsafe impl Send for MappedFile {}
+// SAFETY: as above.
+unsafe impl Sync for MappedFile {}
+
+impl MappedFile {
+    /// Maps `len` bytes of `path`. With `create`, the file is created (or truncated) to
+    /// `len` zero bytes; otherwise it must exist and be exactly `len` bytes long.
+    pub fn open(path: &std::path::Path, len: usize, create: bool) -> std::io::Result<MappedFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(create)
+            .mode(0o600)
+            .open(path)?;
+        let want = u64::try_from(len).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        if create {
+            file.set_len(want)?;
+        } else if file.metadata()?.len() != want {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is not {len} bytes long", path.display()),
+            ));
+        }
+        let nz = std::num::NonZeroUsize::new(len).ok_or(std::io::ErrorKind::InvalidInput)?;
+        // SAFETY: a fresh shared mapping of a file we opened read-write, at a kernel-chosen
+        // address; owned by the returned value and unmapped once on drop.
+        let ptr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                nz,
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                &file,
+                0,
+            )
+        }
+        .map_err(std::io::Error::from)?;
+        Ok(MappedFile {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// The mapped bytes.
+    pub fn mem(&self) -> SharedMem<'_> {
+        // SAFETY: ptr..ptr+len stays mapped until self drops; the view borrows self.
+        unsafe { SharedMem::from_raw(self.ptr, self.len) }
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        // SAFETY: exactly the range mmap returned, unmapped only here; views borrow self.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
+    }
+}

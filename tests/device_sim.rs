@@ -3,16 +3,16 @@
 #![allow(clippy::cast_possible_truncation)] // test patterns truncate on purpose
 
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rbdback::device::backend::{serve, ServeConfig};
 use rbdback::device::testfront::{
-    run_verified, toolstack_attach, toolstack_detach, AttachSpec, SimBlkfront,
+    run_verified, toolstack_attach, toolstack_detach, AttachSpec, BackendStates, SimBlkfront,
 };
 use rbdback::device::vbd::{ImageOpener, Options};
-use rbdback::rados::{Image, ImageSpec, RadosError};
+use rbdback::rados::{Image, ImageSpec, MemoryHold, RadosError};
 use rbdback::ring::front::WireRequest;
 use rbdback::ring::request::op;
 use rbdback::ring::{Abi, Status};
@@ -23,20 +23,27 @@ use rbdback::xen::Platform;
 const T: Duration = Duration::from_secs(20);
 const GUEST: u16 = 5;
 
-/// Opens an in-memory image for `rbd:mem/<MiB>` and refuses `rbd:missing/...`.
-struct MemOpener;
+/// Opens an in-memory image for `rbd:mem/<MiB>`, and keeps the handle that holds back its
+/// completions.
+#[derive(Default)]
+struct MemOpener {
+    holds: Mutex<Vec<MemoryHold>>,
+}
 
 impl ImageOpener for MemOpener {
     fn open(&self, spec: &ImageSpec) -> Result<Arc<Image>, RadosError> {
         let mib: u64 = spec.image.parse().unwrap_or(16);
         let _ = &spec.pool;
-        Ok(Image::memory(mib << 20))
+        let (img, hold) = Image::memory_with_hold(mib << 20);
+        self.holds.lock().unwrap().push(hold);
+        Ok(img)
     }
 }
 
 struct Rig {
     xen: Arc<SimXen>,
     dom0: Xenstore,
+    opener: Arc<MemOpener>,
     stop: mpsc::Sender<()>,
     server: Option<JoinHandle<()>>,
 }
@@ -57,12 +64,15 @@ impl Rig {
             },
         };
         let (stop, rx) = mpsc::channel();
+        let opener = Arc::new(MemOpener::default());
+        let o = Arc::clone(&opener);
         let server = std::thread::spawn(move || {
-            serve(platform, Arc::new(MemOpener), &cfg, &rx).unwrap();
+            serve(platform, o, &cfg, &rx).unwrap();
         });
         Rig {
             xen,
             dom0,
+            opener,
             stop,
             server: Some(server),
         }
@@ -323,6 +333,89 @@ fn broken_frontend_gets_its_vbd_closed() {
         err.contains("ring protocol") || err.contains("queue"),
         "{err}"
     );
+}
+
+/// issue 18: a frontend breaks its ring while requests are in flight. The backend answers
+/// every one of them with an error (the guest fails the I/O instead of hanging), closes the
+/// VBD once, and never reconnects while the frontend's state still says Connected (the
+/// sequence that drove Linux blkfront into BUG()); later completions answer nothing twice;
+/// only a frontend that starts over gets InitWait again.
+#[test]
+fn a_broken_ring_answers_its_requests_and_is_closed_once() {
+    let rig = Rig::start();
+    let mut f = rig.attach(&AttachSpec::new("rbd:mem/8"));
+    let hold = rig.opener.holds.lock().unwrap().last().cloned().unwrap();
+    let states = BackendStates::watch(f.domain(), &f.be, &f.fe).unwrap();
+    hold.hold();
+    let ids: Vec<u64> = (0..4).map(|_| f.next_id()).collect();
+    let reqs: Vec<WireRequest> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| WireRequest::read(id, i as u64 * 8, f.segments(i, 1, 4096)))
+        .collect();
+    f.submit(0, &reqs).unwrap();
+    let deadline = std::time::Instant::now() + T;
+    while hold.held() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests never reached the engine"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Publish a req_prod far beyond the ring: a broken (or hostile) frontend.
+    let ring = f.ring_mem(0);
+    let rsp_prod = ring.load_u32(4).unwrap();
+    ring.store_u32_release(0, rsp_prod + 1000).unwrap();
+    f.domain().notify(f.port(0)).unwrap();
+    let mut got = Vec::new();
+    while got.len() < 4 && std::time::Instant::now() < deadline {
+        got.extend(f.responses(0, Duration::from_millis(100)).unwrap());
+    }
+    let mut answered: Vec<(u64, Status)> = got.iter().map(|r| (r.id, r.status)).collect();
+    answered.sort_unstable_by_key(|a| a.0);
+    assert_eq!(
+        answered,
+        ids.iter().map(|&i| (i, Status::Error)).collect::<Vec<_>>(),
+        "every request in flight is answered, with an error"
+    );
+    let be_path = format!("{}/state", f.be);
+    let be_state = |rig: &Rig| rig.dom0.read(&be_path).unwrap();
+    while be_state(&rig).as_deref() != Some("5") {
+        assert!(std::time::Instant::now() < deadline, "backend never closed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // the frontend has not reacted yet: its state still says Connected
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(be_state(&rig).as_deref(), Some("5"), "{:?}", states.seen());
+    // the engine finishes late: nothing more is answered
+    hold.release();
+    assert!(f
+        .responses(0, Duration::from_millis(500))
+        .unwrap()
+        .is_empty());
+    // Linux blkfront closes (blkfront_closing), and later starts over
+    let fe_state = format!("{}/state", f.fe);
+    let xs = f.xenstore();
+    xs.write(&fe_state, "6").unwrap();
+    while be_state(&rig).as_deref() != Some("6") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backend never followed to Closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    xs.write(&fe_state, "1").unwrap();
+    while be_state(&rig).as_deref() != Some("2") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no InitWait after the frontend started over"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let seen: Vec<u32> = states.seen().iter().map(|(b, _)| b.as_u32()).collect();
+    assert_eq!(seen, vec![4, 5, 6, 2], "backend states from the watch on");
+    assert_eq!(states.violations(), Vec::<String>::new());
 }
 
 #[test]

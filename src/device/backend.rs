@@ -146,7 +146,7 @@ pub fn serve<P: Platform>(
                 Arc::clone(&xs),
                 Arc::clone(&opener),
             );
-            let opts = cfg.options;
+            let opts = cfg.options.clone();
             let name = format!("rbdback-vbd-{devid}");
             match std::thread::Builder::new()
                 .name(name)

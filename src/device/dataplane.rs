@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use thiserror::Error;
 use tracing::debug;
 
+use super::journal::{Journal, JournalError, RingIdentity};
 use crate::rados::{BlockOp, Completion, SubmitError};
 use crate::ring::abi::{PAGE_SIZE, SECTOR_SIZE};
 use crate::ring::{
@@ -95,6 +96,31 @@ pub enum Failure {
     /// The storage engine failed the operation.
     #[error("storage engine: {0}")]
     Engine(String),
+    /// The backend gave the ring up (closed the VBD) before the request completed.
+    #[error("the backend gave the ring up before the request completed")]
+    Abandoned,
+}
+
+/// What taking over a ring from a journal did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resumed {
+    /// Requests issued again.
+    pub reissued: usize,
+    /// Responses written again (not published before).
+    pub rewritten: usize,
+    /// The previous instance stopped on purpose with nothing in flight.
+    pub clean: bool,
+}
+
+/// Why a ring could not be taken over.
+#[derive(Debug, Error)]
+pub enum ResumeError {
+    /// The journal is missing, another ring's, or inconsistent.
+    #[error("no usable journal")]
+    Journal(#[from] JournalError),
+    /// The ring's indices or memory do not fit the journal.
+    #[error("the ring does not fit its journal")]
+    Ring(#[from] RingError),
 }
 
 impl Failure {
@@ -144,6 +170,9 @@ enum Next {
     FlushThenRespond,
 }
 
+/// A request's journal entry, if the queue keeps a journal.
+type Entry = Option<u16>;
+
 #[derive(Debug)]
 struct InFlight {
     id: u64,
@@ -152,6 +181,10 @@ struct InFlight {
     read_spans: Option<Vec<GrantSpan>>,
     next: Next,
     bytes: usize,
+    entry: Entry,
+    /// Already answered (the ring was abandoned): the engine still owns the buffer, and its
+    /// completion only gives it back.
+    answered: bool,
 }
 
 /// What one service pass did.
@@ -176,8 +209,15 @@ pub struct Dataplane {
     next_tag: u64,
     inflight_bytes: usize,
     /// Requests held back behind a barrier until everything before it completed.
-    deferred: VecDeque<Request>,
+    deferred: VecDeque<(Request, Entry)>,
+    /// Requests a previous instance took and did not answer, to issue again first.
+    reissue: VecDeque<(RequestSlot, Entry)>,
+    journal: Option<Journal>,
+    /// The next publish notifies the frontend whatever `rsp_event` says (a resumed ring:
+    /// notifications sent while no backend listened were lost).
+    force_notify: bool,
     slots: Vec<RequestSlot>,
+    entries: Vec<Entry>,
     done: Vec<Completion>,
     pool: Vec<Vec<u8>>,
     stats: Stats,
@@ -207,7 +247,11 @@ impl Dataplane {
             next_tag: 1,
             inflight_bytes: 0,
             deferred: VecDeque::new(),
+            reissue: VecDeque::new(),
+            journal: None,
+            force_notify: false,
             slots: Vec::new(),
+            entries: Vec::new(),
             done: Vec::new(),
             pool: Vec::new(),
             stats: Stats::default(),
@@ -221,7 +265,85 @@ impl Dataplane {
 
     /// Requests taken from the ring and not yet answered.
     pub fn in_flight(&self) -> usize {
-        self.inflight.len() + self.deferred.len()
+        self.inflight.values().filter(|f| !f.answered).count()
+            + self.deferred.len()
+            + self.reissue.len()
+    }
+
+    /// Keeps a crash-recovery journal of this (freshly connected) ring from now on.
+    pub fn with_journal(mut self, journal: Journal) -> Dataplane {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// Takes over a ring a previous instance of the backend served, from its journal at
+    /// `path`: restores the indices, writes back the responses it wrote and did not publish
+    /// (published, with a notification, by the next [`Self::service`]), and queues the
+    /// requests it took and did not answer to be issued again, first.
+    pub fn resume(
+        ring: (crate::ring::Abi, u8),
+        limits: Limits,
+        config: QueueConfig,
+        path: &std::path::Path,
+        id: &RingIdentity,
+        mem: &SharedMem<'_>,
+    ) -> Result<(Dataplane, Resumed), ResumeError> {
+        let (abi, order) = ring;
+        let fresh = BackRing::new(abi, order)?;
+        let shared_rsp_prod = fresh.shared_rsp_prod(mem)?;
+        let (journal, rec) = Journal::recover(path, id, fresh.capacity(), shared_rsp_prod)?;
+        let back = BackRing::resumed(abi, order, rec.req_cons, rec.rsp_prod_pvt, rec.published)?;
+        for w in &rec.unpublished {
+            back.rewrite_response(mem, w.pos, &w.response)?;
+        }
+        let info = Resumed {
+            reissued: rec.unanswered.len(),
+            rewritten: rec.unpublished.len(),
+            clean: rec.clean,
+        };
+        let mut dp = Dataplane::new(back, limits, config);
+        dp.reissue = rec
+            .unanswered
+            .into_iter()
+            .map(|u| (u.slot, Some(u.entry)))
+            .collect();
+        dp.journal = Some(journal);
+        dp.force_notify = true;
+        Ok((dp, info))
+    }
+
+    /// The journal, if the queue keeps one.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+
+    /// Gives up the journal (the ring is gone for good, or the caller discards it).
+    pub fn take_journal(&mut self) -> Option<Journal> {
+        self.journal.take()
+    }
+
+    /// The ring is being given up for good while the guest may still wait on it: answers
+    /// every request taken and not answered with `BLKIF_RSP_ERROR` -- so the guest fails them
+    /// instead of waiting forever -- and publishes. Engine operations still running keep
+    /// their buffers; their completions are then only reaped. Says whether to notify.
+    pub fn abandon(&mut self, mem: &SharedMem<'_>) -> Result<bool, RingError> {
+        let why = Failure::Abandoned;
+        let mut pending: Vec<(u64, u8, Entry)> = Vec::new();
+        for f in self.inflight.values_mut().filter(|f| !f.answered) {
+            f.answered = true;
+            pending.push((f.id, f.operation, f.entry));
+        }
+        for (req, e) in self.deferred.drain(..) {
+            pending.push((req.id, req.operation, e));
+        }
+        for (slot, e) in self.reissue.drain(..) {
+            pending.push((slot.id(), slot.operation(), e));
+        }
+        for (id, operation, e) in pending {
+            self.ids.remove(&id);
+            self.fail(mem, id, operation, &why, e)?;
+        }
+        self.publish(mem)
     }
 
     /// The ring's indices (for resuming or diagnostics).
@@ -258,20 +380,27 @@ impl Dataplane {
         id: u64,
         operation: u8,
         status: Status,
+        entry: Entry,
     ) -> Result<(), RingError> {
         match status {
             Status::Okay => self.stats.ok += 1,
             Status::NotSupported => self.stats.unsupported += 1,
             _ => self.stats.errors += 1,
         }
-        self.ring.push_response(
-            mem,
-            &Response {
-                id,
-                operation,
-                status,
-            },
-        )
+        let rsp = Response {
+            id,
+            operation,
+            status,
+        };
+        // journal first: the response may overwrite the slot of a request still in flight
+        if let (Some(j), Some(e)) = (self.journal.as_mut(), entry) {
+            j.answer(e, self.ring.rsp_prod_pvt(), &rsp);
+        }
+        self.ring.push_response(mem, &rsp)?;
+        if let Some(j) = &self.journal {
+            j.set_rsp_prod_pvt(self.ring.rsp_prod_pvt());
+        }
+        Ok(())
     }
 
     fn fail(
@@ -280,9 +409,24 @@ impl Dataplane {
         id: u64,
         operation: u8,
         why: &Failure,
+        entry: Entry,
     ) -> Result<(), RingError> {
         debug!(id, operation, error = %why, "request failed");
-        self.respond(mem, id, operation, why.status())
+        self.respond(mem, id, operation, why.status(), entry)
+    }
+
+    /// Publishes the responses written so far (and records it in the journal); says whether
+    /// to notify the frontend.
+    fn publish(&mut self, mem: &SharedMem<'_>) -> Result<bool, RingError> {
+        let notify = self.ring.publish_responses(mem)? || self.force_notify;
+        self.force_notify = false;
+        if let Some(j) = self.journal.as_mut() {
+            j.published(self.ring.rsp_prod_published());
+        }
+        if notify {
+            self.stats.notifications += 1;
+        }
+        Ok(notify)
     }
 
     fn submit(
@@ -294,7 +438,7 @@ impl Dataplane {
     ) -> Result<(), RingError> {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1);
-        let (id, operation, bytes) = (entry.id, entry.operation, entry.bytes);
+        let (id, operation, bytes, jentry) = (entry.id, entry.operation, entry.bytes, entry.entry);
         match engine.submit(tag, op) {
             Ok(()) => {
                 self.inflight_bytes += bytes;
@@ -306,7 +450,8 @@ impl Dataplane {
                     self.recycle(buf);
                 }
                 self.ids.remove(&id);
-                self.fail(mem, id, operation, &Failure::Engine(e.error.to_string()))
+                let why = Failure::Engine(e.error.to_string());
+                self.fail(mem, id, operation, &why, jentry)
             }
         }
     }
@@ -318,6 +463,7 @@ impl Dataplane {
         grants: &mut impl GrantIo,
         engine: &mut impl EngineQueue,
         req: Request,
+        jentry: Entry,
     ) -> Result<(), RingError> {
         let (id, operation) = (req.id, req.operation);
         let (write, then_flush, transfer) = match req.kind {
@@ -331,6 +477,8 @@ impl Dataplane {
                     read_spans: None,
                     next: Next::Respond,
                     bytes: 0,
+                    entry: jentry,
+                    answered: false,
                 };
                 let op = BlockOp::Discard {
                     offset: d.sector.saturating_mul(SECTOR_SIZE),
@@ -347,6 +495,8 @@ impl Dataplane {
                 read_spans: None,
                 next: Next::Respond,
                 bytes: 0,
+                entry: jentry,
+                answered: false,
             };
             return self.submit(mem, engine, entry, BlockOp::Flush);
         };
@@ -358,7 +508,7 @@ impl Dataplane {
             if let Err(fault) = grants.copy_from_guest(&spans, &mut buf) {
                 self.recycle(buf);
                 self.ids.remove(&id);
-                return self.fail(mem, id, operation, &Failure::Grant(fault));
+                return self.fail(mem, id, operation, &Failure::Grant(fault), jentry);
             }
             self.stats.written_bytes += t.total_bytes();
             let entry = InFlight {
@@ -371,6 +521,8 @@ impl Dataplane {
                     Next::Respond
                 },
                 bytes: len,
+                entry: jentry,
+                answered: false,
             };
             self.submit(mem, engine, entry, BlockOp::Write { offset, buf })
         } else {
@@ -380,6 +532,8 @@ impl Dataplane {
                 read_spans: Some(spans),
                 next: Next::Respond,
                 bytes: len,
+                entry: jentry,
+                answered: false,
             };
             self.submit(mem, engine, entry, BlockOp::Read { offset, buf })
         }
@@ -398,7 +552,14 @@ impl Dataplane {
             return Ok(());
         };
         self.inflight_bytes = self.inflight_bytes.saturating_sub(entry.bytes);
-        let (id, operation) = (entry.id, entry.operation);
+        let (id, operation, jentry) = (entry.id, entry.operation, entry.entry);
+        if entry.answered {
+            // answered when the ring was abandoned: only the buffer comes back
+            if let Some(buf) = done.buf {
+                self.recycle(buf);
+            }
+            return Ok(());
+        }
         let outcome = match done.result {
             Err(e) => Err(Failure::Engine(e.to_string())),
             Ok(()) => match (&entry.read_spans, &done.buf) {
@@ -423,16 +584,18 @@ impl Dataplane {
                     read_spans: None,
                     next: Next::Respond,
                     bytes: 0,
+                    entry: jentry,
+                    answered: false,
                 };
                 self.submit(mem, engine, entry, BlockOp::Flush)
             }
             (Ok(()), Next::Respond) => {
                 self.ids.remove(&id);
-                self.respond(mem, id, operation, Status::Okay)
+                self.respond(mem, id, operation, Status::Okay, jentry)
             }
             (Err(f), _) => {
                 self.ids.remove(&id);
-                self.fail(mem, id, operation, &f)
+                self.fail(mem, id, operation, &f, jentry)
             }
         }
     }
@@ -443,13 +606,14 @@ impl Dataplane {
         mem: &SharedMem<'_>,
         grants: &mut impl GrantIo,
         slot: &RequestSlot,
+        jentry: Entry,
     ) -> Result<Option<Request>, RingError> {
         let parsed = match slot.parse(&self.limits) {
             Ok(p) => p,
             Err(rej) => {
                 debug!(id = rej.id, error = %rej.error, "request rejected");
                 let rsp = rej.response();
-                self.respond(mem, rsp.id, rsp.operation, rsp.status)?;
+                self.respond(mem, rsp.id, rsp.operation, rsp.status, jentry)?;
                 return Ok(None);
             }
         };
@@ -467,7 +631,7 @@ impl Dataplane {
                     })
                     .collect();
                 if let Err(f) = grants.copy_from_guest(&spans, &mut pages) {
-                    self.fail(mem, ind.id, ind.operation, &Failure::Grant(f))?;
+                    self.fail(mem, ind.id, ind.operation, &Failure::Grant(f), jentry)?;
                     return Ok(None);
                 }
                 let views: Vec<&[u8]> = pages.chunks(PAGE_SIZE).collect();
@@ -476,17 +640,39 @@ impl Dataplane {
                     Err(rej) => {
                         debug!(id = rej.id, error = %rej.error, "indirect request rejected");
                         let rsp = rej.response();
-                        self.respond(mem, rsp.id, rsp.operation, rsp.status)?;
+                        self.respond(mem, rsp.id, rsp.operation, rsp.status, jentry)?;
                         return Ok(None);
                     }
                 }
             }
         };
         if !self.ids.insert(req.id) {
-            self.fail(mem, req.id, req.operation, &Failure::DuplicateId(req.id))?;
+            let why = Failure::DuplicateId(req.id);
+            self.fail(mem, req.id, req.operation, &why, jentry)?;
             return Ok(None);
         }
         Ok(Some(req))
+    }
+
+    /// Admits and starts (or defers behind a barrier) one slot taken from the ring.
+    fn dispatch(
+        &mut self,
+        mem: &SharedMem<'_>,
+        grants: &mut impl GrantIo,
+        engine: &mut impl EngineQueue,
+        slot: &RequestSlot,
+        jentry: Entry,
+    ) -> Result<(), RingError> {
+        let Some(req) = self.admit(mem, grants, slot, jentry)? else {
+            return Ok(());
+        };
+        let barrier = matches!(req.kind, RequestKind::Barrier(_));
+        if barrier || !self.deferred.is_empty() {
+            self.deferred.push_back((req, jentry));
+            self.run_deferred(mem, grants, engine)
+        } else {
+            self.start(mem, grants, engine, req, jentry)
+        }
     }
 
     fn run_deferred(
@@ -495,14 +681,14 @@ impl Dataplane {
         grants: &mut impl GrantIo,
         engine: &mut impl EngineQueue,
     ) -> Result<(), RingError> {
-        while let Some(front) = self.deferred.front() {
+        while let Some((front, _)) = self.deferred.front() {
             let is_barrier = matches!(front.kind, RequestKind::Barrier(_));
-            if is_barrier && !self.inflight.is_empty() {
+            if is_barrier && self.inflight.values().any(|f| !f.answered) {
                 // blkif.h: a barrier waits for all earlier requests to complete.
                 break;
             }
-            if let Some(req) = self.deferred.pop_front() {
-                self.start(mem, grants, engine, req)?;
+            if let Some((req, jentry)) = self.deferred.pop_front() {
+                self.start(mem, grants, engine, req, jentry)?;
             }
             if is_barrier {
                 // And everything after it waits for the barrier itself.
@@ -521,43 +707,61 @@ impl Dataplane {
         engine: &mut impl EngineQueue,
     ) -> Result<Serviced, DataplaneError> {
         self.finish_completed(mem, grants, engine)?;
+        // A resumed ring: what the previous instance took and did not answer goes first, in
+        // ring order, through the same validation.
+        while let Some((slot, jentry)) = self.reissue.pop_front() {
+            self.dispatch(mem, grants, engine, &slot, jentry)?;
+        }
 
         // Take requests a few at a time so the byte budget is honoured between batches, and
         // never more than one ring's worth per pass.
         let mut throttled = false;
+        let mut notify = false;
         let mut total = 0;
         let mut budget = usize::try_from(self.ring.capacity()).unwrap_or(usize::MAX);
         let mut slots = std::mem::take(&mut self.slots);
+        let mut entries = std::mem::take(&mut self.entries);
         while budget > 0 {
             if self.inflight_bytes >= self.config.max_inflight_bytes {
                 throttled = true;
                 break;
             }
+            let mut limit = budget.min(16);
+            if let Some(free) = self.journal.as_ref().map(Journal::free_entries) {
+                if free < limit {
+                    // entries of written responses come free when they are published
+                    notify |= self.publish(mem)?;
+                }
+                limit = limit.min(self.journal.as_ref().map_or(0, Journal::free_entries));
+                if limit == 0 {
+                    break;
+                }
+            }
             slots.clear();
-            let taken = self.ring.take_requests(mem, &mut slots, budget.min(16))?;
+            entries.clear();
+            let first = self.ring.req_cons();
+            let taken = self.ring.take_requests(mem, &mut slots, limit)?;
             if taken == 0 {
                 break;
             }
+            if let Some(j) = self.journal.as_mut() {
+                for (k, slot) in slots.iter().enumerate() {
+                    let index = first.wrapping_add(u32::try_from(k).unwrap_or(u32::MAX));
+                    entries.push(j.take(index, slot));
+                }
+                j.set_req_cons(self.ring.req_cons());
+            } else {
+                entries.resize(slots.len(), None);
+            }
             total += taken;
             budget -= taken;
-            for slot in &slots {
-                let Some(req) = self.admit(mem, grants, slot)? else {
-                    continue;
-                };
-                let barrier = matches!(req.kind, RequestKind::Barrier(_));
-                if barrier || !self.deferred.is_empty() {
-                    self.deferred.push_back(req);
-                    self.run_deferred(mem, grants, engine)?;
-                } else {
-                    self.start(mem, grants, engine, req)?;
-                }
+            for (slot, jentry) in slots.iter().zip(entries.iter()) {
+                self.dispatch(mem, grants, engine, slot, *jentry)?;
             }
         }
         self.slots = slots;
-        let notify = self.ring.publish_responses(mem)?;
-        if notify {
-            self.stats.notifications += 1;
-        }
+        self.entries = entries;
+        notify |= self.publish(mem)?;
         Ok(Serviced {
             notify,
             throttled,
@@ -574,7 +778,7 @@ impl Dataplane {
         engine: &mut impl EngineQueue,
     ) -> Result<bool, DataplaneError> {
         self.finish_completed(mem, grants, engine)?;
-        Ok(self.ring.publish_responses(mem)?)
+        Ok(self.publish(mem)?)
     }
 
     /// Answers every finished engine operation, then starts requests a barrier was holding

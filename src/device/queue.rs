@@ -7,7 +7,7 @@
 //! drains with a bounded wait and leaks what did not drain rather than freeing it.
 
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -52,13 +52,46 @@ impl<G: GrantTable> GrantIo for Access<G> {
 /// How long a stopping queue waits for in-flight engine operations.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a queue handing its ring over (stop for an upgrade or a restart of the
+/// process) waits for engine operations before leaving them to the journal.
+pub const HANDOVER_DRAIN: Duration = Duration::from_secs(5);
+
+/// Why a queue is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// The ring is given up for good (the frontend closes, the device goes away): requests
+    /// still unanswered after the drain are answered with an error, the journal is deleted.
+    Close,
+    /// The ring is handed to the next instance of the backend (upgrade, restart): nothing is
+    /// answered with an error; what did not drain stays in the journal, which is kept.
+    Handover,
+}
+
+impl StopMode {
+    fn code(self) -> u8 {
+        match self {
+            StopMode::Close => 1,
+            StopMode::Handover => 2,
+        }
+    }
+
+    fn from_code(c: u8) -> StopMode {
+        if c == 2 {
+            StopMode::Handover
+        } else {
+            StopMode::Close
+        }
+    }
+}
+
 /// Why a queue thread ended.
 #[derive(Debug)]
 pub enum QueueExit {
     /// Asked to stop; everything drained.
     Stopped(Stats),
     /// Asked to stop, but engine operations did not finish in time: their buffers (and the
-    /// engine queue) were leaked on purpose.
+    /// engine queue) were leaked on purpose. With [`StopMode::Close`] their requests were
+    /// answered with an error; with [`StopMode::Handover`] they stay in the journal.
     Leaked(Stats, usize),
     /// The frontend broke the protocol; the VBD must be closed with this reason.
     Broken(String),
@@ -104,6 +137,7 @@ impl<G: GrantTable, E: EventChannels> std::fmt::Debug for QueueParts<G, E> {
 #[derive(Debug)]
 pub struct QueueHandle {
     stop: Arc<EventFd>,
+    mode: Arc<AtomicU8>,
     thread: Option<JoinHandle<QueueExit>>,
 }
 
@@ -116,20 +150,24 @@ impl QueueHandle {
         G::Mapping: 'static,
     {
         let stop = Arc::new(EventFd::new().map_err(std::io::Error::from)?);
-        let stop2 = Arc::clone(&stop);
+        let mode = Arc::new(AtomicU8::new(StopMode::Close.code()));
+        let (stop2, mode2) = (Arc::clone(&stop), Arc::clone(&mode));
         let name = format!("rbdback-q{}", parts.index);
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let _g = span.enter();
-            run(parts, &stop2)
+            run(parts, &stop2, &mode2)
         })?;
         Ok(QueueHandle {
             stop,
+            mode,
             thread: Some(thread),
         })
     }
 
-    /// Asks the thread to stop and waits for it (bounded by [`DRAIN_TIMEOUT`] inside it).
-    pub fn stop(mut self) -> QueueExit {
+    /// Asks the thread to stop and waits for it (bounded by [`DRAIN_TIMEOUT`] or
+    /// [`HANDOVER_DRAIN`] inside it).
+    pub fn stop(mut self, how: StopMode) -> QueueExit {
+        self.mode.store(how.code(), Ordering::Relaxed);
         let _ = self.stop.write(1);
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(exit)) => exit,
@@ -153,7 +191,11 @@ impl Drop for QueueHandle {
     }
 }
 
-fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd) -> QueueExit {
+fn run<G: GrantTable + 'static, E: EventChannels + 'static>(
+    mut p: QueueParts<G, E>,
+    stop: &EventFd,
+    mode: &AtomicU8,
+) -> QueueExit {
     let mut grants = if p.persistent {
         Access::Persistent(PersistentGrants::new(
             Arc::clone(&p.gnttab),
@@ -188,12 +230,12 @@ fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd)
                             }
                         }
                     }
-                    Err(e) => return broken(&p, &e),
+                    Err(e) => return broken(p, grants, &e),
                 }
                 match p.dataplane.final_check(&mem) {
                     Ok(true) => continue,
                     Ok(false) => break,
-                    Err(e) => return broken(&p, &e),
+                    Err(e) => return broken(p, grants, &e),
                 }
             }
         }
@@ -205,7 +247,7 @@ fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd)
             Err(e) => return QueueExit::Failed(format!("poll: {e}")),
         };
         if st {
-            return drain(p, grants);
+            return drain(p, grants, StopMode::from_code(mode.load(Ordering::Relaxed)));
         }
         if ev {
             loop {
@@ -274,13 +316,67 @@ impl FloodLimit {
     }
 }
 
-fn broken<G: GrantTable, E: EventChannels>(
-    p: &QueueParts<G, E>,
+/// The frontend broke the ring protocol: the queue stops, but first answers every request
+/// it took with an error (its response slots are still ours to write), so the guest fails
+/// that I/O instead of waiting for it forever; then it lets the engine finish (bounded) so no
+/// buffer is freed under RADOS.
+fn broken<G: GrantTable + 'static, E: EventChannels + 'static>(
+    mut p: QueueParts<G, E>,
+    grants: Access<G>,
     e: &dyn std::error::Error,
 ) -> QueueExit {
     let msg = crate::chain(e);
     warn!(queue = p.index, error = %msg, "frontend broke the ring protocol; stopping the queue");
+    let answered = p.dataplane.in_flight();
+    match p.dataplane.abandon(&p.ring_map.mem()) {
+        Ok(notify) => {
+            if answered > 0 {
+                warn!(
+                    queue = p.index,
+                    requests = answered,
+                    "answered the requests in flight with errors"
+                );
+            }
+            if notify {
+                let _ = p.evtchn.notify(p.port);
+            }
+        }
+        Err(e) => warn!(queue = p.index, error = %e, "cannot answer the requests in flight"),
+    }
+    // The VBD closes now (as blkback does); the engine's operations are waited for on a
+    // thread of their own, which owns their buffers until they complete (bounded, then
+    // leaked).
+    let index = p.index;
+    let (tx, rx) = std::sync::mpsc::channel::<(QueueParts<G, E>, Access<G>)>();
+    let span = tracing::Span::current();
+    let spawned = std::thread::Builder::new()
+        .name(format!("rbdback-reap{index}"))
+        .spawn(move || {
+            let _g = span.enter();
+            if let Ok((p, grants)) = rx.recv() {
+                reap(p, grants);
+            }
+        });
+    let left = match spawned {
+        Ok(_) => tx.send((p, grants)).err().map(|e| e.0),
+        Err(_) => Some((p, grants)),
+    };
+    if let Some((p, grants)) = left {
+        reap(p, grants);
+    }
     QueueExit::Broken(msg)
+}
+
+/// Waits for a given-up ring's engine operations, then frees (or leaks) what they own.
+fn reap<G: GrantTable, E: EventChannels>(p: QueueParts<G, E>, grants: Access<G>) {
+    let index = p.index;
+    if let QueueExit::Leaked(_, n) = drain(p, grants, StopMode::Close) {
+        warn!(
+            queue = index,
+            in_flight = n,
+            "engine operations of the broken ring leaked"
+        );
+    }
 }
 
 /// Polls the event channel, the engine and the stop eventfd.
@@ -313,12 +409,19 @@ fn wait3<E: EventChannels>(
 }
 
 /// Stop: keep answering completions (so the guest sees its responses) until the engine is
-/// idle or [`DRAIN_TIMEOUT`] passes; new requests are not taken.
+/// idle or the drain time passes; new requests are not taken. Then, for [`StopMode::Close`],
+/// every request still unanswered is answered with an error and the journal is deleted; for
+/// [`StopMode::Handover`] they stay in the journal for the next instance.
 fn drain<G: GrantTable, E: EventChannels>(
     mut p: QueueParts<G, E>,
     mut grants: Access<G>,
+    how: StopMode,
 ) -> QueueExit {
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let limit = match how {
+        StopMode::Close => DRAIN_TIMEOUT,
+        StopMode::Handover => HANDOVER_DRAIN,
+    };
+    let deadline = Instant::now() + limit;
     while p.dataplane.engine_ops() > 0 && Instant::now() < deadline {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
@@ -332,11 +435,38 @@ fn drain<G: GrantTable, E: EventChannels>(
                 let _ = p.evtchn.notify(p.port);
             }
             Ok(false) => {}
-            Err(e) => return broken(&p, &e),
+            Err(e) => {
+                warn!(queue = p.index, error = %crate::chain(&e), "ring broken while draining");
+                break;
+            }
+        }
+    }
+    let left = p.dataplane.engine_ops();
+    match how {
+        StopMode::Close => {
+            let unanswered = p.dataplane.in_flight();
+            if unanswered > 0 {
+                warn!(
+                    queue = p.index,
+                    requests = unanswered,
+                    "requests still unanswered when the ring closes; answering them with errors"
+                );
+                if let Ok(true) = p.dataplane.abandon(&p.ring_map.mem()) {
+                    let _ = p.evtchn.notify(p.port);
+                }
+            }
+            if let Some(j) = p.dataplane.take_journal() {
+                j.discard();
+            }
+        }
+        StopMode::Handover => {
+            if let Some(j) = p.dataplane.journal() {
+                // nothing left for the next instance to issue again, or to fence
+                j.set_clean(p.dataplane.in_flight() == 0 && left == 0);
+            }
         }
     }
     let stats = p.dataplane.stats();
-    let left = p.dataplane.engine_ops();
     if left > 0 {
         warn!(
             queue = p.index,

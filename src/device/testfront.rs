@@ -589,6 +589,93 @@ pub struct RunReport {
     pub model: HashMap<u64, u64>,
 }
 
+/// Watches a backend's `state` node from the guest's side and records every value it sees,
+/// with the frontend's own state at that moment, so a test can check the backend never
+/// walks the frontend through a sequence Linux blkfront cannot take (see
+/// [`BackendStates::violations`]).
+#[derive(Debug)]
+pub struct BackendStates {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(XenbusState, XenbusState)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackendStates {
+    /// Starts recording `be/state` changes (a connection of `xs`'s domain of its own).
+    pub fn watch(dom: &SimFrontend, be: &str, fe: &str) -> Result<BackendStates, FrontTestError> {
+        let xs = dom.xenstore()?;
+        let watch = xs.watch(&format!("{be}/state"))?;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s2, st2, be, fe) = (
+            std::sync::Arc::clone(&seen),
+            std::sync::Arc::clone(&stop),
+            be.to_owned(),
+            fe.to_owned(),
+        );
+        let thread = std::thread::spawn(move || {
+            let read = |p: &str| {
+                xs.read(p)
+                    .ok()
+                    .flatten()
+                    .map_or(XenbusState::Unknown, |v| XenbusState::parse(&v))
+            };
+            let mut last = None;
+            while !st2.load(std::sync::atomic::Ordering::Relaxed) {
+                if watch.recv_timeout(Duration::from_millis(20)).is_none() {
+                    continue;
+                }
+                let b = read(&format!("{be}/state"));
+                if last != Some(b) {
+                    last = Some(b);
+                    let f = read(&format!("{fe}/state"));
+                    if let Ok(mut v) = s2.lock() {
+                        v.push((b, f));
+                    }
+                }
+            }
+        });
+        Ok(BackendStates {
+            seen,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Backend states seen so far (with the frontend's state at each).
+    pub fn seen(&self) -> Vec<(XenbusState, XenbusState)> {
+        self.seen.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Transitions Linux blkback never makes and Linux blkfront cannot survive: InitWait
+    /// under a Connected frontend, or Connected under a frontend that is closing or closed
+    /// (blkfront then calls `talk_to_blkback` on rings it still holds: `BUG_ON` in
+    /// `negotiate_mq`).
+    pub fn violations(&self) -> Vec<String> {
+        self.seen()
+            .iter()
+            .filter_map(|&(b, f)| match (b, f) {
+                (XenbusState::InitWait, XenbusState::Connected) => {
+                    Some("InitWait while the frontend is Connected".to_owned())
+                }
+                (XenbusState::Connected, XenbusState::Closing | XenbusState::Closed) => Some(
+                    format!("Connected while the frontend is {f} (blkfront BUG()s on this)"),
+                ),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl Drop for BackendStates {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The 4 KiB pattern [`run_verified`] writes to `block` at version `ver` (0: zeros).
 pub fn block_pattern(block: u64, ver: u64) -> Vec<u8> {
     let mut buf = vec![0u8; PAGE_SIZE];

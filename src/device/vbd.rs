@@ -7,6 +7,7 @@
 //! Must never: let a failure leave its own VBD (other VBDs run in their own threads), or block
 //! forever: every wait has a timeout so stop requests and removals are seen.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -19,13 +20,20 @@ use crate::chain;
 use crate::rados::{self, Image, ImageSpec};
 use crate::ring::{self, BackRing};
 use crate::xen::xenstore::{Xenstore, XsError};
-use crate::xen::{DomId, EventChannels, GrantTable, Platform, XenError};
+use crate::xen::{DomId, EventChannels, GrantMapping, GrantTable, Platform, XenError};
 
-use super::dataplane::{Dataplane, QueueConfig};
+use super::dataplane::{Dataplane, QueueConfig, ResumeError};
 use super::frontend::{FrontendConfig, FrontendError, Limits};
+use super::journal::{Journal, JournalError, RingIdentity};
 use super::params::{DiskSpec, ParamsError};
-use super::queue::{QueueExit, QueueHandle, QueueParts};
+use super::queue::{QueueExit, QueueHandle, QueueParts, StopMode};
 use super::xenbus::{Action, Handshake, XenbusState};
+
+/// The backend node that says how opening the disk's image went, for the hotplug script
+/// (`block-rbdback add` waits for it, then reports a failure to libxl through
+/// `hotplug-error`) and for operators: `opening`, `open` or `failed` (the reason is in the
+/// `error` node).
+pub const IMAGE_NODE: &str = "rbdback-image";
 
 /// `info` bits (blkif.h `VDISK_*`).
 const VDISK_CDROM: u32 = 1;
@@ -63,7 +71,7 @@ impl VbdId {
 }
 
 /// What the backend advertises.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// `max-ring-page-order` (0..=4).
     pub max_ring_page_order: u32,
@@ -78,6 +86,11 @@ pub struct Options {
     /// How long opening the image may go unanswered before the VBD says so in its `error`
     /// node (it keeps waiting: librados gives an operation no time bound of its own).
     pub open_report_after: Duration,
+    /// Where each VBD keeps what outlives the process (`<dir>/<kind>-<domid>-<devid>/`: a
+    /// journal per ring queue, the client address to fence): with it, a backend that dies
+    /// is resumed by the next one without the guest noticing. `None`: no journal (a VBD a
+    /// dead backend connected is then closed).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -90,6 +103,7 @@ impl Default for Options {
             queue: QueueConfig::default(),
             resize_poll: Duration::from_secs(5),
             open_report_after: Duration::from_secs(30),
+            state_dir: None,
         }
     }
 }
@@ -135,6 +149,21 @@ pub enum VbdError {
     /// A queue found the frontend breaking the protocol.
     #[error("frontend broke the ring protocol: {0}")]
     Broken(String),
+    /// A VBD another instance of the backend connected could not be taken over.
+    #[error("cannot resume the rings a previous backend connected")]
+    Resume(#[source] ResumeError),
+    /// The VBD's state directory could not be made.
+    #[error("cannot keep the ring's journal in {}", path.display())]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A journal could not be created.
+    #[error("cannot create the ring's journal")]
+    Journal(#[from] JournalError),
 }
 
 /// How a VBD's thread ended.
@@ -200,6 +229,8 @@ struct Vbd<P: Platform> {
     capacity: Arc<AtomicU64>,
     hs: Handshake,
     conn: Option<Connected>,
+    /// This VBD's directory under [`Options::state_dir`].
+    state: Option<PathBuf>,
 }
 
 fn node(xs: &Xenstore, path: &str) -> Result<String, VbdError> {
@@ -304,43 +335,69 @@ impl<P: Platform> Vbd<P> {
         l
     }
 
-    fn connect(&mut self) -> Result<(), VbdError> {
-        let image = self
-            .image
-            .clone()
-            .ok_or_else(|| VbdError::MissingNode(format!("{}/params", self.be)))?;
+    /// Reads the frontend's ring nodes (the same for a fresh connection and a takeover).
+    fn frontend_config(&self) -> Result<FrontendConfig, VbdError> {
         let fe = self.fe.clone();
         let xs = Arc::clone(&self.xs);
         let mut read = |n: &str| xs.read(&format!("{fe}/{n}")).ok().flatten();
-        let cfg = FrontendConfig::read(
+        Ok(FrontendConfig::read(
             &mut read,
             Limits {
                 max_ring_page_order: self.opts.max_ring_page_order,
                 max_queues: self.opts.max_queues,
                 persistent: true,
             },
-        )?;
-        info!(
-            abi = ?cfg.abi,
-            order = cfg.ring_page_order,
-            queues = cfg.queues.len(),
-            "frontend connecting"
-        );
+        )?)
+    }
+
+    fn journal_path(&self, index: usize) -> Option<PathBuf> {
+        self.state.as_ref().map(|d| d.join(format!("q{index}")))
+    }
+
+    /// Starts a queue thread for every ring of `cfg`; on a failure stops those already
+    /// started (`how`) and returns the error with the rings that were never started.
+    fn start_queues(&mut self, cfg: &FrontendConfig, resume: bool) -> Result<(), VbdError> {
+        let image = self
+            .image
+            .clone()
+            .ok_or_else(|| VbdError::MissingNode(format!("{}/params", self.be)))?;
         let order = u8::try_from(cfg.ring_page_order).unwrap_or(u8::MAX);
         let mut queues = Vec::new();
         for (index, q) in cfg.queues.iter().enumerate() {
-            match self.start_queue(&image, &cfg, index, q, order) {
+            match self.start_queue(&image, cfg, index, q, order, resume) {
                 Ok(h) => queues.push(h),
                 Err(e) => {
                     // Never leave a half-connected VBD: stop what already runs.
                     for h in queues {
-                        let _ = h.stop();
+                        let _ = h.stop(StopMode::Close);
                     }
                     return Err(e);
                 }
             }
         }
         self.conn = Some(Connected { queues });
+        Ok(())
+    }
+
+    fn connect(&mut self) -> Result<(), VbdError> {
+        let image = self
+            .image
+            .clone()
+            .ok_or_else(|| VbdError::MissingNode(format!("{}/params", self.be)))?;
+        let cfg = self.frontend_config()?;
+        info!(
+            abi = ?cfg.abi,
+            order = cfg.ring_page_order,
+            queues = cfg.queues.len(),
+            "frontend connecting"
+        );
+        if let Some(dir) = &self.state {
+            std::fs::create_dir_all(dir).map_err(|source| VbdError::StateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        self.start_queues(&cfg, false)?;
         let sectors = self.capacity.load(Ordering::Relaxed);
         let info = if self.read_only { VDISK_READONLY } else { 0 }
             | if self.cdrom { VDISK_CDROM } else { 0 };
@@ -367,10 +424,82 @@ impl<P: Platform> Vbd<P> {
             Ok(())
         });
         if let Err(e) = res {
-            self.disconnect();
+            self.disconnect(StopMode::Close);
             return Err(e.into());
         }
         Ok(())
+    }
+
+    /// Takes over the rings a previous instance of the backend connected, from their
+    /// journals, writing nothing to xenstore: the frontend sees no state change.
+    fn resume(&mut self) -> Result<(), VbdError> {
+        let cfg = self.frontend_config()?;
+        self.start_queues(&cfg, true)?;
+        info!(
+            queues = cfg.queues.len(),
+            order = cfg.ring_page_order,
+            "resumed the rings a previous backend connected"
+        );
+        Ok(())
+    }
+
+    /// A VBD a previous backend connected cannot be resumed: answer, with an error, every
+    /// request its journals say the guest waits for, on every ring we can still reach, so
+    /// the guest fails that I/O instead of hanging (the VBD is then closed).
+    fn answer_what_we_know(&self) {
+        let Ok(cfg) = self.frontend_config() else {
+            return;
+        };
+        let order = u8::try_from(cfg.ring_page_order).unwrap_or(u8::MAX);
+        for (index, q) in cfg.queues.iter().enumerate() {
+            let Some(path) = self.journal_path(index) else {
+                continue;
+            };
+            if !path.exists() {
+                continue;
+            }
+            let done = (|| -> Result<usize, VbdError> {
+                let map = self.gnttab.map(self.fe_domid, &q.ring_refs, true)?;
+                let id = RingIdentity {
+                    abi: cfg.abi,
+                    order,
+                    refs: q.ring_refs.clone(),
+                    event_channel: q.event_channel,
+                };
+                let (mut dp, _) = Dataplane::resume(
+                    (cfg.abi, order),
+                    self.ring_limits(),
+                    self.opts.queue,
+                    &path,
+                    &id,
+                    &map.mem(),
+                )
+                .map_err(VbdError::Resume)?;
+                let n = dp.in_flight();
+                let notify = dp
+                    .abandon(&map.mem())
+                    .map_err(|e| VbdError::Broken(e.to_string()))?;
+                if notify {
+                    let mut ev = self.platform.evtchn()?;
+                    let port = ev.bind_interdomain(self.fe_domid, q.event_channel)?;
+                    ev.notify(port)?;
+                }
+                if let Some(j) = dp.take_journal() {
+                    j.discard();
+                }
+                Ok(n)
+            })();
+            match done {
+                Ok(n) => warn!(
+                    queue = index,
+                    requests = n,
+                    "answered the requests the guest waited for with errors"
+                ),
+                Err(e) => {
+                    warn!(queue = index, error = %chain(&e), "cannot answer the ring's requests")
+                }
+            }
+        }
     }
 
     fn start_queue(
@@ -380,12 +509,58 @@ impl<P: Platform> Vbd<P> {
         index: usize,
         q: &super::frontend::QueueRing,
         order: u8,
+        resume: bool,
     ) -> Result<QueueHandle, VbdError> {
         let ring_map = self.gnttab.map(self.fe_domid, &q.ring_refs, true)?;
+        let id = RingIdentity {
+            abi: cfg.abi,
+            order,
+            refs: q.ring_refs.clone(),
+            event_channel: q.event_channel,
+        };
+        let dataplane = match (resume, self.journal_path(index)) {
+            (true, Some(path)) => {
+                let (dp, r) = Dataplane::resume(
+                    (cfg.abi, order),
+                    self.ring_limits(),
+                    self.opts.queue,
+                    &path,
+                    &id,
+                    &ring_map.mem(),
+                )
+                .map_err(VbdError::Resume)?;
+                info!(
+                    queue = index,
+                    reissued = r.reissued,
+                    rewritten = r.rewritten,
+                    clean = r.clean,
+                    "ring resumed from its journal"
+                );
+                dp
+            }
+            (true, None) => {
+                return Err(VbdError::Resume(ResumeError::Journal(
+                    JournalError::Mismatch {
+                        path: PathBuf::from("(no state directory)"),
+                        why: "this backend keeps no journals (no --state-dir)".into(),
+                    },
+                )))
+            }
+            (false, path) => {
+                let back =
+                    BackRing::new(cfg.abi, order).map_err(|e| VbdError::Broken(e.to_string()))?;
+                let dp = Dataplane::new(back, self.ring_limits(), self.opts.queue);
+                match path {
+                    Some(p) => {
+                        let entries = dp.ring().capacity();
+                        dp.with_journal(Journal::create(&p, &id, entries)?)
+                    }
+                    None => dp,
+                }
+            }
+        };
         let mut evtchn = self.platform.evtchn()?;
         let port = evtchn.bind_interdomain(self.fe_domid, q.event_channel)?;
-        let back = BackRing::new(cfg.abi, order).map_err(|e| VbdError::Broken(e.to_string()))?;
-        let dataplane = Dataplane::new(back, self.ring_limits(), self.opts.queue);
         let engine = image.queue().map_err(VbdError::Engine)?;
         let parts = QueueParts {
             index,
@@ -402,20 +577,33 @@ impl<P: Platform> Vbd<P> {
         Ok(QueueHandle::spawn(parts, info_span!("queue", q = index))?)
     }
 
-    fn disconnect(&mut self) {
+    /// Stops the queues; true when every one drained (nothing left in flight).
+    fn disconnect(&mut self, how: StopMode) -> bool {
+        let mut clean = true;
         if let Some(c) = self.conn.take() {
             for q in c.queues {
-                match q.stop() {
+                match q.stop(how) {
                     QueueExit::Stopped(s) => debug!(?s, "queue stopped"),
-                    QueueExit::Leaked(s, n) => warn!(?s, in_flight = n, "queue leaked buffers"),
+                    QueueExit::Leaked(s, n) => {
+                        clean = false;
+                        warn!(?s, in_flight = n, "queue leaked buffers")
+                    }
                     QueueExit::Broken(r) => {
+                        clean = false;
                         warn!(reason = %r, "queue had stopped: broken frontend")
                     }
-                    QueueExit::Failed(r) => warn!(reason = %r, "queue had failed"),
+                    QueueExit::Failed(r) => {
+                        clean = false;
+                        warn!(reason = %r, "queue had failed")
+                    }
                 }
             }
-            info!("disconnected");
+            match how {
+                StopMode::Close => info!("disconnected"),
+                StopMode::Handover => info!("rings left to the next backend instance"),
+            }
         }
+        clean
     }
 
     /// Runs actions; returns true when the VBD is gone.
@@ -430,18 +618,81 @@ impl<P: Platform> Vbd<P> {
                         return self.execute(more);
                     }
                 }
-                Action::Disconnect => self.disconnect(),
+                Action::Disconnect => {
+                    self.disconnect(StopMode::Close);
+                }
                 Action::SwitchState(s) => {
                     debug!(state = %s, "backend state");
                     self.write("state", &s.to_string())?;
                 }
                 Action::Remove => {
-                    self.disconnect();
+                    self.disconnect(StopMode::Close);
+                    self.forget_state();
                     return Ok(true);
                 }
             }
         }
         Ok(false)
+    }
+
+    /// Records this instance's RADOS client in the state directory: if it dies, the next
+    /// instance fences it (blocklists it) before it writes, and breaks its lock at once.
+    fn remember_client(&self, image: &Image) {
+        let (Some(dir), Some(me)) = (&self.state, image.client()) else {
+            return;
+        };
+        let r = std::fs::create_dir_all(dir).and_then(|()| {
+            std::fs::write(dir.join(CLIENT_FILE), format!("{} {}\n", me.gid, me.addr))
+        });
+        if let Err(e) = r {
+            warn!(error = %e, dir = %dir.display(), "cannot record the client for a successor");
+        }
+    }
+
+    /// Marks the recorded client as gone cleanly: stopped on purpose with nothing in flight
+    /// and its image closed, so the next instance need not fence it.
+    fn client_left_cleanly(&self) {
+        if let Some(dir) = &self.state {
+            let f = dir.join(CLIENT_FILE);
+            if let Ok(text) = std::fs::read_to_string(&f) {
+                let _ = std::fs::write(&f, format!("{}clean\n", text));
+            }
+        }
+    }
+
+    /// What a previous instance recorded about its client: the identity the image open must
+    /// fence (unless it left cleanly) and whose lock it may break at once.
+    fn fence_predecessor(&self, spec: &mut ImageSpec) {
+        let Some(dir) = &self.state else { return };
+        let Ok(text) = std::fs::read_to_string(dir.join(CLIENT_FILE)) else {
+            return;
+        };
+        let mut lines = text.lines();
+        let Some((gid, addr)) = lines.next().and_then(|l| l.split_once(' ')) else {
+            return;
+        };
+        let Ok(gid) = gid.parse() else { return };
+        let clean = lines.any(|l| l.trim() == "clean");
+        spec.predecessor = Some(rados::ClientIdentity {
+            addr: addr.trim().to_owned(),
+            gid,
+        });
+        spec.fence_predecessor = !clean;
+        info!(previous = %addr.trim(), fence = !clean, "resuming after a previous backend");
+    }
+
+    /// Deletes the VBD's state directory (the device is gone for good).
+    fn forget_state(&self) {
+        if let Some(dir) = &self.state {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    fn backend_state(&self) -> XenbusState {
+        match self.xs.read(&format!("{}/state", self.be)) {
+            Ok(Some(s)) => XenbusState::parse(&s),
+            _ => XenbusState::Unknown,
+        }
     }
 
     fn frontend_state(&self) -> XenbusState {
@@ -487,7 +738,28 @@ impl<P: Platform> Vbd<P> {
     }
 }
 
+/// How a new backend finds a VBD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takeover {
+    /// Not handshaken yet (or only probed): probe.
+    Fresh,
+    /// A previous instance of the backend connected it: resume its rings from the journals.
+    Resume,
+    /// A previous instance closed it (Closing/Closed): go on from there.
+    Adopt(XenbusState),
+}
+
+/// The client of the previous instance that served a VBD, kept in its state directory:
+/// `<address>` and whether it left cleanly.
+const CLIENT_FILE: &str = "client";
+
 /// Serves one VBD until it is removed or `stop` fires. Never panics on bad input.
+///
+/// A VBD it finds already Connected (a previous `serve` died or handed over) is resumed from
+/// the journals in [`Options::state_dir`] without any state change the frontend can see; if
+/// that is impossible, every request the journals say the guest waits for is answered with an
+/// error and the VBD is closed, once, as Linux blkback closes one. On `stop` the rings are
+/// left to the next instance (journals kept, nothing written to xenstore).
 pub fn run_vbd<P: Platform>(
     platform: Arc<P>,
     gnttab: Arc<P::Gnttab>,
@@ -512,6 +784,10 @@ pub fn run_vbd<P: Platform>(
             .unwrap_or_else(|| "w".into());
         Ok((fe, fe_domid, params, mode))
     })();
+    let state = opts
+        .state_dir
+        .as_ref()
+        .map(|d| d.join(format!("{}-{}-{}", id.kind, id.domid, id.devid)));
     let mut vbd = Vbd {
         id: id.clone(),
         be: be.clone(),
@@ -528,10 +804,21 @@ pub fn run_vbd<P: Platform>(
         capacity: Arc::new(AtomicU64::new(0)),
         hs: Handshake::new(),
         conn: None,
+        state,
+    };
+    let image_node = |v: &str| {
+        if let Err(e) = xs.write(&format!("{be}/{IMAGE_NODE}"), v) {
+            warn!(error = %e, "cannot write {IMAGE_NODE}");
+        }
     };
     let mut usable = false;
+    let mut first: Vec<Action> = Vec::new();
     match setup {
-        Err(e) => vbd.report(&e),
+        Err(e) => {
+            vbd.report(&e);
+            image_node("failed");
+            first = vbd.hs.connect_failed();
+        }
         Ok((fe, fe_domid, params, mode)) => {
             vbd.fe = fe;
             vbd.fe_domid = fe_domid;
@@ -550,16 +837,40 @@ pub fn run_vbd<P: Platform>(
                     .as_deref(),
                 Some("0")
             );
+            let fe_state = vbd.frontend_state();
+            let takeover = match vbd.backend_state() {
+                XenbusState::Connected => Takeover::Resume,
+                s @ (XenbusState::Closing | XenbusState::Closed) => Takeover::Adopt(s),
+                _ => Takeover::Fresh,
+            };
+            if takeover == Takeover::Fresh {
+                // blkback's probe: advertise and wait for the frontend at once, before the
+                // disk is known, so the toolstack (libxl waits 10 s for InitWait) goes on to
+                // the hotplug script, which waits for the outcome of the open below.
+                image_node("opening");
+                let acts = vbd.hs.probe(fe_state);
+                if let Err(e) = vbd.execute(acts) {
+                    warn!(error = %e, "cannot write the probe nodes");
+                }
+            } else {
+                info!(?takeover, frontend = %fe_state, "taking over a VBD a previous backend served");
+            }
             let opened = match DiskSpec::parse(&params) {
                 Err(e) => Err(VbdError::from(e)),
                 Ok(spec) => {
-                    let ispec = image_spec(&spec, vbd.read_only);
+                    let mut ispec = image_spec(&spec, vbd.read_only);
+                    if takeover == Takeover::Resume {
+                        vbd.fence_predecessor(&mut ispec);
+                    }
                     info!(image = %ispec, engine = ?spec.target.engine, "opening image");
                     match vbd.open_watched(&opener, &ispec, &stop) {
                         Opening::Done(r) => r.map_err(VbdError::Open),
                         Opening::Stopped => return VbdEnd::Stopped,
                         Opening::Removed => {
+                            // libxl waits for Closed before it removes the directories
+                            let _ = vbd.write("state", &XenbusState::Closed.to_string());
                             let _ = xs.rm(&id.error_path());
+                            vbd.forget_state();
                             return VbdEnd::Removed;
                         }
                     }
@@ -569,22 +880,40 @@ pub fn run_vbd<P: Platform>(
                 Ok(image) => {
                     vbd.read_only = vbd.read_only || image.info().read_only;
                     vbd.capacity.store(image.size() / 512, Ordering::Relaxed);
+                    vbd.remember_client(&image);
                     vbd.image = Some(image);
                     usable = true;
+                    let _ = xs.rm(&id.error_path());
+                    image_node("open");
                 }
-                Err(e) => vbd.report(&e),
+                Err(e) => {
+                    vbd.report(&e);
+                    image_node("failed");
+                }
+            }
+            match (takeover, usable) {
+                (Takeover::Fresh, true) => {}
+                (Takeover::Fresh, false) => first = vbd.hs.connect_failed(),
+                (Takeover::Adopt(s), _) => vbd.hs = Handshake::adopt(s, fe_state),
+                (Takeover::Resume, true) => match vbd.resume() {
+                    Ok(()) => vbd.hs = Handshake::resumed(fe_state),
+                    Err(e) => {
+                        vbd.report(&e);
+                        vbd.answer_what_we_know();
+                        vbd.hs = Handshake::adopt(XenbusState::Connected, fe_state);
+                        first = vbd.hs.connect_failed();
+                    }
+                },
+                (Takeover::Resume, false) => {
+                    vbd.answer_what_we_know();
+                    vbd.hs = Handshake::adopt(XenbusState::Connected, fe_state);
+                    first = vbd.hs.connect_failed();
+                }
             }
         }
     }
-    let first = if usable {
-        let _ = xs.rm(&id.error_path());
-        vbd.hs.probe()
-    } else {
-        // xenbus_dev_fatal: the backend goes to Closing and stays there.
-        vbd.hs.connect_failed()
-    };
     if let Err(e) = vbd.execute(first) {
-        warn!(error = %e, "cannot write the probe nodes");
+        warn!(error = %e, "cannot write the backend state");
     }
 
     let watch_fe = if vbd.fe.is_empty() {
@@ -597,7 +926,14 @@ pub fn run_vbd<P: Platform>(
     loop {
         match stop.try_recv() {
             Ok(()) | Err(TryRecvError::Disconnected) => {
-                vbd.disconnect();
+                // The process stops (upgrade, restart): the rings stay with the guest, for
+                // the next instance to resume. Nothing is written to xenstore.
+                let drained = vbd.disconnect(StopMode::Handover);
+                // closing the image releases the exclusive lock (bounded by close_wait)
+                let last = vbd.image.take().map(|i| Arc::strong_count(&i) == 1);
+                if drained && last != Some(false) {
+                    vbd.client_left_cleanly();
+                }
                 return VbdEnd::Stopped;
             }
             Err(TryRecvError::Empty) => {}
@@ -641,19 +977,23 @@ pub fn run_vbd<P: Platform>(
         };
         let fe_state = vbd.frontend_state();
         let acts = if online {
-            if usable {
+            if usable
+                || matches!(
+                    fe_state,
+                    XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown
+                )
+            {
+                // a disk that cannot be served only follows the frontend to Closed
                 vbd.hs.frontend_changed(fe_state, true)
             } else {
                 Vec::new()
             }
-        } else if usable {
+        } else {
             let mut a = vbd.hs.offline(fe_state);
             if !a.contains(&Action::Remove) {
                 a.extend(vbd.hs.frontend_changed(fe_state, false));
             }
             a
-        } else {
-            vec![Action::Remove]
         };
         match vbd.execute(acts) {
             Ok(true) => {

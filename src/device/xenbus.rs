@@ -94,10 +94,19 @@ pub enum Action {
 }
 
 /// The backend side of one VBD's handshake.
+///
+/// It acts on frontend state *changes*, as Linux blkback's `frontend_changed` watch callback
+/// does: the control thread may call [`Handshake::frontend_changed`] with the same value many
+/// times, and only a new value does something. That matters after the backend closed on its
+/// own (a connect that failed, a frontend that broke the ring): the frontend's `state` still
+/// says Connected until it reacts, and connecting again on that stale value is exactly what
+/// drives Linux blkfront into `BUG()` (`talk_to_blkback` on rings it still holds).
 #[derive(Debug, Clone)]
 pub struct Handshake {
     state: XenbusState,
     connected: bool,
+    /// The frontend state last acted upon (`None`: none yet).
+    last_fe: Option<XenbusState>,
 }
 
 impl Default for Handshake {
@@ -112,6 +121,28 @@ impl Handshake {
         Handshake {
             state: XenbusState::Initialising,
             connected: false,
+            last_fe: None,
+        }
+    }
+
+    /// A backend taking over a VBD a previous instance of itself connected, whose rings it
+    /// has resumed: Connected, with nothing to write (the frontend must see no change).
+    pub fn resumed(frontend: XenbusState) -> Self {
+        Handshake {
+            state: XenbusState::Connected,
+            connected: true,
+            last_fe: Some(frontend),
+        }
+    }
+
+    /// A backend taking over a VBD whose backend `state` node already says `state` (a
+    /// previous instance wrote it) and whose frontend is in `frontend`: it continues from
+    /// there without writing anything, so the frontend sees no step backwards.
+    pub fn adopt(state: XenbusState, frontend: XenbusState) -> Self {
+        Handshake {
+            state,
+            connected: false,
+            last_fe: Some(frontend),
         }
     }
 
@@ -139,15 +170,23 @@ impl Handshake {
         }
     }
 
-    /// The probe: called once the backend's configuration (params, mode) is usable.
-    pub fn probe(&mut self) -> Vec<Action> {
+    /// The probe: advertise and wait for the frontend (`InitWait`), as blkback's probe does
+    /// before it knows its disk. A frontend already Connected (a previous backend connected
+    /// it and cannot be resumed) must never see `InitWait`: the VBD is closed instead, once.
+    pub fn probe(&mut self, frontend: XenbusState) -> Vec<Action> {
+        self.last_fe = Some(frontend);
+        if frontend == XenbusState::Connected {
+            return self.connect_failed();
+        }
         let mut out = vec![Action::Advertise];
         self.switch(XenbusState::InitWait, &mut out);
         out
     }
 
-    /// The connect step failed (bad ring refs, absurd order, mapping error): the caller has
-    /// written the reason to the `error` node; the backend closes like `xenbus_dev_fatal`.
+    /// The connect step failed (bad ring refs, absurd order, mapping error) or the disk
+    /// cannot be served (its image did not open): the caller has written the reason to the
+    /// `error` node; the backend closes like `xenbus_dev_fatal`. It reconnects only after the
+    /// frontend has moved on (closed and started again).
     pub fn connect_failed(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
         self.disconnect(&mut out);
@@ -160,41 +199,51 @@ impl Handshake {
         self.connect_failed()
     }
 
-    /// The frontend's `state` node changed (or a watch fired with the same value).
+    /// The frontend's `state` node was read (a watch fired, or the control thread polled).
+    /// Only a value different from the last one acted upon does something.
     ///
     /// `online` is the toolstack's `online` flag (libxl writes 0 before removing a device).
     pub fn frontend_changed(&mut self, fe: XenbusState, online: bool) -> Vec<Action> {
         let mut out = Vec::new();
+        if self.last_fe == Some(fe) {
+            return out;
+        }
         match fe {
             XenbusState::Initialising | XenbusState::InitWait => {
+                self.last_fe = Some(fe);
                 // A frontend starting over after Closed (reboot, kexec, driver reload):
-                // advertise again. While still probing, nothing to do.
+                // advertise again (blkback's "prepare for reconnect"). While still probing,
+                // nothing to do.
                 if self.state == XenbusState::Closed {
                     out.push(Action::Advertise);
                     self.switch(XenbusState::InitWait, &mut out);
                 }
             }
             XenbusState::Initialised | XenbusState::Connected => {
-                // Linux blkback connects on either; a repeated Connected is ignored.
+                self.last_fe = Some(fe);
                 if self.connected {
                     return out;
                 }
-                if self.state == XenbusState::Closing || self.state == XenbusState::Closed {
-                    // The frontend skipped Initialising after we closed: re-advertise
-                    // first so the features it reads are ours.
-                    out.push(Action::Advertise);
-                    self.state = XenbusState::InitWait;
-                }
-                if self.state == XenbusState::Initialising {
-                    // Probe never ran (should not happen): advertise before connecting.
-                    out.push(Action::Advertise);
-                    self.state = XenbusState::InitWait;
+                match self.state {
+                    // We asked the frontend to close (or closed on an error): a Connected it
+                    // reports now is the old session, not a new one. Connecting again here is
+                    // the second Connect Linux blkfront BUG()s on.
+                    XenbusState::Closing => return out,
+                    // The frontend started over and we missed its Initialising: advertise
+                    // first so the features it reads are ours, then connect (blkback connects
+                    // on Initialised/Connected from any state but Connected).
+                    XenbusState::Closed | XenbusState::Initialising | XenbusState::Unknown => {
+                        out.push(Action::Advertise);
+                        self.state = XenbusState::InitWait;
+                    }
+                    _ => {}
                 }
                 self.connected = true;
                 out.push(Action::Connect);
                 self.switch(XenbusState::Connected, &mut out);
             }
             XenbusState::Closing => {
+                self.last_fe = Some(fe);
                 self.disconnect(&mut out);
                 self.switch(XenbusState::Closing, &mut out);
             }
@@ -205,9 +254,10 @@ impl Handshake {
                         XenbusState::Initialising | XenbusState::InitWait
                     ) =>
             {
-                // No frontend yet (node not written): keep waiting.
+                // No frontend yet (node not written): keep waiting; not a change to act on.
             }
             XenbusState::Closed | XenbusState::Unknown => {
+                self.last_fe = Some(fe);
                 // Unknown after a handshake means a removed or garbled frontend state node:
                 // treat the frontend as gone (Linux blkback unregisters the device).
                 self.disconnect(&mut out);
@@ -218,12 +268,16 @@ impl Handshake {
             }
             XenbusState::Reconfiguring | XenbusState::Reconfigured => {
                 // Not used by blkif; blkback ignores them too.
+                self.last_fe = Some(fe);
             }
         }
         out
     }
 
-    /// The toolstack set `online` to 0 (or removed the backend directory).
+    /// The toolstack set `online` to 0 (or removed the backend directory). A connected
+    /// frontend is asked to let go first (Remove follows when it reaches Closed); otherwise
+    /// the backend goes to Closed at once -- the state libxl waits for before it removes the
+    /// directories -- and the device is gone.
     pub fn offline(&mut self, frontend: XenbusState) -> Vec<Action> {
         let mut out = Vec::new();
         if matches!(frontend, XenbusState::Closed | XenbusState::Unknown) || !self.connected {
@@ -259,7 +313,10 @@ mod tests {
     #[test]
     fn normal_lifecycle() {
         let mut h = Handshake::new();
-        assert_eq!(h.probe(), vec![Advertise, SwitchState(InitWait)]);
+        assert_eq!(
+            h.probe(Initialising),
+            vec![Advertise, SwitchState(InitWait)]
+        );
         assert_eq!(h.frontend_changed(Initialising, true), vec![]);
         assert_eq!(
             h.frontend_changed(Initialised, true),
@@ -286,7 +343,7 @@ mod tests {
     #[test]
     fn skipped_closing_still_disconnects_once() {
         let mut h = Handshake::new();
-        h.probe();
+        h.probe(Initialising);
         h.frontend_changed(Connected, true);
         assert_eq!(
             h.frontend_changed(Closed, true),
@@ -296,21 +353,101 @@ mod tests {
     }
 
     #[test]
-    fn frontend_reconnects_without_initialising() {
+    fn frontend_reconnects_after_closed_without_initialising() {
         let mut h = Handshake::new();
-        h.probe();
+        h.probe(Initialising);
         h.frontend_changed(Connected, true);
         h.frontend_changed(Closing, true);
+        h.frontend_changed(Closed, true);
         assert_eq!(
-            h.frontend_changed(Connected, true),
+            h.frontend_changed(Initialised, true),
             vec![Advertise, Connect, SwitchState(Connected)]
         );
     }
 
     #[test]
+    fn a_frontend_connected_while_we_close_is_not_reconnected() {
+        // Closing is ours: a Connected the frontend reports before it reacted, or reports
+        // again, is the old session (reconnecting here is what blkfront BUG()s on).
+        let mut h = Handshake::new();
+        h.probe(Initialising);
+        h.frontend_changed(Connected, true);
+        h.frontend_changed(Closing, true);
+        assert_eq!(h.frontend_changed(Connected, true), vec![]);
+        assert_eq!(h.state(), Closing);
+    }
+
+    #[test]
+    fn after_closing_on_our_own_the_stale_connected_state_is_not_a_reconnect() {
+        let mut h = Handshake::new();
+        h.probe(Initialising);
+        assert_eq!(
+            h.frontend_changed(Connected, true),
+            vec![Connect, SwitchState(Connected)]
+        );
+        // a queue found the ring broken: close, once
+        assert_eq!(h.frontend_broken(), vec![Disconnect, SwitchState(Closing)]);
+        // the control thread keeps reading the frontend's state: still 4 until it reacts
+        for _ in 0..3 {
+            assert_eq!(h.frontend_changed(Connected, true), vec![]);
+        }
+        // the frontend reacts: Closing, then Closed; we follow and never connect
+        assert_eq!(h.frontend_changed(Closing, true), vec![]);
+        assert_eq!(h.frontend_changed(Closed, true), vec![SwitchState(Closed)]);
+        // only a frontend that starts over gets InitWait, then a new connection
+        assert_eq!(
+            h.frontend_changed(Initialising, true),
+            vec![Advertise, SwitchState(InitWait)]
+        );
+        assert_eq!(
+            h.frontend_changed(Initialised, true),
+            vec![Connect, SwitchState(Connected)]
+        );
+    }
+
+    #[test]
+    fn a_connected_frontend_never_sees_initwait() {
+        // a new backend on a VBD a previous one connected and that cannot be resumed
+        let mut h = Handshake::new();
+        assert_eq!(h.probe(Connected), vec![SwitchState(Closing)]);
+        assert_eq!(h.frontend_changed(Connected, true), vec![]);
+        assert_eq!(h.frontend_changed(Closed, true), vec![SwitchState(Closed)]);
+    }
+
+    #[test]
+    fn a_resumed_backend_writes_nothing_until_the_frontend_moves() {
+        let mut h = Handshake::resumed(Connected);
+        assert!(h.is_connected());
+        assert_eq!(h.frontend_changed(Connected, true), vec![]);
+        assert_eq!(
+            h.frontend_changed(Closing, true),
+            vec![Disconnect, SwitchState(Closing)]
+        );
+    }
+
+    #[test]
+    fn an_adopted_closing_backend_follows_the_frontend() {
+        let mut h = Handshake::adopt(Closing, Closing);
+        assert_eq!(h.frontend_changed(Closing, true), vec![]);
+        assert_eq!(
+            h.frontend_changed(Closed, false),
+            vec![SwitchState(Closed), Remove]
+        );
+    }
+
+    #[test]
+    fn a_failed_disk_taken_offline_goes_to_closed_for_libxl() {
+        // open failed: Closing; libxl writes online=0 (and state=5) and waits for Closed
+        let mut h = Handshake::new();
+        h.probe(Initialising);
+        assert_eq!(h.connect_failed(), vec![SwitchState(Closing)]);
+        assert_eq!(h.offline(Initialising), vec![SwitchState(Closed), Remove]);
+    }
+
+    #[test]
     fn detach_waits_for_frontend_then_removes() {
         let mut h = Handshake::new();
-        h.probe();
+        h.probe(Initialising);
         h.frontend_changed(Connected, true);
         assert_eq!(h.offline(Connected), vec![SwitchState(Closing)]);
         assert_eq!(h.frontend_changed(Closing, false), vec![Disconnect]);
@@ -323,14 +460,14 @@ mod tests {
     #[test]
     fn detach_of_unconnected_device_is_immediate() {
         let mut h = Handshake::new();
-        h.probe();
+        h.probe(Initialising);
         assert_eq!(h.offline(InitWait), vec![SwitchState(Closed), Remove]);
     }
 
     #[test]
     fn missing_frontend_state_before_handshake_is_ignored() {
         let mut h = Handshake::new();
-        h.probe();
+        h.probe(Initialising);
         assert_eq!(h.frontend_changed(Unknown, true), vec![]);
         assert_eq!(h.state(), InitWait);
     }
@@ -338,7 +475,7 @@ mod tests {
     #[test]
     fn connect_failure_closes() {
         let mut h = Handshake::new();
-        h.probe();
+        h.probe(Initialising);
         h.frontend_changed(Initialised, true);
         assert_eq!(h.connect_failed(), vec![Disconnect, SwitchState(Closing)]);
         assert!(!h.is_connected());
@@ -347,7 +484,7 @@ mod tests {
     #[test]
     fn garbage_frontend_state_is_treated_as_gone() {
         let mut h = Handshake::new();
-        h.probe();
+        h.probe(Initialising);
         h.frontend_changed(Connected, true);
         assert_eq!(
             h.frontend_changed(XenbusState::parse("77"), true),

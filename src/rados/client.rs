@@ -123,6 +123,9 @@ impl Cluster {
         if rc < 0 {
             return Err(fail("rados_connect", rc));
         }
+        if let (Some(who), true) = (&spec.predecessor, spec.fence_predecessor) {
+            c.fence(who)?;
+        }
         Ok(c)
     }
 
@@ -193,6 +196,47 @@ impl Cluster {
         // SAFETY: valid handle; out-pointer to a local.
         let r = unsafe { sys::rados_ioctx_create2(self.h, id, &mut io) };
         IoCtx::made(r, io, format!("#{id}"), namespace)
+    }
+
+    /// This session's identity (its address and global id), if librados tells.
+    pub(crate) fn identity(&self) -> Option<super::ClientIdentity> {
+        let mut out: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: valid, connected handle; on success librados allocates the string with
+        // strdup, freed below.
+        let r = unsafe { sys::rados_getaddrs(self.h, &mut out) };
+        if r < 0 || out.is_null() {
+            return None;
+        }
+        // SAFETY: a NUL-terminated string librados just allocated.
+        let addr = unsafe { std::ffi::CStr::from_ptr(out) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: allocated by strdup in librados, freed once.
+        unsafe { libc::free(out.cast()) };
+        Some(super::ClientIdentity {
+            addr,
+            gid: self.instance_id(),
+        })
+    }
+
+    /// Fences a dead predecessor: blocklists its address, then waits for the OSD map that
+    /// says so, so that none of its operations still on the way can be applied after ours.
+    pub(crate) fn fence(&self, who: &super::ClientIdentity) -> Result<(), RadosError> {
+        self.blocklist_add(&who.addr, 0)
+            .map_err(|errno| RadosError::Call {
+                what: "blocklisting the previous backend's client",
+                errno,
+            })?;
+        // SAFETY: valid, connected handle; blocks until the latest map arrived (bounded by
+        // the mon op timeout set at connect).
+        rc(unsafe { sys::rados_wait_for_latest_osdmap(self.h) }).map_err(|errno| {
+            RadosError::Call {
+                what: "waiting for the OSD map that fences the previous backend",
+                errno,
+            }
+        })?;
+        tracing::info!(addr = %who.addr, client = %who.entity(), "fenced the previous backend's client (blocklisted)");
+        Ok(())
     }
 
     /// Blocklists a client address (`ip:port/nonce`) for `secs` seconds (0: the default).

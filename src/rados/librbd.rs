@@ -19,7 +19,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::client::{cstr, Cluster, IoCtx};
 use super::sys;
@@ -134,6 +134,9 @@ impl LibrbdImage {
         if let Some(e) = &spec.encryption {
             // on failure `me` is dropped, which closes the image
             me.load_encryption(e)?;
+        }
+        if let Some(p) = &spec.predecessor {
+            me.break_lock_of(p);
         }
         me.last_size.store(me.size(), Ordering::Relaxed);
         Ok(me)
@@ -367,6 +370,49 @@ struct Closing {
 // SAFETY: librbd and librados handles may be used and released from any thread; after the
 // move only the closing thread holds these.
 unsafe impl Send for Closing {}
+
+impl LibrbdImage {
+    /// Breaks the exclusive lock if `who` (a previous backend that is gone) holds it:
+    /// librbd blocklists the owner and breaks the lock at once, instead of waiting for the
+    /// dead owner's watch to time out.
+    fn break_lock_of(&self, who: &super::ClientIdentity) {
+        let mut mode: sys::rbd_lock_mode_t = 0;
+        let mut owners: [*mut std::ffi::c_char; 4] = [std::ptr::null_mut(); 4];
+        let mut n: usize = owners.len();
+        // SAFETY: valid image; out-pointers to locals sized by `n`.
+        let r = unsafe {
+            sys::rbd_lock_get_owners(self.img.as_ptr(), &mut mode, owners.as_mut_ptr(), &mut n)
+        };
+        if r < 0 {
+            return; // -ENOENT: nobody holds it
+        }
+        let listed: Vec<String> = owners
+            .iter()
+            .take(n.min(owners.len()))
+            .filter(|p| !p.is_null())
+            .map(|p| {
+                // SAFETY: a NUL-terminated string librbd filled in.
+                let c = unsafe { std::ffi::CStr::from_ptr(*p) };
+                c.to_string_lossy().into_owned()
+            })
+            .collect();
+        // SAFETY: the array and count librbd filled in, released once.
+        unsafe { sys::rbd_lock_get_owners_cleanup(owners.as_mut_ptr(), n) };
+        let entity = who.entity();
+        for owner in listed.iter().filter(|o| **o == entity) {
+            let Ok(c) = std::ffi::CString::new(owner.as_str()) else {
+                continue;
+            };
+            // SAFETY: valid image; the owner string outlives the call.
+            let r = unsafe { sys::rbd_lock_break(self.img.as_ptr(), mode, c.as_ptr()) };
+            if r < 0 {
+                warn!(image = %self.name, %owner, errno = r, "cannot break the previous backend's lock");
+            } else {
+                info!(image = %self.name, %owner, "broke the exclusive lock of the previous backend");
+            }
+        }
+    }
+}
 
 impl Drop for LibrbdImage {
     /// `rbd_close` releases the exclusive lock and the watch, which needs the OSDs: it runs

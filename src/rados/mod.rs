@@ -79,6 +79,29 @@ pub struct ImageSpec {
     /// How long closing may wait for the cluster (direct engine: releasing the lock, the
     /// watch) before the release is left to a background thread.
     pub close_wait: std::time::Duration,
+    /// The client of a previous rbdback instance that served this image and died (or handed
+    /// over): if it still holds the exclusive lock, the lock is broken at once instead of
+    /// after unanswered lock requests (it cannot answer: it is gone).
+    pub predecessor: Option<ClientIdentity>,
+    /// Blocklist [`Self::predecessor`] before anything else: it may have died with writes in
+    /// flight, and none of them may land after ours (no zombie writer).
+    pub fence_predecessor: bool,
+}
+
+/// A RADOS client session: what the cluster knows a client by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// Its address as the OSDs see it (`rados_getaddrs`; what `ceph osd blocklist` takes).
+    pub addr: String,
+    /// Its global id (`client.<gid>` in lock owner lists).
+    pub gid: u64,
+}
+
+impl ClientIdentity {
+    /// `client.<gid>`, as lock owners are listed.
+    pub fn entity(&self) -> String {
+        format!("client.{}", self.gid)
+    }
 }
 
 /// An image formatted with `rbd encryption format`: librbd decrypts it once the passphrase is
@@ -138,6 +161,8 @@ impl ImageSpec {
             read_only: false,
             encryption: None,
             close_wait: std::time::Duration::from_secs(30),
+            predecessor: None,
+            fence_predecessor: false,
         }
     }
 }
@@ -388,6 +413,42 @@ pub(crate) type Mailbox = Sink<Completion>;
 #[derive(Debug)]
 struct MemDisk {
     data: Mutex<Vec<u8>>,
+    /// While `Some`, completions are parked here instead of delivered (tests: requests
+    /// that stay in flight as long as the test wants, like OSDs that do not answer).
+    parked: Mutex<Option<Vec<Parked>>>,
+}
+
+/// A completion held back, and the mailbox it goes to.
+type Parked = (Arc<Mailbox>, Completion);
+
+/// Holds back (and then delivers) the completions of an in-memory image's operations, as a
+/// cluster that stops answering would; for tests.
+#[derive(Debug, Clone)]
+pub struct MemoryHold {
+    disk: Arc<MemDisk>,
+}
+
+impl MemoryHold {
+    /// From now on, operations complete (on the disk) but their completions are held back.
+    pub fn hold(&self) {
+        let mut p = lock(&self.disk.parked);
+        if p.is_none() {
+            *p = Some(Vec::new());
+        }
+    }
+
+    /// Delivers every held completion and stops holding.
+    pub fn release(&self) {
+        let held = lock(&self.disk.parked).take().unwrap_or_default();
+        for (mailbox, c) in held {
+            mailbox.push(c);
+        }
+    }
+
+    /// Completions held back now.
+    pub fn held(&self) -> usize {
+        lock(&self.disk.parked).as_ref().map_or(0, Vec::len)
+    }
 }
 
 #[derive(Debug)]
@@ -442,11 +503,21 @@ impl Image {
 
     /// An in-memory image of `size` bytes (zeros), for tests and benches.
     pub fn memory(size: u64) -> Arc<Image> {
+        Self::memory_with_hold(size).0
+    }
+
+    /// An in-memory image and the handle that holds back its completions (tests).
+    pub fn memory_with_hold(size: u64) -> (Arc<Image>, MemoryHold) {
         let n = usize::try_from(size).unwrap_or(0);
-        Arc::new(Image {
-            engine: Engine::Memory(Arc::new(MemDisk {
-                data: Mutex::new(vec![0; n]),
-            })),
+        let disk = Arc::new(MemDisk {
+            data: Mutex::new(vec![0; n]),
+            parked: Mutex::new(None),
+        });
+        let hold = MemoryHold {
+            disk: Arc::clone(&disk),
+        };
+        let img = Arc::new(Image {
+            engine: Engine::Memory(disk),
             info: ImageInfo {
                 engine: EngineKind::Memory,
                 features: 0,
@@ -455,7 +526,17 @@ impl Image {
                 discard_zeroes: true,
                 discard_granularity: 512,
             },
-        })
+        });
+        (img, hold)
+    }
+
+    /// This image's RADOS client (none for the in-memory engine).
+    pub fn client(&self) -> Option<ClientIdentity> {
+        match &self.engine {
+            Engine::Memory(_) => None,
+            Engine::Librbd(i) => i.cluster().identity(),
+            Engine::Direct(i) => i.shared.cluster.identity(),
+        }
     }
 
     /// Sets a librados option on the image's cluster handle while it runs (for example a
@@ -570,8 +651,12 @@ impl Queue {
                     }
                     other => other.into_buf(),
                 };
-                // the memory engine completes synchronously
-                mailbox.push(Completion { tag, result, buf });
+                // the memory engine completes synchronously (unless a test holds it back)
+                let c = Completion { tag, result, buf };
+                match lock(&d.parked).as_mut() {
+                    Some(parked) => parked.push((Arc::clone(mailbox), c)),
+                    None => mailbox.push(c),
+                }
                 *in_flight += 1;
                 Ok(())
             }

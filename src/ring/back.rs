@@ -44,6 +44,16 @@ pub enum RingError {
         /// Ring size.
         capacity: u32,
     },
+    /// Recorded indices of a ring served before that cannot belong to one ring.
+    #[error("recorded ring indices req_cons {req_cons}, rsp_prod_pvt {rsp_prod_pvt}, rsp_prod {rsp_prod_published} do not fit one ring")]
+    BadResume {
+        /// Requests consumed.
+        req_cons: u32,
+        /// Responses written.
+        rsp_prod_pvt: u32,
+        /// Responses published.
+        rsp_prod_published: u32,
+    },
     /// A response was pushed with no consumed request left to answer (device-layer bug).
     #[error("response pushed with no outstanding request")]
     NoOutstandingRequest,
@@ -88,6 +98,66 @@ impl BackRing {
             rsp_prod_pvt: 0,
             rsp_prod_published: 0,
         })
+    }
+
+    /// Backend state of a ring another instance of the backend served before us, from the
+    /// indices it recorded: `req_cons`, `rsp_prod_pvt`, and `rsp_prod` as published (read
+    /// from the shared ring by the caller, checked against its own record). Fails on an
+    /// order above 4 or indices that cannot belong to one ring (more than a ring's worth
+    /// between them, or out of order).
+    pub fn resumed(
+        abi: Abi,
+        order: u8,
+        req_cons: u32,
+        rsp_prod_pvt: u32,
+        rsp_prod_published: u32,
+    ) -> Result<BackRing, RingError> {
+        let mut r = BackRing::new(abi, order)?;
+        let unanswered = req_cons.wrapping_sub(rsp_prod_pvt);
+        let unpublished = rsp_prod_pvt.wrapping_sub(rsp_prod_published);
+        if unanswered > r.capacity || unpublished > r.capacity {
+            return Err(RingError::BadResume {
+                req_cons,
+                rsp_prod_pvt,
+                rsp_prod_published,
+            });
+        }
+        r.req_cons = req_cons;
+        r.rsp_prod_pvt = rsp_prod_pvt;
+        r.rsp_prod_published = rsp_prod_published;
+        Ok(r)
+    }
+
+    /// The `rsp_prod` index in the shared ring now (the frontend can write it too: a hint,
+    /// checked by whoever uses it).
+    pub fn shared_rsp_prod(&self, mem: &SharedMem<'_>) -> Result<u32, RingError> {
+        self.check_mem(mem)?;
+        Ok(mem.load_u32_acquire(SRING_RSP_PROD)?)
+    }
+
+    /// `rsp_prod` as last published.
+    pub fn rsp_prod_published(&self) -> u32 {
+        self.rsp_prod_published
+    }
+
+    /// Writes `rsp` (whole slot) at response position `pos`, which must be written but not
+    /// yet published (`rsp_prod_published <= pos < rsp_prod_pvt`): a resumed backend puts
+    /// back the responses its predecessor wrote and did not publish. Indices do not move.
+    pub fn rewrite_response(
+        &self,
+        mem: &SharedMem<'_>,
+        pos: u32,
+        rsp: &Response,
+    ) -> Result<(), RingError> {
+        self.check_mem(mem)?;
+        let ahead = pos.wrapping_sub(self.rsp_prod_published);
+        if ahead >= self.rsp_prod_pvt.wrapping_sub(self.rsp_prod_published) {
+            return Err(RingError::NoOutstandingRequest);
+        }
+        let bytes = rsp.encode(self.abi);
+        let slot = bytes.get(..self.abi.slot_size()).unwrap_or(&bytes);
+        mem.write(self.slot_offset(pos), slot)?;
+        Ok(())
     }
 
     /// The ABI of the slots.

@@ -109,6 +109,8 @@ pub(crate) struct Shared {
     pub gid: u64,
     pub stop: AtomicBool,
     pub cluster: Cluster,
+    /// A previous rbdback client of this image that is gone (see `ImageSpec::predecessor`).
+    pub(crate) predecessor: Option<super::ClientIdentity>,
 }
 
 impl Shared {
@@ -205,6 +207,7 @@ impl DirectImage {
             gid,
             stop: AtomicBool::new(false),
             header_oid,
+            predecessor: spec.predecessor.clone(),
             meta,
             cluster,
         });
@@ -598,6 +601,19 @@ impl Control {
             let Some((client, hcookie, _addr)) = lockers.holders.first().cloned() else {
                 continue; // released meanwhile: try again
             };
+            if self
+                .s
+                .predecessor
+                .as_ref()
+                .is_some_and(|p| p.entity() == client)
+            {
+                // the holder is the backend we replace: it is gone and cannot answer a
+                // request (librbd would wait for its watch to time out, ~30 s)
+                info!(image = %self.s.name, holder = %client,
+                      "the exclusive lock is held by the previous backend; breaking it");
+                self.break_dead_owner();
+                continue;
+            }
             if lockers.tag != RBD_LOCK_TAG
                 || !lockers.exclusive
                 || !hcookie.starts_with(RBD_LOCK_COOKIE_PREFIX)
