@@ -221,7 +221,7 @@ fn run_csi(_a: cli::CsiArgs) -> ExitCode {
 
 fn run_supervise(a: &cli::BackendArgs) -> ExitCode {
     let exe = match std::env::current_exe() {
-        Ok(e) => e,
+        Ok(e) => replaced_exe(e),
         Err(e) => return fail(&format!("cannot find our own executable: {e}")),
     };
     let xs = match RealPlatform::new().xenstore() {
@@ -233,6 +233,16 @@ fn run_supervise(a: &cli::BackendArgs) -> ExitCode {
     match supervise(&xs, &a.kind, a.backend_domid, &exe, &extra, &stop_rx) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&chain(&e)),
+    }
+}
+
+/// The path our executable was started from, also after a package upgrade replaced it: Linux
+/// then names the old, unlinked file `<path> (deleted)`, and the new binary at `<path>` is the
+/// one to start `serve` processes from.
+fn replaced_exe(exe: std::path::PathBuf) -> std::path::PathBuf {
+    match exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+        Some(path) if Path::new(path).exists() => path.into(),
+        _ => exe,
     }
 }
 
