@@ -19,6 +19,7 @@ mod xen;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=build");
     xen::generate();
     ceph::generate();
     docs::generate();

@@ -35,6 +35,17 @@ pub struct Cli {
     )]
     pub log_format: LogFormat,
 
+    /// The directory of the `serve` processes' control sockets (`serve-<domid>.sock`, mode
+    /// 0600; the directory is created 0700). Children of the supervisor inherit it.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/run/rbdback",
+        global = true,
+        env = "RBDBACK_RUN_DIR"
+    )]
+    pub run_dir: PathBuf,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -55,6 +66,7 @@ pub enum Command {
     Serve(ServeArgs),
     Supervise(SuperviseArgs),
     Csi(CsiArgs),
+    Status(StatusArgs),
     Demo(DemoArgs),
     RingDemo(RingDemoArgs),
     EngineBench(EngineBenchArgs),
@@ -104,6 +116,35 @@ pub struct ServeArgs {
 pub struct SuperviseArgs {
     #[command(flatten)]
     pub backend: BackendArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics (OpenMetrics text at `GET /metrics`) on this address, for
+    /// example 127.0.0.1:9527: every disk of every `serve` process on the host, gathered at
+    /// each scrape from their control sockets, plus the processes' CPU, memory and threads.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// What every disk served on this host is doing, asked from the running `serve` processes.
+///
+/// Connects to every control socket in the run directory (--run-dir) and prints, per disk:
+/// guest, device, image, engine, the backend's xenbus state, the features negotiated with the
+/// guest (ring page order, queues, indirect segments, persistent grants), requests in flight,
+/// errors, the exclusive lock as this host holds it, and the last error. Exit status 1 if a
+/// `serve` process did not answer.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this guest's disks.
+    #[arg(long, value_name = "N")]
+    pub domid: Option<u16>,
+    /// Print JSON (an array of disks) instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The CSI node plugin for ceph-csi's volumes on Xen hosts.
@@ -142,6 +183,8 @@ pub struct CsiArgs {
     /// Don't run the supervisor (another `rbdback supervise` serves the guests).
     #[arg(long)]
     pub no_supervise: bool,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 /// A guest's I/O through the whole stack.

@@ -25,8 +25,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use rbdback::chain;
-use rbdback::device::backend::{serve, supervise, ServeConfig};
+use rbdback::control;
+use rbdback::device::backend::{serve_observed, supervise_observed, ServeConfig};
+use rbdback::device::metrics::{DiskSample, Registry as Disks, Restarts};
 use rbdback::device::vbd::{Options, RadosOpener};
+use rbdback::exporter::Scrape;
 use rbdback::xen::real::RealPlatform;
 use rbdback::xen::Platform;
 
@@ -58,10 +61,20 @@ fn main() -> ExitCode {
     // Malformed command lines exit with clap's message and code 2 (--help/--version with 0).
     let cli = Cli::parse();
     init_logs(cli.log_format);
+    // the supervisor's serve children find their run directory here
+    std::env::set_var("RBDBACK_RUN_DIR", &cli.run_dir);
+    let run_dir = cli.run_dir;
     match cli.command {
-        Command::Serve(a) => run_serve(&a),
-        Command::Supervise(a) => run_supervise(&a.backend),
-        Command::Csi(a) => run_csi(a),
+        Command::Serve(a) => run_serve(&a, &run_dir),
+        Command::Supervise(a) => {
+            let restarts = Arc::new(Restarts::default());
+            match start_metrics(&a.metrics, "supervise", &run_dir, &restarts) {
+                Ok(()) => run_supervise(&a.backend, &restarts),
+                Err(code) => code,
+            }
+        }
+        Command::Csi(a) => run_csi(a, &run_dir),
+        Command::Status(a) => run_status(&a, &run_dir),
         Command::Demo(a) => run_full_demo(a),
         Command::RingDemo(a) => run_demo(&a),
         Command::EngineBench(a) => run_engine_bench(a),
@@ -134,7 +147,131 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn run_serve(a: &cli::ServeArgs) -> ExitCode {
+/// Starts the Prometheus endpoint if `--metrics-listen` asks for one.
+fn start_metrics(
+    m: &cli::MetricsArgs,
+    role: &'static str,
+    run_dir: &Path,
+    restarts: &Arc<Restarts>,
+) -> Result<(), ExitCode> {
+    let Some(addr) = m.metrics_listen else {
+        return Ok(());
+    };
+    let (dir, restarts) = (run_dir.to_owned(), Arc::clone(restarts));
+    let scrape = move || match Scrape::gather(role, &dir, restarts.counts()) {
+        Ok(s) => s.render(),
+        Err(e) => {
+            tracing::warn!(error = %chain(&e), "metrics scrape");
+            Scrape {
+                role,
+                own: rbdback::exporter::ProcessSample::current(),
+                restarts: restarts.counts(),
+                serves: Vec::new(),
+            }
+            .render()
+        }
+    };
+    match rbdback::exporter::listen(addr, scrape) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(fail(&format!("--metrics-listen {addr}: {e}"))),
+    }
+}
+
+/// `rbdback status`: every disk of every `serve` process in the run directory.
+fn run_status(a: &cli::StatusArgs, run_dir: &Path) -> ExitCode {
+    let sockets = match control::serve_sockets(run_dir) {
+        Ok(s) => s,
+        Err(e) => return fail(&chain(&e)),
+    };
+    let mut disks = Vec::new();
+    let mut code = ExitCode::SUCCESS;
+    for (domid, path) in sockets {
+        if a.domid.is_some_and(|d| d != domid) {
+            continue;
+        }
+        let got = control::call(&path, "status", serde_json::Value::Null).and_then(|v| {
+            serde_json::from_value::<Vec<DiskSample>>(v).map_err(|e| {
+                control::ControlError::Protocol {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
+            })
+        });
+        match got {
+            Ok(d) => disks.extend(d),
+            Err(e) => {
+                eprintln!("rbdback: guest {domid}: {}", chain(&e));
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    if a.json {
+        match serde_json::to_string_pretty(&disks) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return fail(&e.to_string()),
+        }
+    } else {
+        print!("{}", status_table(&disks));
+    }
+    code
+}
+
+/// The disks as a table, one line each.
+fn status_table(disks: &[DiskSample]) -> String {
+    let mut rows = vec![[
+        "DOMID",
+        "DEVID",
+        "IMAGE",
+        "ENGINE",
+        "STATE",
+        "RING",
+        "QUEUES",
+        "INDIRECT",
+        "PERSISTENT",
+        "INFLIGHT",
+        "ERRORS",
+        "LOCK",
+        "LAST ERROR",
+    ]
+    .map(str::to_owned)];
+    for d in disks {
+        let n = d.negotiated;
+        let dash = || "-".to_owned();
+        rows.push([
+            d.domid.to_string(),
+            d.devid.to_string(),
+            d.image.clone(),
+            d.engine.clone(),
+            d.state.clone(),
+            n.map_or_else(dash, |n| {
+                format!("order {} ({} slots)", n.ring_order, d.io.ring_capacity)
+            }),
+            n.map_or_else(dash, |n| n.queues.to_string()),
+            n.map_or_else(dash, |n| n.indirect_segments.to_string()),
+            n.map_or_else(dash, |n| if n.persistent { "yes" } else { "no" }.to_owned()),
+            format!("{} ({} B)", d.io.inflight_requests, d.io.inflight_bytes),
+            (d.io.status_error + d.io.status_unsupported).to_string(),
+            format!("{} ({} hand-overs)", d.lock.state, d.lock.handovers),
+            d.last_error.clone().unwrap_or_else(dash),
+        ]);
+    }
+    let widths: Vec<usize> = (0..13)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn run_serve(a: &cli::ServeArgs, run_dir: &Path) -> ExitCode {
     let cfg = ServeConfig {
         kind: a.backend.kind.clone(),
         backend_domid: a.backend.backend_domid,
@@ -144,14 +281,21 @@ fn run_serve(a: &cli::ServeArgs) -> ExitCode {
     };
     let platform = Arc::new(RealPlatform::new());
     let (_stop_tx, stop_rx) = std::sync::mpsc::channel();
-    match serve(platform, Arc::new(RadosOpener), &cfg, &stop_rx) {
+    let disks = Arc::new(Disks::default());
+    let mut commands = control::Commands::default();
+    rbdback::exporter::register_commands(&mut commands, &disks);
+    // the disks are served without it: status and metrics are for operators
+    let _control = control::Server::start(run_dir, &format!("serve-{}.sock", a.domid), commands)
+        .map_err(|e| tracing::warn!(error = %chain(&e), "no control socket: `rbdback status` and metrics will not see this guest"))
+        .ok();
+    match serve_observed(platform, Arc::new(RadosOpener), &cfg, &stop_rx, &disks) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&chain(&e)),
     }
 }
 
 #[cfg(feature = "csi")]
-fn run_csi(a: cli::CsiArgs) -> ExitCode {
+fn run_csi(a: cli::CsiArgs, run_dir: &Path) -> ExitCode {
     let Some(socket) = a.endpoint.strip_prefix("unix://") else {
         return fail(&format!(
             "--endpoint must be unix:///path (got {})",
@@ -167,6 +311,10 @@ fn run_csi(a: cli::CsiArgs) -> ExitCode {
         clusters: a.clusters,
         open_timeout: std::time::Duration::from_secs(30),
     };
+    let restarts = Arc::new(Restarts::default());
+    if let Err(code) = start_metrics(&a.metrics, "csi", run_dir, &restarts) {
+        return code;
+    }
     if !a.no_supervise {
         // the guests' backends: the same loop as `rbdback supervise`
         let backend = cli::BackendArgs {
@@ -176,7 +324,7 @@ fn run_csi(a: cli::CsiArgs) -> ExitCode {
         if let Err(e) = std::thread::Builder::new()
             .name("supervise".into())
             .spawn(move || {
-                let code = run_supervise(&backend);
+                let code = run_supervise(&backend, &restarts);
                 if code != ExitCode::SUCCESS {
                     tracing::error!("the supervisor stopped; the CSI plugin exits too");
                     std::process::exit(1);
@@ -215,11 +363,11 @@ fn run_csi(a: cli::CsiArgs) -> ExitCode {
 }
 
 #[cfg(not(feature = "csi"))]
-fn run_csi(_a: cli::CsiArgs) -> ExitCode {
+fn run_csi(_a: cli::CsiArgs, _run_dir: &Path) -> ExitCode {
     fail("this rbdback was built without the csi feature")
 }
 
-fn run_supervise(a: &cli::BackendArgs) -> ExitCode {
+fn run_supervise(a: &cli::BackendArgs, restarts: &Restarts) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(e) => replaced_exe(e),
         Err(e) => return fail(&format!("cannot find our own executable: {e}")),
@@ -230,7 +378,15 @@ fn run_supervise(a: &cli::BackendArgs) -> ExitCode {
     };
     let (_stop_tx, stop_rx) = std::sync::mpsc::channel();
     let extra = vec!["--backend-domid".to_owned(), a.backend_domid.to_string()];
-    match supervise(&xs, &a.kind, a.backend_domid, &exe, &extra, &stop_rx) {
+    match supervise_observed(
+        &xs,
+        &a.kind,
+        a.backend_domid,
+        &exe,
+        &extra,
+        &stop_rx,
+        restarts,
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&chain(&e)),
     }

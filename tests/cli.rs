@@ -42,6 +42,7 @@ const HELP: &[(&str, &[&str])] = &[
             "--ceph-conf",
             "--clusters",
             "--no-supervise",
+            "--metrics-listen",
         ],
     ),
     (
@@ -159,6 +160,11 @@ fn malformed_values_are_refused() {
         (&["demo", "--seq"], "--bench-image"),
         (&["--log-format", "xml", "supervise"], "--log-format"),
         (&["completions", "tcsh"], "tcsh"),
+        (
+            &["supervise", "--metrics-listen", "localhost"],
+            "--metrics-listen",
+        ),
+        (&["status", "--domid", "x"], "--domid"),
     ] {
         let o = rbdback(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {o:?}");
@@ -210,6 +216,17 @@ fn man_pages_exist_for_every_subcommand() {
     let o = rbdback(&["man", "nosuch"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("rbdback-serve.8"), "{}", stderr(&o));
+}
+
+#[test]
+fn status_without_serve_processes_lists_nothing() {
+    let dir = std::env::temp_dir().join(format!("rbdback-cli-status-{}", std::process::id()));
+    let o = rbdback(&["--run-dir", dir.to_str().unwrap(), "status", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stdout(&o).trim(), "[]");
+    let o = rbdback(&["--run-dir", dir.to_str().unwrap(), "status"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(stdout(&o).starts_with("DOMID"), "{}", stdout(&o));
 }
 
 #[cfg(feature = "test-utils")]

@@ -11,6 +11,8 @@
 //! mappings), and [`EngineQueue`] is one engine queue (see `crate::rados`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
 
 use thiserror::Error;
 use tracing::debug;
@@ -22,6 +24,8 @@ use crate::ring::{
     Status, Transfer,
 };
 use crate::shm::SharedMem;
+
+use super::metrics::{OpClass, QueueMetrics};
 
 /// A whole page as a span length (4096 fits u16).
 const PAGE_SPAN: u16 = 4096;
@@ -148,6 +152,11 @@ enum Next {
 struct InFlight {
     id: u64,
     operation: u8,
+    /// What the request counts as, and when it was started (metrics).
+    class: OpClass,
+    started: Instant,
+    /// Bytes the request moves for the guest (counted when it succeeds).
+    data: u64,
     /// For reads: where the data goes.
     read_spans: Option<Vec<GrantSpan>>,
     next: Next,
@@ -181,6 +190,7 @@ pub struct Dataplane {
     done: Vec<Completion>,
     pool: Vec<Vec<u8>>,
     stats: Stats,
+    metrics: Arc<QueueMetrics>,
 }
 
 /// The spans of a transfer, in disk order.
@@ -211,7 +221,20 @@ impl Dataplane {
             done: Vec::new(),
             pool: Vec::new(),
             stats: Stats::default(),
+            metrics: Arc::new(QueueMetrics::default()),
         }
+    }
+
+    /// Counts into `metrics` (a VBD keeps one per queue across reconnects) from now on.
+    pub fn with_metrics(mut self, metrics: Arc<QueueMetrics>) -> Dataplane {
+        metrics.set_ring_capacity(self.ring.capacity());
+        self.metrics = metrics;
+        self
+    }
+
+    /// The counters this queue reports to.
+    pub fn metrics(&self) -> &Arc<QueueMetrics> {
+        &self.metrics
     }
 
     /// Counters so far.
@@ -261,8 +284,14 @@ impl Dataplane {
     ) -> Result<(), RingError> {
         match status {
             Status::Okay => self.stats.ok += 1,
-            Status::NotSupported => self.stats.unsupported += 1,
-            _ => self.stats.errors += 1,
+            Status::NotSupported => {
+                self.stats.unsupported += 1;
+                self.metrics.unsupported();
+            }
+            _ => {
+                self.stats.errors += 1;
+                self.metrics.error();
+            }
         }
         self.ring.push_response(
             mem,
@@ -295,6 +324,7 @@ impl Dataplane {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1);
         let (id, operation, bytes) = (entry.id, entry.operation, entry.bytes);
+        let (class, started) = (entry.class, entry.started);
         match engine.submit(tag, op) {
             Ok(()) => {
                 self.inflight_bytes += bytes;
@@ -306,6 +336,7 @@ impl Dataplane {
                     self.recycle(buf);
                 }
                 self.ids.remove(&id);
+                self.metrics.answered(class, 0, started.elapsed());
                 self.fail(mem, id, operation, &Failure::Engine(e.error.to_string()))
             }
         }
@@ -320,6 +351,7 @@ impl Dataplane {
         req: Request,
     ) -> Result<(), RingError> {
         let (id, operation) = (req.id, req.operation);
+        let started = Instant::now();
         let (write, then_flush, transfer) = match req.kind {
             RequestKind::Read(t) => (false, false, Some(t)),
             RequestKind::Write(t) => (true, false, Some(t)),
@@ -328,6 +360,9 @@ impl Dataplane {
                 let entry = InFlight {
                     id,
                     operation,
+                    class: OpClass::Discard,
+                    started,
+                    data: d.nr_sectors.saturating_mul(SECTOR_SIZE),
                     read_spans: None,
                     next: Next::Respond,
                     bytes: 0,
@@ -344,6 +379,9 @@ impl Dataplane {
             let entry = InFlight {
                 id,
                 operation,
+                class: OpClass::Flush,
+                started,
+                data: 0,
                 read_spans: None,
                 next: Next::Respond,
                 bytes: 0,
@@ -354,16 +392,25 @@ impl Dataplane {
         let len = usize::try_from(t.total_bytes()).unwrap_or(usize::MAX);
         let spans = spans(&t);
         let mut buf = self.buffer(len);
+        let class = match (write, then_flush) {
+            (false, _) => OpClass::Read,
+            (true, false) => OpClass::Write,
+            (true, true) => OpClass::Flush,
+        };
         if write {
             if let Err(fault) = grants.copy_from_guest(&spans, &mut buf) {
                 self.recycle(buf);
                 self.ids.remove(&id);
+                self.metrics.answered(class, 0, started.elapsed());
                 return self.fail(mem, id, operation, &Failure::Grant(fault));
             }
             self.stats.written_bytes += t.total_bytes();
             let entry = InFlight {
                 id,
                 operation,
+                class,
+                started,
+                data: t.total_bytes(),
                 read_spans: None,
                 next: if then_flush {
                     Next::FlushThenRespond
@@ -377,6 +424,9 @@ impl Dataplane {
             let entry = InFlight {
                 id,
                 operation,
+                class,
+                started,
+                data: t.total_bytes(),
                 read_spans: Some(spans),
                 next: Next::Respond,
                 bytes: len,
@@ -399,6 +449,7 @@ impl Dataplane {
         };
         self.inflight_bytes = self.inflight_bytes.saturating_sub(entry.bytes);
         let (id, operation) = (entry.id, entry.operation);
+        let (class, started, data) = (entry.class, entry.started, entry.data);
         let outcome = match done.result {
             Err(e) => Err(Failure::Engine(e.to_string())),
             Ok(()) => match (&entry.read_spans, &done.buf) {
@@ -420,6 +471,9 @@ impl Dataplane {
                 let entry = InFlight {
                     id,
                     operation,
+                    class,
+                    started,
+                    data,
                     read_spans: None,
                     next: Next::Respond,
                     bytes: 0,
@@ -428,10 +482,12 @@ impl Dataplane {
             }
             (Ok(()), Next::Respond) => {
                 self.ids.remove(&id);
+                self.metrics.answered(class, data, started.elapsed());
                 self.respond(mem, id, operation, Status::Okay)
             }
             (Err(f), _) => {
                 self.ids.remove(&id);
+                self.metrics.answered(class, 0, started.elapsed());
                 self.fail(mem, id, operation, &f)
             }
         }
@@ -558,6 +614,8 @@ impl Dataplane {
         if notify {
             self.stats.notifications += 1;
         }
+        self.metrics
+            .set_in_flight(self.in_flight(), self.inflight_bytes);
         Ok(Serviced {
             notify,
             throttled,
@@ -574,6 +632,8 @@ impl Dataplane {
         engine: &mut impl EngineQueue,
     ) -> Result<bool, DataplaneError> {
         self.finish_completed(mem, grants, engine)?;
+        self.metrics
+            .set_in_flight(self.in_flight(), self.inflight_bytes);
         Ok(self.ring.publish_responses(mem)?)
     }
 

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod dataplane;
 pub mod frontend;
 pub mod grants;
+pub mod metrics;
 pub mod params;
 pub mod persistent;
 pub mod queue;

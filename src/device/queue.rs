@@ -197,6 +197,9 @@ fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd)
                 }
             }
         }
+        if let Access::Persistent(pg) = &grants {
+            p.dataplane.metrics().set_persistent_grants(pg.mapped());
+        }
         if flood.events_only && taken == 0 {
             flood.spurious();
         }

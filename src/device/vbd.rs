@@ -23,6 +23,7 @@ use crate::xen::{DomId, EventChannels, GrantTable, Platform, XenError};
 
 use super::dataplane::{Dataplane, QueueConfig};
 use super::frontend::{FrontendConfig, FrontendError, Limits};
+use super::metrics::{DiskStatus, Negotiated};
 use super::params::{DiskSpec, ParamsError};
 use super::queue::{QueueExit, QueueHandle, QueueParts};
 use super::xenbus::{Action, Handshake, XenbusState};
@@ -200,6 +201,8 @@ struct Vbd<P: Platform> {
     capacity: Arc<AtomicU64>,
     hs: Handshake,
     conn: Option<Connected>,
+    /// What `rbdback status` and the metrics show of this disk.
+    status: Arc<DiskStatus>,
 }
 
 fn node(xs: &Xenstore, path: &str) -> Result<String, VbdError> {
@@ -215,6 +218,7 @@ impl<P: Platform> Vbd<P> {
     fn report(&self, e: &dyn std::error::Error) {
         let msg = chain(e);
         warn!(error = %msg, "vbd error");
+        self.status.set_last_error(Some(msg.clone()));
         // xenbus_dev_error's format: "<errno> <message>"; we have no errno, use EIO's.
         if let Err(xe) = self.xs.write(&self.id.error_path(), &format!("5 {msg}")) {
             warn!(error = %xe, "cannot write the error node");
@@ -341,6 +345,12 @@ impl<P: Platform> Vbd<P> {
             }
         }
         self.conn = Some(Connected { queues });
+        self.status.connected(Negotiated {
+            ring_order: cfg.ring_page_order,
+            queues: u32::try_from(cfg.queues.len()).unwrap_or(u32::MAX),
+            indirect_segments: u32::from(self.opts.max_indirect_segments),
+            persistent: cfg.persistent,
+        });
         let sectors = self.capacity.load(Ordering::Relaxed);
         let info = if self.read_only { VDISK_READONLY } else { 0 }
             | if self.cdrom { VDISK_CDROM } else { 0 };
@@ -385,7 +395,8 @@ impl<P: Platform> Vbd<P> {
         let mut evtchn = self.platform.evtchn()?;
         let port = evtchn.bind_interdomain(self.fe_domid, q.event_channel)?;
         let back = BackRing::new(cfg.abi, order).map_err(|e| VbdError::Broken(e.to_string()))?;
-        let dataplane = Dataplane::new(back, self.ring_limits(), self.opts.queue);
+        let dataplane = Dataplane::new(back, self.ring_limits(), self.opts.queue)
+            .with_metrics(self.status.queue(index));
         let engine = image.queue().map_err(VbdError::Engine)?;
         let parts = QueueParts {
             index,
@@ -404,6 +415,7 @@ impl<P: Platform> Vbd<P> {
 
     fn disconnect(&mut self) {
         if let Some(c) = self.conn.take() {
+            self.status.disconnected();
             for q in c.queues {
                 match q.stop() {
                     QueueExit::Stopped(s) => debug!(?s, "queue stopped"),
@@ -433,6 +445,7 @@ impl<P: Platform> Vbd<P> {
                 Action::Disconnect => self.disconnect(),
                 Action::SwitchState(s) => {
                     debug!(state = %s, "backend state");
+                    self.status.set_state(s);
                     self.write("state", &s.to_string())?;
                 }
                 Action::Remove => {
@@ -487,7 +500,9 @@ impl<P: Platform> Vbd<P> {
     }
 }
 
-/// Serves one VBD until it is removed or `stop` fires. Never panics on bad input.
+/// Serves one VBD until it is removed or `stop` fires. Never panics on bad input. What it
+/// does shows in `status`.
+#[allow(clippy::too_many_arguments)]
 pub fn run_vbd<P: Platform>(
     platform: Arc<P>,
     gnttab: Arc<P::Gnttab>,
@@ -496,6 +511,7 @@ pub fn run_vbd<P: Platform>(
     id: VbdId,
     opts: Options,
     stop: Receiver<()>,
+    status: Arc<DiskStatus>,
 ) -> VbdEnd {
     let span = info_span!("vbd", domid = id.domid, devid = id.devid);
     let _g = span.enter();
@@ -528,6 +544,7 @@ pub fn run_vbd<P: Platform>(
         capacity: Arc::new(AtomicU64::new(0)),
         hs: Handshake::new(),
         conn: None,
+        status,
     };
     let mut usable = false;
     match setup {
@@ -554,6 +571,14 @@ pub fn run_vbd<P: Platform>(
                 Err(e) => Err(VbdError::from(e)),
                 Ok(spec) => {
                     let ispec = image_spec(&spec, vbd.read_only);
+                    vbd.status.set_image(
+                        match &ispec.pool {
+                            rados::PoolRef::Name(n) => n.clone(),
+                            rados::PoolRef::Id(i) => format!("#{i}"),
+                        },
+                        ispec.to_string(),
+                        format!("{:?}", spec.target.engine).to_lowercase(),
+                    );
                     info!(image = %ispec, engine = ?spec.target.engine, "opening image");
                     match vbd.open_watched(&opener, &ispec, &stop) {
                         Opening::Done(r) => r.map_err(VbdError::Open),
@@ -567,6 +592,7 @@ pub fn run_vbd<P: Platform>(
             };
             match opened {
                 Ok(image) => {
+                    vbd.status.opened(&image);
                     vbd.read_only = vbd.read_only || image.info().read_only;
                     vbd.capacity.store(image.size() / 512, Ordering::Relaxed);
                     vbd.image = Some(image);
@@ -578,6 +604,7 @@ pub fn run_vbd<P: Platform>(
     }
     let first = if usable {
         let _ = xs.rm(&id.error_path());
+        vbd.status.set_last_error(None);
         vbd.hs.probe()
     } else {
         // xenbus_dev_fatal: the backend goes to Closing and stays there.
