@@ -14,7 +14,7 @@ pub fn generate() {
         )
         .allowlist_function("rados_.*")
         .allowlist_var("LIBRADOS_.*")
-        .allowlist_function("rbd_(open|open_read_only|close|get_size|get_features|stat|aio_create_completion|aio_release|aio_get_return_value|aio_read|aio_write|aio_discard|aio_write_zeroes|aio_flush|invalidate_cache|encryption_load|lock_get_owners|lock_get_owners_cleanup|lock_break)")
+        .allowlist_function("rbd_(open|open_read_only|close|get_size|get_features|stat|is_exclusive_lock_owner|aio_create_completion|aio_release|aio_get_return_value|aio_read|aio_write|aio_discard|aio_write_zeroes|aio_flush|invalidate_cache|encryption_load|lock_get_owners|lock_get_owners_cleanup|lock_break)")
         .allowlist_type("rbd_lock_mode_t")
         .allowlist_type("rbd_image_info_t")
         .allowlist_type("rbd_encryption_luks[12]_format_options_t")

@@ -5,10 +5,14 @@
 //! - [`xen`]: grant tables, event channels and xenstore (real bindings and a simulated Xen).
 //! - [`rados`]: storage engines over librados/librbd; never sees a grant or a ring.
 //! - [`shm`]: the only code that touches guest-shared memory (volatile/atomic, bounds checked).
+//! - [`control`] and [`exporter`]: what operators ask a running process (the control socket of
+//!   each `serve`, `rbdback status`) and the Prometheus endpoint over all of them.
 
+pub mod control;
 #[cfg(feature = "csi")]
 pub mod csi;
 pub mod device;
+pub mod exporter;
 pub mod rados;
 pub mod ring;
 pub mod shm;

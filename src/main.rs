@@ -1,6 +1,8 @@
-//! The `rbdback` command.
+//! The `rbdback` command: parses the command line (`src/cli.rs`, clap), sets up logging and
+//! runs one subcommand.
 //!
-//! - `rbdback serve --domid N [--kind vbd]`: serve one guest's RBD disks (one process per VM).
+//! - `rbdback serve --domid N [--kind vbd] [--backend-domid 0]`: serve one guest's RBD disks
+//!   (one process per VM).
 //! - `rbdback supervise [--kind vbd]`: dom0 service; keeps one `serve` process per guest that
 //!   has RBD disks under `backend/<kind>`.
 //! - `rbdback demo`: a guest's I/O through the whole stack (local Ceph, simulated Xen).
@@ -13,13 +15,21 @@
 //! - `rbdback engine-bench`: one storage-engine queue at a fixed depth on an existing image
 //!   (benchmark images only: it writes), without the ring; `tools/bench-engines` runs it
 //!   beside fio.
+//! - `rbdback completions SHELL`, `rbdback man [PAGE]`: what build.rs generated from the
+//!   command line's definitions.
+//!
+//! Every option's description lives in `src/cli.rs` (`--help`). A malformed command line is
+//! refused with clap's message and exit code 2.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use rbdback::chain;
-use rbdback::device::backend::{serve, supervise, ServeConfig};
+use rbdback::control;
+use rbdback::device::backend::{serve_observed, supervise_observed, ServeConfig};
+use rbdback::device::metrics::{DiskSample, Registry as Disks, Restarts};
 use rbdback::device::vbd::{Options, RadosOpener};
+use rbdback::exporter::Scrape;
 use rbdback::xen::real::RealPlatform;
 use rbdback::xen::Platform;
 
@@ -34,43 +44,52 @@ use rbdback::xen::Platform;
 )]
 extern "C" {}
 
-const USAGE: &str = "usage:
-  rbdback serve --domid N [--kind vbd] [--backend-domid 0] [--stay]
-  rbdback supervise [--kind vbd] [--backend-domid 0]
-  (test builds: serve and supervise take --sim-dir DIR to run on a simulated Xen in another
-   process, see rbdback::xen::sim::remote)
-  rbdback demo [--ceph-conf FILE] [--requests N] [--qd N] [--queues N] [--writes PCT]
-               [--span-mib N] [--bench-image NAME (existing image, no verification)
-               [--bs-kib 4-1024] [--seq]]
-  rbdback ring-demo [--abi x86_64-abi|x86_32-abi] [--order 0-4] [--requests N]
-  rbdback csi --node-id ID [--endpoint unix:///var/lib/kubelet/plugins/rbd.csi.ceph.com/csi.sock]
-              [--driver-name rbd.csi.ceph.com] [--state-dir /var/lib/rbdback/csi]
-              [--ceph-conf FILE] [--clusters /etc/ceph-csi-config/config.json] [--no-supervise]
-  rbdback engine-bench --image POOL/NAME [--ceph-conf FILE] [--engine direct|librbd]
-               [--rw randread|randwrite|read|write] [--bs BYTES] [--qd N] [--seconds N]
-               [--span-mib N]";
+mod cli;
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use clap::Parser;
+use cli::{Cli, Command, LogFormat};
+
+/// The man pages and completions build.rs generated from `src/cli.rs`.
+mod assets {
+    include!(concat!(env!("OUT_DIR"), "/cli_assets.rs"));
+}
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let rest = args.get(1..).unwrap_or(&[]);
-    let code = match args.first().map(String::as_str) {
-        Some("serve") => run_serve(rest),
-        Some("supervise") => run_supervise(rest),
-        Some("csi") => run_csi(rest),
-        Some("demo") => run_full_demo(rest),
-        Some("ring-demo") => run_demo(rest),
-        Some("engine-bench") => run_engine_bench(rest),
-        _ => {
-            eprintln!("{USAGE}");
-            ExitCode::from(2)
+    // Malformed command lines exit with clap's message and code 2 (--help/--version with 0).
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    // the supervisor's serve children find their run directory here
+    std::env::set_var("RBDBACK_RUN_DIR", &cli.run_dir);
+    let run_dir = cli.run_dir;
+    let code = match cli.command {
+        Command::Serve(a) => run_serve(&a, &run_dir),
+        Command::Supervise(a) => {
+            let restarts = Arc::new(Restarts::default());
+            match start_metrics(&a.metrics, "supervise", &run_dir, &restarts) {
+                Ok(()) => run_supervise(&a.backend, &restarts),
+                Err(code) => code,
+            }
         }
+        Command::Csi(a) => run_csi(a, &run_dir),
+        Command::Status(a) => run_status(&a, &run_dir),
+        Command::Demo(a) => run_full_demo(a),
+        Command::RingDemo(a) => run_demo(&a),
+        Command::EngineBench(a) => run_engine_bench(a),
+        Command::Completions(a) => print_asset(
+            assets::COMPLETIONS,
+            cli::SHELLS
+                .iter()
+                .find(|(s, _)| *s == a.shell)
+                .map_or("", |(_, f)| f),
+        ),
+        Command::Man(a) => match a.out_dir {
+            Some(dir) => write_man_pages(&dir),
+            None if a.page == "rbdback" => print_asset(assets::MAN_PAGES, "rbdback.8"),
+            None => print_asset(assets::MAN_PAGES, &format!("rbdback-{}.8", a.page)),
+        },
     };
     // Never run exit handlers under librados threads that may still be at work (see
     // exit_process): every command has torn down what it owns by now.
@@ -83,21 +102,53 @@ fn main() -> ExitCode {
     })
 }
 
-/// Value of `--name` in `args`.
-fn opt<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
+/// Logs on stderr: RUST_LOG's filter (default `info`), colour only on a terminal, or JSON.
+/// The format is put in the environment so the supervisor's `serve` children log alike.
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            std::env::set_var("RBDBACK_LOG_FORMAT", "text");
+            builder.with_ansi(std::io::stderr().is_terminal()).init();
+        }
+        LogFormat::Json => {
+            std::env::set_var("RBDBACK_LOG_FORMAT", "json");
+            builder.json().with_current_span(true).init();
+        }
+    }
 }
 
-fn num<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T, String> {
-    match opt(args, name) {
-        None => Ok(default),
-        Some(v) => v
-            .parse()
-            .map_err(|_| format!("{name} {v:?} is not a valid number")),
+/// Prints the generated file `name` of `set`.
+fn print_asset(set: &[(&str, &str)], name: &str) -> ExitCode {
+    match set.iter().find(|(f, _)| *f == name) {
+        Some((_, text)) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        None => {
+            let names: Vec<&str> = set.iter().map(|(f, _)| *f).collect();
+            eprintln!("rbdback: no page {name} (there are: {})", names.join(", "));
+            ExitCode::from(2)
+        }
     }
+}
+
+/// Writes every man page into `dir`.
+fn write_man_pages(dir: &Path) -> ExitCode {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        return fail(&format!("cannot create {}: {e}", dir.display()));
+    }
+    for (name, text) in assets::MAN_PAGES {
+        let path = dir.join(name);
+        if let Err(e) = std::fs::write(&path, text) {
+            return fail(&format!("cannot write {}: {e}", path.display()));
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -105,36 +156,165 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn run_serve(args: &[String]) -> ExitCode {
-    let domid = match opt(args, "--domid").map(str::parse::<u16>) {
-        Some(Ok(d)) => d,
-        _ => return fail("serve needs --domid N (the guest's domain id)"),
+/// Starts the Prometheus endpoint if `--metrics-listen` asks for one.
+fn start_metrics(
+    m: &cli::MetricsArgs,
+    role: &'static str,
+    run_dir: &Path,
+    restarts: &Arc<Restarts>,
+) -> Result<(), ExitCode> {
+    let Some(addr) = m.metrics_listen else {
+        return Ok(());
     };
-    let backend_domid = match num(args, "--backend-domid", 0u16) {
-        Ok(d) => d,
-        Err(e) => return fail(&e),
+    let (dir, restarts) = (run_dir.to_owned(), Arc::clone(restarts));
+    let scrape = move || match Scrape::gather(role, &dir, restarts.counts()) {
+        Ok(s) => s.render(),
+        Err(e) => {
+            tracing::warn!(error = %chain(&e), "metrics scrape");
+            Scrape {
+                role,
+                own: rbdback::exporter::ProcessSample::current(),
+                restarts: restarts.counts(),
+                serves: Vec::new(),
+            }
+            .render()
+        }
     };
+    match rbdback::exporter::listen(addr, scrape) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(fail(&format!("--metrics-listen {addr}: {e}"))),
+    }
+}
+
+/// `rbdback status`: every disk of every `serve` process in the run directory.
+fn run_status(a: &cli::StatusArgs, run_dir: &Path) -> ExitCode {
+    let sockets = match control::serve_sockets(run_dir) {
+        Ok(s) => s,
+        Err(e) => return fail(&chain(&e)),
+    };
+    let mut disks = Vec::new();
+    let mut code = ExitCode::SUCCESS;
+    for (domid, path) in sockets {
+        if a.domid.is_some_and(|d| d != domid) {
+            continue;
+        }
+        let got = control::call(&path, "status", serde_json::Value::Null).and_then(|v| {
+            serde_json::from_value::<Vec<DiskSample>>(v).map_err(|e| {
+                control::ControlError::Protocol {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
+            })
+        });
+        match got {
+            Ok(d) => disks.extend(d),
+            Err(e) => {
+                eprintln!("rbdback: guest {domid}: {}", chain(&e));
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    if a.json {
+        match serde_json::to_string_pretty(&disks) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return fail(&e.to_string()),
+        }
+    } else {
+        print!("{}", status_table(&disks));
+    }
+    code
+}
+
+/// The disks as a table, one line each.
+fn status_table(disks: &[DiskSample]) -> String {
+    let mut rows = vec![[
+        "DOMID",
+        "DEVID",
+        "IMAGE",
+        "ENGINE",
+        "STATE",
+        "RING",
+        "QUEUES",
+        "INDIRECT",
+        "PERSISTENT",
+        "INFLIGHT",
+        "ERRORS",
+        "LOCK",
+        "LAST ERROR",
+    ]
+    .map(str::to_owned)];
+    for d in disks {
+        let n = d.negotiated;
+        let dash = || "-".to_owned();
+        rows.push([
+            d.domid.to_string(),
+            d.devid.to_string(),
+            d.image.clone(),
+            d.engine.clone(),
+            d.state.clone(),
+            n.map_or_else(dash, |n| {
+                format!("order {} ({} slots)", n.ring_order, d.io.ring_capacity)
+            }),
+            n.map_or_else(dash, |n| n.queues.to_string()),
+            n.map_or_else(dash, |n| n.indirect_segments.to_string()),
+            n.map_or_else(dash, |n| if n.persistent { "yes" } else { "no" }.to_owned()),
+            format!("{} ({} B)", d.io.inflight_requests, d.io.inflight_bytes),
+            (d.io.status_error + d.io.status_unsupported).to_string(),
+            format!("{} ({} hand-overs)", d.lock.state, d.lock.handovers),
+            d.last_error.clone().unwrap_or_else(dash),
+        ]);
+    }
+    let widths: Vec<usize> = (0..13)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn run_serve(a: &cli::ServeArgs, run_dir: &Path) -> ExitCode {
     let cfg = ServeConfig {
-        kind: opt(args, "--kind").unwrap_or("vbd").to_owned(),
-        backend_domid,
-        domid,
-        exit_when_empty: !args.iter().any(|a| a == "--stay"),
-        options: Options::default(),
+        kind: a.backend.kind.clone(),
+        backend_domid: a.backend.backend_domid,
+        domid: a.domid,
+        exit_when_empty: !a.stay,
+        options: Options {
+            // the rings' journals live beside the control socket (tmpfs: /run)
+            state_dir: Some(run_dir.join("state")),
+            ..Options::default()
+        },
     };
     let (_stop_tx, stop_rx) = std::sync::mpsc::channel();
-    let res = match sim_dir(args) {
+    let disks = Arc::new(Disks::default());
+    let mut commands = control::Commands::default();
+    rbdback::exporter::register_commands(&mut commands, &disks);
+    // the disks are served without it: status and metrics are for operators
+    let _control = control::Server::start(run_dir, &format!("serve-{}.sock", a.domid), commands)
+        .map_err(|e| tracing::warn!(error = %chain(&e), "no control socket: `rbdback status` and metrics will not see this guest"))
+        .ok();
+    let res = match a.backend.sim_dir() {
         #[cfg(feature = "test-utils")]
-        Some(dir) => serve(
+        Some(dir) => serve_observed(
             Arc::new(rbdback::xen::sim::remote::RemotePlatform::new(dir)),
             Arc::new(RadosOpener),
             &cfg,
             &stop_rx,
+            &disks,
         ),
-        _ => serve(
+        _ => serve_observed(
             Arc::new(RealPlatform::new()),
             Arc::new(RadosOpener),
             &cfg,
             &stop_rx,
+            &disks,
         ),
     };
     match res {
@@ -143,44 +323,39 @@ fn run_serve(args: &[String]) -> ExitCode {
     }
 }
 
-/// `--sim-dir DIR`: serve a simulated Xen hosted by another process (test builds only).
-fn sim_dir(args: &[String]) -> Option<&std::path::Path> {
-    if cfg!(feature = "test-utils") {
-        opt(args, "--sim-dir").map(std::path::Path::new)
-    } else {
-        None
-    }
-}
-
 #[cfg(feature = "csi")]
-fn run_csi(args: &[String]) -> ExitCode {
-    let Some(node_id) = opt(args, "--node-id") else {
-        return fail("csi needs --node-id ID (this node's name, as Kubernetes knows it)");
+fn run_csi(a: cli::CsiArgs, run_dir: &Path) -> ExitCode {
+    let Some(socket) = a.endpoint.strip_prefix("unix://") else {
+        return fail(&format!(
+            "--endpoint must be unix:///path (got {})",
+            a.endpoint
+        ));
     };
-    let endpoint = opt(args, "--endpoint")
-        .unwrap_or("unix:///var/lib/kubelet/plugins/rbd.csi.ceph.com/csi.sock");
-    let Some(socket) = endpoint.strip_prefix("unix://") else {
-        return fail(&format!("--endpoint must be unix:///path (got {endpoint})"));
-    };
+    let socket = socket.to_owned();
     let cfg = rbdback::csi::Config {
-        driver_name: opt(args, "--driver-name")
-            .unwrap_or("rbd.csi.ceph.com")
-            .to_owned(),
-        node_id: node_id.to_owned(),
-        state_dir: opt(args, "--state-dir")
-            .unwrap_or("/var/lib/rbdback/csi")
-            .into(),
-        ceph_conf: opt(args, "--ceph-conf").map(str::to_owned),
-        clusters: opt(args, "--clusters").map(Into::into),
+        driver_name: a.driver_name,
+        node_id: a.node_id,
+        state_dir: a.state_dir,
+        ceph_conf: a.ceph_conf,
+        clusters: a.clusters,
         open_timeout: std::time::Duration::from_secs(30),
     };
-    if !args.iter().any(|a| a == "--no-supervise") {
+    let restarts = Arc::new(Restarts::default());
+    if let Err(code) = start_metrics(&a.metrics, "csi", run_dir, &restarts) {
+        return code;
+    }
+    if !a.no_supervise {
         // the guests' backends: the same loop as `rbdback supervise`
-        let rest: Vec<String> = Vec::new();
+        let backend = cli::BackendArgs {
+            kind: "vbd".into(),
+            backend_domid: 0,
+            #[cfg(feature = "test-utils")]
+            sim_dir: None,
+        };
         if let Err(e) = std::thread::Builder::new()
             .name("supervise".into())
             .spawn(move || {
-                let code = run_supervise(&rest);
+                let code = run_supervise(&backend, &restarts);
                 if code != ExitCode::SUCCESS {
                     tracing::error!("the supervisor stopped; the CSI plugin exits too");
                     rbdback::rados::exit_process(1);
@@ -212,32 +387,23 @@ fn run_csi(args: &[String]) -> ExitCode {
         }
         tracing::info!("CSI plugin stopping");
     };
-    match rt.block_on(rbdback::csi::serve(
-        cfg,
-        std::path::Path::new(socket),
-        shutdown,
-    )) {
+    match rt.block_on(rbdback::csi::serve(cfg, Path::new(&socket), shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("CSI plugin on {socket}: {e}")),
     }
 }
 
 #[cfg(not(feature = "csi"))]
-fn run_csi(_args: &[String]) -> ExitCode {
+fn run_csi(_a: cli::CsiArgs, _run_dir: &Path) -> ExitCode {
     fail("this rbdback was built without the csi feature")
 }
 
-fn run_supervise(args: &[String]) -> ExitCode {
-    let backend_domid = match num(args, "--backend-domid", 0u16) {
-        Ok(d) => d,
-        Err(e) => return fail(&e),
-    };
-    let kind = opt(args, "--kind").unwrap_or("vbd");
+fn run_supervise(a: &cli::BackendArgs, restarts: &Restarts) -> ExitCode {
     let exe = match std::env::current_exe() {
-        Ok(e) => e,
+        Ok(e) => replaced_exe(e),
         Err(e) => return fail(&format!("cannot find our own executable: {e}")),
     };
-    let xs = match sim_dir(args) {
+    let xs = match a.sim_dir() {
         #[cfg(feature = "test-utils")]
         Some(dir) => rbdback::xen::sim::remote::RemotePlatform::new(dir).xenstore(),
         _ => RealPlatform::new().xenstore(),
@@ -247,35 +413,49 @@ fn run_supervise(args: &[String]) -> ExitCode {
         Err(e) => return fail(&chain(&e)),
     };
     let (_stop_tx, stop_rx) = std::sync::mpsc::channel();
-    let mut extra = vec!["--backend-domid".to_owned(), backend_domid.to_string()];
-    if let Some(dir) = sim_dir(args) {
+    let mut extra = vec!["--backend-domid".to_owned(), a.backend_domid.to_string()];
+    if let Some(dir) = a.sim_dir() {
         extra.push("--sim-dir".to_owned());
         extra.push(dir.display().to_string());
     }
-    match supervise(&xs, kind, backend_domid, &exe, &extra, &stop_rx) {
+    match supervise_observed(
+        &xs,
+        &a.kind,
+        a.backend_domid,
+        &exe,
+        &extra,
+        &stop_rx,
+        restarts,
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&chain(&e)),
     }
 }
 
-#[cfg(feature = "test-utils")]
-fn run_full_demo(args: &[String]) -> ExitCode {
-    let mut o = rbdback::demo::DemoOptions::default();
-    let parsed = (|| -> Result<(), String> {
-        o.ceph_conf = opt(args, "--ceph-conf").map(std::path::PathBuf::from);
-        o.requests = num(args, "--requests", o.requests)?;
-        o.qd = num(args, "--qd", o.qd)?;
-        o.queues = num(args, "--queues", o.queues)?;
-        o.write_pct = num(args, "--writes", o.write_pct)?;
-        o.span_mib = num(args, "--span-mib", o.span_mib)?;
-        o.bench_image = opt(args, "--bench-image").map(str::to_owned);
-        o.bs_kib = num(args, "--bs-kib", o.bs_kib)?;
-        o.seq = args.iter().any(|a| a == "--seq");
-        Ok(())
-    })();
-    if let Err(e) = parsed {
-        return fail(&e);
+/// The path our executable was started from, also after a package upgrade replaced it: Linux
+/// then names the old, unlinked file `<path> (deleted)`, and the new binary at `<path>` is the
+/// one to start `serve` processes from.
+fn replaced_exe(exe: std::path::PathBuf) -> std::path::PathBuf {
+    match exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+        Some(path) if Path::new(path).exists() => path.into(),
+        _ => exe,
     }
+}
+
+#[cfg(feature = "test-utils")]
+fn run_full_demo(a: cli::DemoArgs) -> ExitCode {
+    let mut o = rbdback::demo::DemoOptions {
+        ceph_conf: a.ceph_conf,
+        bench_image: a.bench_image,
+        seq: a.seq,
+        ..Default::default()
+    };
+    o.requests = a.requests.unwrap_or(o.requests);
+    o.qd = a.qd.unwrap_or(o.qd);
+    o.queues = a.queues.unwrap_or(o.queues);
+    o.write_pct = a.writes.unwrap_or(o.write_pct);
+    o.span_mib = a.span_mib.unwrap_or(o.span_mib);
+    o.bs_kib = a.bs_kib.unwrap_or(o.bs_kib);
     match rbdback::demo::run(&o) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("demo failed: {}", chain(&e))),
@@ -283,25 +463,29 @@ fn run_full_demo(args: &[String]) -> ExitCode {
 }
 
 #[cfg(not(feature = "test-utils"))]
-fn run_full_demo(_args: &[String]) -> ExitCode {
+fn run_full_demo(_a: cli::DemoArgs) -> ExitCode {
     fail("demo needs the simulated guest: build with `--features test-utils`")
 }
 
 #[cfg(feature = "test-utils")]
-fn run_demo(args: &[String]) -> ExitCode {
-    match ring_demo::Options::parse(args).and_then(|o| ring_demo::run(&o)) {
+fn run_demo(a: &cli::RingDemoArgs) -> ExitCode {
+    let Some(abi) = rbdback::ring::Abi::from_protocol(Some(&a.abi)) else {
+        return fail(&format!("unknown abi {}", a.abi));
+    };
+    let o = ring_demo::Options {
+        abi,
+        order: a.order,
+        requests: a.requests,
+    };
+    match ring_demo::run(&o) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("rbdback demo: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(&format!("ring demo: {e}")),
     }
 }
 
 #[cfg(not(feature = "test-utils"))]
-fn run_demo(_args: &[String]) -> ExitCode {
-    eprintln!("rbdback demo needs the mock frontend: build with `--features test-utils`");
-    ExitCode::from(2)
+fn run_demo(_a: &cli::RingDemoArgs) -> ExitCode {
+    fail("ring-demo needs the mock frontend: build with `--features test-utils`")
 }
 
 #[cfg(feature = "test-utils")]
@@ -326,34 +510,9 @@ mod ring_demo {
     const PAGES_PER_SLOT: usize = 33;
 
     pub struct Options {
-        abi: Abi,
-        order: u8,
-        requests: u64,
-    }
-
-    impl Options {
-        pub fn parse(args: &[String]) -> Result<Options, String> {
-            let mut o = Options {
-                abi: Abi::X86_64,
-                order: 2,
-                requests: 200_000,
-            };
-            let mut it = args.iter();
-            while let Some(a) = it.next() {
-                let v = it.next().ok_or_else(|| format!("{a} needs a value"))?;
-                match a.as_str() {
-                    "--abi" => {
-                        o.abi = Abi::from_protocol(Some(v)).ok_or(format!("unknown abi {v}"))?
-                    }
-                    "--order" => o.order = v.parse().map_err(|e| format!("--order: {e}"))?,
-                    "--requests" => {
-                        o.requests = v.parse().map_err(|e| format!("--requests: {e}"))?
-                    }
-                    _ => return Err(format!("unknown option {a}")),
-                }
-            }
-            Ok(o)
-        }
+        pub abi: Abi,
+        pub order: u8,
+        pub requests: u64,
     }
 
     /// A tiny deterministic PRNG (xorshift64*), so runs are reproducible.
@@ -729,35 +888,34 @@ mod ring_demo {
     }
 }
 
-fn run_engine_bench(args: &[String]) -> ExitCode {
+fn run_engine_bench(a: cli::EngineBenchArgs) -> ExitCode {
     use rbdback::rados::bench::{self, BenchConfig, Pattern};
     use rbdback::rados::{EngineChoice, ImageSpec};
-    let Some((pool, image)) = opt(args, "--image").and_then(|s| s.split_once('/')) else {
-        return fail("engine-bench needs --image POOL/NAME");
+    let Some((pool, image)) = a.image.split_once('/') else {
+        return fail(&format!("--image {:?}: POOL/NAME", a.image));
     };
     let mut spec = ImageSpec::new(pool, image);
-    spec.conf = opt(args, "--ceph-conf").map(str::to_owned);
-    spec.engine = match opt(args, "--engine").unwrap_or("direct") {
-        "direct" => EngineChoice::Direct,
-        "librbd" => EngineChoice::Librbd,
-        other => return fail(&format!("--engine {other:?}: direct or librbd")),
+    spec.conf = a.ceph_conf;
+    spec.engine = match a.engine {
+        cli::Engine::Direct => EngineChoice::Direct,
+        cli::Engine::Librbd => EngineChoice::Librbd,
     };
-    let Some(pattern) = Pattern::parse(opt(args, "--rw").unwrap_or("randread")) else {
-        return fail("--rw: randread, randwrite, read or write");
+    let pattern = match a.rw {
+        cli::Rw::Randread => Pattern::RandRead,
+        cli::Rw::Randwrite => Pattern::RandWrite,
+        cli::Rw::Read => Pattern::Read,
+        cli::Rw::Write => Pattern::Write,
     };
-    let parsed = (|| -> Result<BenchConfig, String> {
-        Ok(BenchConfig {
-            spec: spec.clone(),
-            pattern,
-            bs: num(args, "--bs", 4096usize)?,
-            qd: num(args, "--qd", 32usize)?,
-            duration: std::time::Duration::from_secs_f64(num(args, "--seconds", 10.0f64)?),
-            span: num(args, "--span-mib", 256u64)? << 20,
-        })
-    })();
-    let cfg = match parsed {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
+    let Ok(duration) = std::time::Duration::try_from_secs_f64(a.seconds) else {
+        return fail(&format!("--seconds {}: not a duration", a.seconds));
+    };
+    let cfg = BenchConfig {
+        spec,
+        pattern,
+        bs: a.bs,
+        qd: a.qd,
+        duration,
+        span: a.span_mib << 20,
     };
     match bench::run(&cfg) {
         Ok(r) => {

@@ -9,7 +9,9 @@ use rbdback::rados::direct::LockPolicy;
 use rbdback::rados::testing::{
     arm_osd_delay, cluster, drop_with_silent_osds, one, wait_all, TestCluster,
 };
-use rbdback::rados::{BlockOp, EngineChoice, EngineKind, Image, ImageSpec, Queue, RadosError};
+use rbdback::rados::{
+    BlockOp, EngineChoice, EngineKind, Image, ImageSpec, LockHold, LockStatus, Queue, RadosError,
+};
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     (0..len)
@@ -416,9 +418,21 @@ fn a_second_client_gets_the_lock_or_a_refusal() {
     let c = cluster();
     let name = c.create_image("direct-lock", 8, None);
     let img = Image::open(&direct_spec(c, &name)).unwrap();
+    assert_eq!(
+        img.lock_status().state,
+        LockHold::NotHeld,
+        "taken on the first write"
+    );
     let mut q = img.queue().unwrap();
     let mut expect = vec![0u8; 8 << 20];
     write(&mut q, &mut expect, 0, pattern(4096, 1));
+    assert_eq!(
+        img.lock_status(),
+        LockStatus {
+            state: LockHold::Held,
+            handovers: 0
+        }
+    );
     let lockers =
         String::from_utf8_lossy(&c.rbd(&["lock", "ls", &format!("rbd/{name}")])).into_owned();
     assert!(
@@ -437,8 +451,16 @@ fn a_second_client_gets_the_lock_or_a_refusal() {
         "hand-over took {:?}",
         t.elapsed()
     );
+    assert_eq!(img.lock_status().handovers, 1, "handed over to rbd bench");
     // take it back
     write(&mut q, &mut expect, 8192, pattern(4096, 2));
+    assert_eq!(
+        img.lock_status(),
+        LockStatus {
+            state: LockHold::Held,
+            handovers: 1
+        }
+    );
     assert!(read(&mut q, 8192, 4096) == expect[8192..12288]);
     drop(q);
     drop(img);
@@ -457,6 +479,14 @@ fn a_second_client_gets_the_lock_or_a_refusal() {
     );
     // we still hold it and write
     write(&mut q, &mut expect, 20480, pattern(4096, 4));
+    assert_eq!(
+        img.lock_status(),
+        LockStatus {
+            state: LockHold::Held,
+            handovers: 0
+        },
+        "a refusal is no hand-over"
+    );
     drop(q);
     drop(img);
     let got = c.export(&name);

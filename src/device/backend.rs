@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::xen::xenstore::{Xenstore, XsError};
 use crate::xen::{DomId, Platform, XenError};
 
+use super::metrics::{Registry, Restarts};
 use super::vbd::{run_vbd, ImageOpener, Options, VbdEnd, VbdId};
 
 /// What `serve` serves.
@@ -69,6 +70,17 @@ pub fn serve<P: Platform>(
     opener: Arc<dyn ImageOpener>,
     cfg: &ServeConfig,
     stop: &mpsc::Receiver<()>,
+) -> Result<(), XenError> {
+    serve_observed(platform, opener, cfg, stop, &Arc::new(Registry::default()))
+}
+
+/// [`serve`], listing every disk in `registry` while it runs (`rbdback status`, metrics).
+pub fn serve_observed<P: Platform>(
+    platform: Arc<P>,
+    opener: Arc<dyn ImageOpener>,
+    cfg: &ServeConfig,
+    stop: &mpsc::Receiver<()>,
+    registry: &Arc<Registry>,
 ) -> Result<(), XenError> {
     let xs = Arc::new(platform.xenstore()?);
     let gnttab = Arc::new(platform.gnttab()?);
@@ -148,10 +160,12 @@ pub fn serve<P: Platform>(
             );
             let opts = cfg.options.clone();
             let name = format!("rbdback-vbd-{devid}");
-            match std::thread::Builder::new()
-                .name(name)
-                .spawn(move || run_vbd(p, g, x, o, id, opts, rx))
-            {
+            let (reg, disk) = (Arc::clone(registry), registry.add(cfg.domid, devid));
+            match std::thread::Builder::new().name(name).spawn(move || {
+                let end = run_vbd(p, g, x, o, id, opts, rx, Arc::clone(&disk));
+                reg.remove(&disk);
+                end
+            }) {
                 Ok(thread) => {
                     info!(devid, "vbd claimed");
                     running.insert(devid, Running { stop: tx, thread });
@@ -188,6 +202,28 @@ pub fn supervise(
     exe: &Path,
     extra_args: &[String],
     stop: &mpsc::Receiver<()>,
+) -> Result<(), XsError> {
+    supervise_observed(
+        xs,
+        kind,
+        backend_domid,
+        exe,
+        extra_args,
+        stop,
+        &Restarts::default(),
+    )
+}
+
+/// [`supervise`], counting in `restarts` every `serve` started again for a guest whose
+/// previous one exited while the guest still had RBD disks.
+pub fn supervise_observed(
+    xs: &Xenstore,
+    kind: &str,
+    backend_domid: DomId,
+    exe: &Path,
+    extra_args: &[String],
+    stop: &mpsc::Receiver<()>,
+    restarts: &Restarts,
 ) -> Result<(), XsError> {
     let dir = format!("/local/domain/{backend_domid}/backend/{kind}");
     let watch = xs.watch(&dir)?;
@@ -236,7 +272,9 @@ pub fn supervise(
                 .map_or(Duration::from_secs(1), |(_, w)| {
                     (*w * 2).min(Duration::from_secs(60))
                 });
-            backoff.insert(domid, (Instant::now(), wait));
+            if backoff.insert(domid, (Instant::now(), wait)).is_some() {
+                restarts.restarted(domid);
+            }
             let mut cmd = Command::new(exe);
             cmd.arg("serve")
                 .arg("--domid")

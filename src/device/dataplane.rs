@@ -11,6 +11,8 @@
 //! mappings), and [`EngineQueue`] is one engine queue (see `crate::rados`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
 
 use thiserror::Error;
 use tracing::debug;
@@ -23,6 +25,8 @@ use crate::ring::{
     Status, Transfer,
 };
 use crate::shm::SharedMem;
+
+use super::metrics::{OpClass, QueueMetrics};
 
 /// A whole page as a span length (4096 fits u16).
 const PAGE_SPAN: u16 = 4096;
@@ -177,6 +181,11 @@ type Entry = Option<u16>;
 struct InFlight {
     id: u64,
     operation: u8,
+    /// What the request counts as, and when it was started (metrics).
+    class: OpClass,
+    started: Instant,
+    /// Bytes the request moves for the guest (counted when it succeeds).
+    data: u64,
     /// For reads: where the data goes.
     read_spans: Option<Vec<GrantSpan>>,
     next: Next,
@@ -221,6 +230,7 @@ pub struct Dataplane {
     done: Vec<Completion>,
     pool: Vec<Vec<u8>>,
     stats: Stats,
+    metrics: Arc<QueueMetrics>,
 }
 
 /// The spans of a transfer, in disk order.
@@ -255,7 +265,20 @@ impl Dataplane {
             done: Vec::new(),
             pool: Vec::new(),
             stats: Stats::default(),
+            metrics: Arc::new(QueueMetrics::default()),
         }
+    }
+
+    /// Counts into `metrics` (a VBD keeps one per queue across reconnects) from now on.
+    pub fn with_metrics(mut self, metrics: Arc<QueueMetrics>) -> Dataplane {
+        metrics.set_ring_capacity(self.ring.capacity());
+        self.metrics = metrics;
+        self
+    }
+
+    /// The counters this queue reports to.
+    pub fn metrics(&self) -> &Arc<QueueMetrics> {
+        &self.metrics
     }
 
     /// Counters so far.
@@ -384,8 +407,14 @@ impl Dataplane {
     ) -> Result<(), RingError> {
         match status {
             Status::Okay => self.stats.ok += 1,
-            Status::NotSupported => self.stats.unsupported += 1,
-            _ => self.stats.errors += 1,
+            Status::NotSupported => {
+                self.stats.unsupported += 1;
+                self.metrics.unsupported();
+            }
+            _ => {
+                self.stats.errors += 1;
+                self.metrics.error();
+            }
         }
         let rsp = Response {
             id,
@@ -439,6 +468,7 @@ impl Dataplane {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(1);
         let (id, operation, bytes, jentry) = (entry.id, entry.operation, entry.bytes, entry.entry);
+        let (class, started) = (entry.class, entry.started);
         match engine.submit(tag, op) {
             Ok(()) => {
                 self.inflight_bytes += bytes;
@@ -451,6 +481,7 @@ impl Dataplane {
                 }
                 self.ids.remove(&id);
                 let why = Failure::Engine(e.error.to_string());
+                self.metrics.answered(class, 0, started.elapsed());
                 self.fail(mem, id, operation, &why, jentry)
             }
         }
@@ -466,6 +497,7 @@ impl Dataplane {
         jentry: Entry,
     ) -> Result<(), RingError> {
         let (id, operation) = (req.id, req.operation);
+        let started = Instant::now();
         let (write, then_flush, transfer) = match req.kind {
             RequestKind::Read(t) => (false, false, Some(t)),
             RequestKind::Write(t) => (true, false, Some(t)),
@@ -474,6 +506,9 @@ impl Dataplane {
                 let entry = InFlight {
                     id,
                     operation,
+                    class: OpClass::Discard,
+                    started,
+                    data: d.nr_sectors.saturating_mul(SECTOR_SIZE),
                     read_spans: None,
                     next: Next::Respond,
                     bytes: 0,
@@ -492,6 +527,9 @@ impl Dataplane {
             let entry = InFlight {
                 id,
                 operation,
+                class: OpClass::Flush,
+                started,
+                data: 0,
                 read_spans: None,
                 next: Next::Respond,
                 bytes: 0,
@@ -504,16 +542,25 @@ impl Dataplane {
         let len = usize::try_from(t.total_bytes()).unwrap_or(usize::MAX);
         let spans = spans(&t);
         let mut buf = self.buffer(len);
+        let class = match (write, then_flush) {
+            (false, _) => OpClass::Read,
+            (true, false) => OpClass::Write,
+            (true, true) => OpClass::Flush,
+        };
         if write {
             if let Err(fault) = grants.copy_from_guest(&spans, &mut buf) {
                 self.recycle(buf);
                 self.ids.remove(&id);
+                self.metrics.answered(class, 0, started.elapsed());
                 return self.fail(mem, id, operation, &Failure::Grant(fault), jentry);
             }
             self.stats.written_bytes += t.total_bytes();
             let entry = InFlight {
                 id,
                 operation,
+                class,
+                started,
+                data: t.total_bytes(),
                 read_spans: None,
                 next: if then_flush {
                     Next::FlushThenRespond
@@ -529,6 +576,9 @@ impl Dataplane {
             let entry = InFlight {
                 id,
                 operation,
+                class,
+                started,
+                data: t.total_bytes(),
                 read_spans: Some(spans),
                 next: Next::Respond,
                 bytes: len,
@@ -553,6 +603,7 @@ impl Dataplane {
         };
         self.inflight_bytes = self.inflight_bytes.saturating_sub(entry.bytes);
         let (id, operation, jentry) = (entry.id, entry.operation, entry.entry);
+        let (class, started, data) = (entry.class, entry.started, entry.data);
         if entry.answered {
             // answered when the ring was abandoned: only the buffer comes back
             if let Some(buf) = done.buf {
@@ -581,6 +632,9 @@ impl Dataplane {
                 let entry = InFlight {
                     id,
                     operation,
+                    class,
+                    started,
+                    data,
                     read_spans: None,
                     next: Next::Respond,
                     bytes: 0,
@@ -591,10 +645,12 @@ impl Dataplane {
             }
             (Ok(()), Next::Respond) => {
                 self.ids.remove(&id);
+                self.metrics.answered(class, data, started.elapsed());
                 self.respond(mem, id, operation, Status::Okay, jentry)
             }
             (Err(f), _) => {
                 self.ids.remove(&id);
+                self.metrics.answered(class, 0, started.elapsed());
                 self.fail(mem, id, operation, &f, jentry)
             }
         }
@@ -762,6 +818,8 @@ impl Dataplane {
         self.slots = slots;
         self.entries = entries;
         notify |= self.publish(mem)?;
+        self.metrics
+            .set_in_flight(self.in_flight(), self.inflight_bytes);
         Ok(Serviced {
             notify,
             throttled,
@@ -778,6 +836,8 @@ impl Dataplane {
         engine: &mut impl EngineQueue,
     ) -> Result<bool, DataplaneError> {
         self.finish_completed(mem, grants, engine)?;
+        self.metrics
+            .set_in_flight(self.in_flight(), self.inflight_bytes);
         Ok(self.publish(mem)?)
     }
 

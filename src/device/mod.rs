@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod frontend;
 pub mod grants;
 pub mod journal;
+pub mod metrics;
 pub mod params;
 pub mod persistent;
 pub mod queue;

@@ -239,6 +239,9 @@ fn run<G: GrantTable + 'static, E: EventChannels + 'static>(
                 }
             }
         }
+        if let Access::Persistent(pg) = &grants {
+            p.dataplane.metrics().set_persistent_grants(pg.mapped());
+        }
         if flood.events_only && taken == 0 {
             flood.spurious();
         }

@@ -25,6 +25,7 @@ use crate::xen::{DomId, EventChannels, GrantMapping, GrantTable, Platform, XenEr
 use super::dataplane::{Dataplane, QueueConfig, ResumeError};
 use super::frontend::{FrontendConfig, FrontendError, Limits};
 use super::journal::{Journal, JournalError, RingIdentity};
+use super::metrics::{DiskStatus, Negotiated};
 use super::params::{DiskSpec, ParamsError};
 use super::queue::{QueueExit, QueueHandle, QueueParts, StopMode};
 use super::xenbus::{Action, Handshake, XenbusState};
@@ -231,6 +232,8 @@ struct Vbd<P: Platform> {
     conn: Option<Connected>,
     /// This VBD's directory under [`Options::state_dir`].
     state: Option<PathBuf>,
+    /// What `rbdback status` and the metrics show of this disk.
+    status: Arc<DiskStatus>,
 }
 
 fn node(xs: &Xenstore, path: &str) -> Result<String, VbdError> {
@@ -246,6 +249,7 @@ impl<P: Platform> Vbd<P> {
     fn report(&self, e: &dyn std::error::Error) {
         let msg = chain(e);
         warn!(error = %msg, "vbd error");
+        self.status.set_last_error(Some(msg.clone()));
         // xenbus_dev_error's format: "<errno> <message>"; we have no errno, use EIO's.
         if let Err(xe) = self.xs.write(&self.id.error_path(), &format!("5 {msg}")) {
             warn!(error = %xe, "cannot write the error node");
@@ -376,6 +380,12 @@ impl<P: Platform> Vbd<P> {
             }
         }
         self.conn = Some(Connected { queues });
+        self.status.connected(Negotiated {
+            ring_order: cfg.ring_page_order,
+            queues: u32::try_from(cfg.queues.len()).unwrap_or(u32::MAX),
+            indirect_segments: u32::from(self.opts.max_indirect_segments),
+            persistent: cfg.persistent,
+        });
         Ok(())
     }
 
@@ -559,6 +569,7 @@ impl<P: Platform> Vbd<P> {
                 }
             }
         };
+        let dataplane = dataplane.with_metrics(self.status.queue(index));
         let mut evtchn = self.platform.evtchn()?;
         let port = evtchn.bind_interdomain(self.fe_domid, q.event_channel)?;
         let engine = image.queue().map_err(VbdError::Engine)?;
@@ -581,6 +592,7 @@ impl<P: Platform> Vbd<P> {
     fn disconnect(&mut self, how: StopMode) -> bool {
         let mut clean = true;
         if let Some(c) = self.conn.take() {
+            self.status.disconnected();
             for q in c.queues {
                 match q.stop(how) {
                     QueueExit::Stopped(s) => debug!(?s, "queue stopped"),
@@ -623,6 +635,7 @@ impl<P: Platform> Vbd<P> {
                 }
                 Action::SwitchState(s) => {
                     debug!(state = %s, "backend state");
+                    self.status.set_state(s);
                     self.write("state", &s.to_string())?;
                 }
                 Action::Remove => {
@@ -759,7 +772,9 @@ const CLIENT_FILE: &str = "client";
 /// the journals in [`Options::state_dir`] without any state change the frontend can see; if
 /// that is impossible, every request the journals say the guest waits for is answered with an
 /// error and the VBD is closed, once, as Linux blkback closes one. On `stop` the rings are
-/// left to the next instance (journals kept, nothing written to xenstore).
+/// left to the next instance (journals kept, nothing written to xenstore). What it does
+/// shows in `status`.
+#[allow(clippy::too_many_arguments)]
 pub fn run_vbd<P: Platform>(
     platform: Arc<P>,
     gnttab: Arc<P::Gnttab>,
@@ -768,6 +783,7 @@ pub fn run_vbd<P: Platform>(
     id: VbdId,
     opts: Options,
     stop: Receiver<()>,
+    status: Arc<DiskStatus>,
 ) -> VbdEnd {
     let span = info_span!("vbd", domid = id.domid, devid = id.devid);
     let _g = span.enter();
@@ -805,6 +821,7 @@ pub fn run_vbd<P: Platform>(
         hs: Handshake::new(),
         conn: None,
         state,
+        status,
     };
     let image_node = |v: &str| {
         if let Err(e) = xs.write(&format!("{be}/{IMAGE_NODE}"), v) {
@@ -859,6 +876,14 @@ pub fn run_vbd<P: Platform>(
                 Err(e) => Err(VbdError::from(e)),
                 Ok(spec) => {
                     let mut ispec = image_spec(&spec, vbd.read_only);
+                    vbd.status.set_image(
+                        match &ispec.pool {
+                            rados::PoolRef::Name(n) => n.clone(),
+                            rados::PoolRef::Id(i) => format!("#{i}"),
+                        },
+                        ispec.to_string(),
+                        format!("{:?}", spec.target.engine).to_lowercase(),
+                    );
                     if takeover == Takeover::Resume {
                         vbd.fence_predecessor(&mut ispec);
                     }
@@ -878,6 +903,8 @@ pub fn run_vbd<P: Platform>(
             };
             match opened {
                 Ok(image) => {
+                    vbd.status.opened(&image);
+                    vbd.status.set_last_error(None);
                     vbd.read_only = vbd.read_only || image.info().read_only;
                     vbd.capacity.store(image.size() / 512, Ordering::Relaxed);
                     vbd.remember_client(&image);
@@ -912,6 +939,7 @@ pub fn run_vbd<P: Platform>(
             }
         }
     }
+    vbd.status.set_state(vbd.hs.state());
     if let Err(e) = vbd.execute(first) {
         warn!(error = %e, "cannot write the backend state");
     }

@@ -13,7 +13,7 @@
 //! `rbd_cache = true` librbd acknowledges writes from its cache, and only a completed flush
 //! makes them durable (the guest's flushes are passed through).
 
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void};
 use std::mem::ManuallyDrop;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -227,6 +227,29 @@ impl LibrbdImage {
         // SAFETY: valid image; out-pointer to a local.
         unsafe { sys::rbd_get_size(self.img.as_ptr(), &mut s) };
         s
+    }
+
+    /// Whether this client holds the exclusive lock (librbd takes and hands it over itself;
+    /// it keeps no count of hand-overs).
+    pub fn lock_status(&self) -> super::LockStatus {
+        let state = if self.read_only
+            || self.features & super::direct::header::feature::EXCLUSIVE_LOCK == 0
+        {
+            super::LockHold::NotUsed
+        } else {
+            let mut owner: c_int = 0;
+            // SAFETY: valid image; out-pointer to a local.
+            let rc = unsafe { sys::rbd_is_exclusive_lock_owner(self.img.as_ptr(), &mut owner) };
+            match (rc, owner) {
+                (0, 0) => super::LockHold::NotHeld,
+                (0, _) => super::LockHold::Held,
+                _ => super::LockHold::Unknown,
+            }
+        };
+        super::LockStatus {
+            state,
+            handovers: 0,
+        }
     }
 
     /// `Some(new)` if the size changed since the last call.

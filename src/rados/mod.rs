@@ -195,6 +195,43 @@ pub struct ImageInfo {
     pub discard_granularity: u32,
 }
 
+/// Whether this client holds an image's exclusive lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockHold {
+    /// No lock is needed (read-only, no `exclusive-lock` feature, in-memory image).
+    NotUsed,
+    /// Another client may hold it; ours is taken on the next write.
+    NotHeld,
+    /// This client holds it.
+    Held,
+    /// Handing it over to another client once in-flight writes finish.
+    Releasing,
+    /// The engine could not tell.
+    Unknown,
+}
+
+impl LockHold {
+    /// A label for status lines and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            LockHold::NotUsed => "not used",
+            LockHold::NotHeld => "not held",
+            LockHold::Held => "held",
+            LockHold::Releasing => "releasing",
+            LockHold::Unknown => "unknown",
+        }
+    }
+}
+
+/// The exclusive lock as seen from this client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockStatus {
+    /// Held or not.
+    pub state: LockHold,
+    /// Times it was handed over to another client since the image was opened.
+    pub handovers: u64,
+}
+
 /// A storage error, naming its cause.
 #[derive(Debug, Error)]
 pub enum RadosError {
@@ -565,6 +602,18 @@ impl Image {
     /// Facts about the image.
     pub fn info(&self) -> ImageInfo {
         self.info.clone()
+    }
+
+    /// The exclusive lock as this client holds it (no cluster round trip).
+    pub fn lock_status(&self) -> LockStatus {
+        match &self.engine {
+            Engine::Memory(_) => LockStatus {
+                state: LockHold::NotUsed,
+                handovers: 0,
+            },
+            Engine::Librbd(i) => i.lock_status(),
+            Engine::Direct(i) => i.lock_status(),
+        }
     }
 
     /// Re-reads the size; `Some(new)` if it changed since the last call.

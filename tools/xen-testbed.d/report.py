@@ -9,7 +9,7 @@ runs under software emulation (QEMU TCG), so nothing here is a performance numbe
 import re
 import sys
 
-DOM0 = ["dom0-toolstack", "ceph-health-ok", "rbd-images-created", "hotplug-selftest", "xl-create",
+DOM0 = ["dom0-toolstack", "rbdback-package", "ceph-health-ok", "rbd-images-created", "hotplug-selftest", "xl-create",
         "xvda-connected", "ring-page-order", "multi-queue", "persistent-grants", "indirect-segments",
         "block-attach", "block-detach", "domu-finished",
         "export-xvda-64-16M", "export-xvda-68-8M-zero", "export-xvda-96-4M", "export-xvdb-8-4M"]

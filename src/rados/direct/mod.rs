@@ -83,6 +83,8 @@ pub(crate) struct State {
     pub failure_seq: u64,
     /// The head object map, valid while locked (one state per object).
     pub objmap: Vec<u8>,
+    /// Times the lock was handed over to another client.
+    pub handovers: u64,
     /// A fatal condition (blocklisted, unsupported feature enabled live): all I/O fails.
     pub fatal: Option<String>,
     /// Queues to wake when the lock changes hands.
@@ -148,6 +150,24 @@ pub struct DirectImage {
 }
 
 impl DirectImage {
+    /// The exclusive lock as this client holds it (local state: no cluster round trip).
+    pub fn lock_status(&self) -> super::LockStatus {
+        let st = self.shared.lock_state();
+        let state = if !self.shared.needs_lock(&st.header) {
+            super::LockHold::NotUsed
+        } else {
+            match st.lock {
+                LockState::Unlocked => super::LockHold::NotHeld,
+                LockState::Locked(_) => super::LockHold::Held,
+                LockState::Releasing(_) => super::LockHold::Releasing,
+            }
+        };
+        super::LockStatus {
+            state,
+            handovers: st.handovers,
+        }
+    }
+
     /// Opens `spec`: connects, reads the header, refuses unsupported features, watches the
     /// header and starts the control thread.
     pub fn open(spec: &ImageSpec, policy: LockPolicy) -> Result<DirectImage, RadosError> {
@@ -193,6 +213,7 @@ impl DirectImage {
                 header: Arc::new(h),
                 gen: 0,
                 lock: LockState::Unlocked,
+                handovers: 0,
                 writers: 0,
                 want_lock: false,
                 lock_failure: None,
@@ -431,6 +452,7 @@ impl Control {
                                 let mut st = self.s.lock_state();
                                 if let LockState::Locked(c) = &st.lock {
                                     st.lock = LockState::Releasing(c.clone());
+                                    st.handovers += 1;
                                 }
                             }
                         }

@@ -1,0 +1,360 @@
+//! The `rbdback` command line: every subcommand and option, with the help texts operators read
+//! (`--help`, the man pages, the shell completions).
+//!
+//! Owns only the shape of the command line (clap derive types); it must never do anything
+//! itself. `src/main.rs` turns a parsed [`Cli`] into work, and `build.rs` includes this same
+//! file to generate the man pages and completions into `OUT_DIR` at build time, so it may use
+//! nothing but `clap` and `std`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Userspace Ceph RBD block backend for Xen: serves guests' blkif disks from RADOS.
+///
+/// One `rbdback serve` process per guest speaks blkif to the guest's blkfront and turns its
+/// requests into RADOS I/O; `rbdback supervise` (a dom0 service) keeps one `serve` per guest
+/// that has RBD disks; `rbdback csi` is the CSI node plugin for Kubernetes. Logs go to stderr;
+/// RUST_LOG sets their level (for example `RUST_LOG=rbdback=debug`).
+#[derive(Debug, Parser)]
+#[command(
+    name = "rbdback",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Log format on stderr: `text` (colour only on a terminal) or `json` (one object per
+    /// line, for journald or Loki). Children of the supervisor inherit it.
+    #[arg(
+        long,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true,
+        env = "RBDBACK_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+
+    /// The directory of the `serve` processes' control sockets (`serve-<domid>.sock`, mode
+    /// 0600; the directory is created 0700). Children of the supervisor inherit it.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/run/rbdback",
+        global = true,
+        env = "RBDBACK_RUN_DIR"
+    )]
+    pub run_dir: PathBuf,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines; ANSI colour only when stderr is a terminal.
+    Text,
+    /// One JSON object per line (timestamp, level, target, span fields, message).
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Serve(ServeArgs),
+    Supervise(SuperviseArgs),
+    Csi(CsiArgs),
+    Status(StatusArgs),
+    Demo(DemoArgs),
+    RingDemo(RingDemoArgs),
+    EngineBench(EngineBenchArgs),
+    Completions(CompletionsArgs),
+    Man(ManArgs),
+}
+
+/// Which xenstore backend directory and domain this backend serves.
+#[derive(Debug, Clone, Args)]
+pub struct BackendArgs {
+    /// The backend kind: the directory under `/local/domain/<backend domid>/backend/` to
+    /// watch (`vbd` for the disks `xl`/libxl create).
+    #[arg(long, value_name = "KIND", default_value = "vbd")]
+    pub kind: String,
+    /// The domain this backend runs in (0: dom0; a driver domain's id otherwise).
+    #[arg(long, value_name = "DOMID", default_value_t = 0)]
+    pub backend_domid: u16,
+    /// Test builds: run on a simulated Xen hosted by another process, whose sockets are in
+    /// DIR (rbdback::xen::sim::remote).
+    #[cfg(feature = "test-utils")]
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub sim_dir: Option<PathBuf>,
+}
+
+impl BackendArgs {
+    /// The simulated Xen to run on, if any (test builds).
+    pub fn sim_dir(&self) -> Option<&std::path::Path> {
+        #[cfg(feature = "test-utils")]
+        {
+            self.sim_dir.as_deref()
+        }
+        #[cfg(not(feature = "test-utils"))]
+        {
+            None
+        }
+    }
+}
+
+/// Serve one guest's RBD disks (one process per VM).
+///
+/// Claims every VBD under backend/<kind>/<domid>/ whose `params` is an RBD target (`rbd:` or
+/// `csi:`), runs the xenbus handshake with the guest's blkfront, maps its rings and answers its
+/// requests from RADOS: one control thread per VBD and one dataplane thread per ring queue. Disks
+/// whose `params` is not an RBD target are never touched. Exits when the guest has no RBD disk
+/// left (unless --stay). `rbdback supervise` starts it with exactly `serve --domid N --kind KIND
+/// --backend-domid B`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The guest's domain id.
+    #[arg(long, value_name = "N")]
+    pub domid: u16,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Keep running when the guest has no RBD disk left (default: exit).
+    #[arg(long)]
+    pub stay: bool,
+}
+
+/// The dom0 service: keep one `rbdback serve` per guest.
+///
+/// Watches /local/domain/<backend domid>/backend/<kind> and keeps one `rbdback serve --domid N`
+/// child for every guest that has at least one disk whose `params` is an RBD target (`rbd:` or
+/// `csi:`); a child that dies is started again. Start it after xenstored (the Debian package's
+/// rbdback-supervise.service does).
+#[derive(Debug, Args)]
+pub struct SuperviseArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics (OpenMetrics text at `GET /metrics`) on this address, for
+    /// example 127.0.0.1:9527: every disk of every `serve` process on the host, gathered at
+    /// each scrape from their control sockets, plus the processes' CPU, memory and threads.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// What every disk served on this host is doing, asked from the running `serve` processes.
+///
+/// Connects to every control socket in the run directory (--run-dir) and prints, per disk:
+/// guest, device, image, engine, the backend's xenbus state, the features negotiated with the
+/// guest (ring page order, queues, indirect segments, persistent grants), requests in flight,
+/// errors, the exclusive lock as this host holds it, and the last error. Exit status 1 if a
+/// `serve` process did not answer.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this guest's disks.
+    #[arg(long, value_name = "N")]
+    pub domid: Option<u16>,
+    /// Print JSON (an array of disks) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The CSI node plugin for ceph-csi's volumes on Xen hosts.
+///
+/// Serves CSI v1's Identity and Node services over gRPC on a unix socket (which kubelet's
+/// node-driver-registrar announces). Provisioning stays with ceph-csi's controller. Unless
+/// --no-supervise it also runs the same supervisor as `rbdback supervise`. Stops on SIGTERM.
+/// See docs/csi.md.
+#[derive(Debug, Args)]
+pub struct CsiArgs {
+    /// This node's name, as Kubernetes knows it (NodeGetInfo answers it).
+    #[arg(long, value_name = "ID")]
+    pub node_id: String,
+    /// The gRPC endpoint: a unix socket, `unix:///path`.
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "unix:///var/lib/kubelet/plugins/rbd.csi.ceph.com/csi.sock"
+    )]
+    pub endpoint: String,
+    /// The CSI driver name (ceph-csi's RBD driver's, so a StorageClass of ceph-csi serves
+    /// both).
+    #[arg(long, value_name = "NAME", default_value = "rbd.csi.ceph.com")]
+    pub driver_name: String,
+    /// Where staged volumes' keyrings live (mode 0700).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/rbdback/csi")]
+    pub state_dir: PathBuf,
+    /// The Ceph configuration every volume uses (default: librados' search, unless
+    /// --clusters names the monitors).
+    #[arg(long, value_name = "FILE")]
+    pub ceph_conf: Option<String>,
+    /// ceph-csi's cluster map (the `config.json` of its `ceph-csi-config` ConfigMap): each
+    /// volume's monitors by its `clusterID`; read at every stage.
+    #[arg(long, value_name = "FILE")]
+    pub clusters: Option<PathBuf>,
+    /// Don't run the supervisor (another `rbdback supervise` serves the guests).
+    #[arg(long)]
+    pub no_supervise: bool,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+}
+
+/// A guest's I/O through the whole stack.
+///
+/// A simulated blkfront (simulated Xen: memfd grants, eventfd event channels, a real xenstore
+/// protocol server) drives one VBD served by the real device layer over the local Ceph cluster
+/// (started on first use) or --ceph-conf's; every read is verified and the image is compared with
+/// `rbd export` at the end. With --bench-image it runs on an existing image without verification
+/// (benchmark mode; it writes). Needs a build with the `test-utils` feature.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// An existing cluster's ceph.conf (default: start the project's local cluster).
+    #[arg(long, value_name = "FILE")]
+    pub ceph_conf: Option<PathBuf>,
+    /// Requests to run (default 20000).
+    #[arg(long, value_name = "N")]
+    pub requests: Option<u64>,
+    /// Requests in flight per queue (default 32).
+    #[arg(long, value_name = "N")]
+    pub qd: Option<usize>,
+    /// Ring queues the guest asks for (default 2).
+    #[arg(long, value_name = "N")]
+    pub queues: Option<u32>,
+    /// Percent of requests that write (default 50).
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub writes: Option<u32>,
+    /// MiB at the start of the disk the workload spans (default 64).
+    #[arg(long, value_name = "N")]
+    pub span_mib: Option<u64>,
+    /// Benchmark mode: use this existing image (POOL/NAME) as it is; no verification.
+    #[arg(long, value_name = "NAME")]
+    pub bench_image: Option<String>,
+    /// Benchmark mode: request size in KiB, 4 to 1024; over 44 goes indirect (default 4).
+    #[arg(long, value_name = "KIB", requires = "bench_image")]
+    pub bs_kib: Option<usize>,
+    /// Benchmark mode: sequential instead of random offsets.
+    #[arg(long, requires = "bench_image")]
+    pub seq: bool,
+}
+
+/// The ring layer alone.
+///
+/// A mock blkfront fills a blkif ring with a mixed workload (reads, writes, indirect requests,
+/// flushes, discards and some invalid requests); the back ring takes, validates and answers them
+/// against a 64 MiB in-memory disk; the frontend checks every status and every byte read, and the
+/// throughput is printed. Needs a build with the `test-utils` feature.
+#[derive(Debug, Args)]
+pub struct RingDemoArgs {
+    /// The guest's ABI (blkif's `protocol` node).
+    #[arg(long, value_name = "ABI", default_value = "x86_64-abi",
+          value_parser = ["x86_64-abi", "x86_32-abi"])]
+    pub abi: String,
+    /// Ring page order (the ring spans 2^ORDER pages).
+    #[arg(long, value_name = "ORDER", default_value_t = 2,
+          value_parser = clap::value_parser!(u8).range(0..=4))]
+    pub order: u8,
+    /// Requests to run.
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    pub requests: u64,
+}
+
+/// The storage engines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Engine {
+    /// Direct RADOS (krbd-like).
+    Direct,
+    /// librbd.
+    Librbd,
+}
+
+/// I/O patterns of `engine-bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Rw {
+    /// Random reads.
+    Randread,
+    /// Random writes.
+    Randwrite,
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+}
+
+/// One storage-engine queue at a fixed depth on an existing image, without the ring.
+///
+/// For benchmark images only: it writes. tools/bench-engines runs it beside fio.
+#[derive(Debug, Args)]
+pub struct EngineBenchArgs {
+    /// The image, POOL/NAME.
+    #[arg(long, value_name = "POOL/NAME")]
+    pub image: String,
+    /// The cluster's ceph.conf (default: librados' search).
+    #[arg(long, value_name = "FILE")]
+    pub ceph_conf: Option<String>,
+    /// The storage engine.
+    #[arg(long, value_enum, default_value_t = Engine::Direct)]
+    pub engine: Engine,
+    /// The I/O pattern.
+    #[arg(long, value_enum, default_value_t = Rw::Randread)]
+    pub rw: Rw,
+    /// Request size in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 4096)]
+    pub bs: usize,
+    /// Requests in flight.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub qd: usize,
+    /// Run time in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub seconds: f64,
+    /// MiB at the start of the image the workload spans.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub span_mib: u64,
+}
+
+/// Shells for `rbdback completions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    /// bash (install as /usr/share/bash-completion/completions/rbdback).
+    Bash,
+    /// zsh (install as /usr/share/zsh/vendor-completions/_rbdback).
+    Zsh,
+    /// fish (install as /usr/share/fish/vendor_completions.d/rbdback.fish).
+    Fish,
+}
+
+/// Print a shell completion script (generated at build time) to stdout.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: Shell,
+}
+
+/// Print a man page (generated at build time) to stdout, or write them all to a directory.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// The page: `rbdback` or a subcommand's (`serve`, `supervise`, ...).
+    #[arg(
+        value_name = "PAGE",
+        default_value = "rbdback",
+        conflicts_with = "out_dir"
+    )]
+    pub page: String,
+    /// Write every page (rbdback.8, rbdback-serve.8, ...) into this directory instead.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+}
+
+/// The shells completions are generated for, with their file names.
+pub const SHELLS: [(Shell, &str); 3] = [
+    (Shell::Bash, "rbdback.bash"),
+    (Shell::Zsh, "_rbdback"),
+    (Shell::Fish, "rbdback.fish"),
+];
