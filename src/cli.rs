@@ -67,6 +67,7 @@ pub enum Command {
     Supervise(SuperviseArgs),
     Csi(CsiArgs),
     Status(StatusArgs),
+    Upgrade(UpgradeArgs),
     Demo(DemoArgs),
     RingDemo(RingDemoArgs),
     EngineBench(EngineBenchArgs),
@@ -147,6 +148,25 @@ pub struct MetricsArgs {
     /// each scrape from their control sockets, plus the processes' CPU, memory and threads.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// Replace every running backend with the rbdback binary installed now, without the guests
+/// seeing an error.
+///
+/// Asks the supervisor (its control socket in the run directory) to hand each guest's disks
+/// over, one guest at a time: the running `serve` stops taking requests, lets those in flight
+/// finish (at most 5 s; what does not finish stays in its journal), releases its exclusive
+/// locks and exits; a `serve` started from the installed binary resumes the rings from their
+/// journals, without a xenbus state change. Then the supervisor re-executes itself from the
+/// installed binary, keeping its children. Prints how long each guest's disks waited.
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Only this guest's backend (the supervisor itself is then not re-executed).
+    #[arg(long, value_name = "N")]
+    pub domid: Option<u16>,
+    /// Print the supervisor's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What every disk served on this host is doing, asked from the running `serve` processes.

@@ -258,13 +258,23 @@ fn handle(stream: UnixStream, commands: &Commands) -> std::io::Result<()> {
 
 /// Sends one request to the socket at `path` and returns its result.
 pub fn call(path: &Path, cmd: &str, args: Value) -> Result<Value, ControlError> {
+    call_within(path, cmd, args, IO_TIMEOUT)
+}
+
+/// [`call`], waiting up to `timeout` for the answer (a command that takes long: `upgrade`).
+pub fn call_within(
+    path: &Path,
+    cmd: &str,
+    args: Value,
+    timeout: Duration,
+) -> Result<Value, ControlError> {
     let io = |what| {
         let path = path.to_owned();
         move |source| ControlError::Io { what, path, source }
     };
     let stream = UnixStream::connect(path).map_err(io("cannot connect to"))?;
     stream
-        .set_read_timeout(Some(IO_TIMEOUT))
+        .set_read_timeout(Some(timeout))
         .map_err(io("cannot set a timeout on"))?;
     stream
         .set_write_timeout(Some(IO_TIMEOUT))

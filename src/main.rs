@@ -26,8 +26,9 @@ use std::sync::Arc;
 
 use rbdback::chain;
 use rbdback::control;
-use rbdback::device::backend::{serve_observed, supervise_observed, ServeConfig};
+use rbdback::device::backend::{serve_observed, ServeConfig, ServeEnd};
 use rbdback::device::metrics::{DiskSample, Registry as Disks, Restarts};
+use rbdback::device::supervisor::{self, SuperviseConfig, HANDOVER_EXIT};
 use rbdback::device::vbd::{Options, RadosOpener};
 use rbdback::exporter::Scrape;
 use rbdback::xen::real::RealPlatform;
@@ -69,12 +70,13 @@ fn main() -> ExitCode {
         Command::Supervise(a) => {
             let restarts = Arc::new(Restarts::default());
             match start_metrics(&a.metrics, "supervise", &run_dir, &restarts) {
-                Ok(()) => run_supervise(&a.backend, &restarts),
+                Ok(()) => run_supervise(&a.backend, &restarts, &run_dir),
                 Err(code) => code,
             }
         }
         Command::Csi(a) => run_csi(a, &run_dir),
         Command::Status(a) => run_status(&a, &run_dir),
+        Command::Upgrade(a) => run_upgrade(&a, &run_dir),
         Command::Demo(a) => run_full_demo(a),
         Command::RingDemo(a) => run_demo(&a),
         Command::EngineBench(a) => run_engine_bench(a),
@@ -97,6 +99,8 @@ fn main() -> ExitCode {
         0
     } else if code == ExitCode::from(2) {
         2
+    } else if code == ExitCode::from(HANDOVER_EXIT) {
+        HANDOVER_EXIT
     } else {
         1
     })
@@ -280,7 +284,66 @@ fn status_table(disks: &[DiskSample]) -> String {
     out
 }
 
+fn run_upgrade(a: &cli::UpgradeArgs, run_dir: &Path) -> ExitCode {
+    let sock = run_dir.join(supervisor::SOCKET);
+    let args = match a.domid {
+        Some(d) => serde_json::json!({ "domid": d }),
+        None => serde_json::Value::Null,
+    };
+    let report =
+        match control::call_within(&sock, "upgrade", args, std::time::Duration::from_secs(600)) {
+            Ok(r) => r,
+            Err(e) => return fail(&format!("upgrade: {}", chain(&e))),
+        };
+    if a.json {
+        println!("{report}");
+    }
+    let guests = report
+        .get("guests")
+        .and_then(serde_json::Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut ok = true;
+    for g in &guests {
+        let fine = g.get("ok").and_then(serde_json::Value::as_bool) == Some(true);
+        ok &= fine;
+        if !a.json {
+            println!(
+                "domain {}: {} ({:.2} s){}",
+                g.get("domid").unwrap_or(&serde_json::Value::Null),
+                if fine { "handed over" } else { "FAILED" },
+                g.get("seconds")
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.0),
+                g.get("error")
+                    .and_then(serde_json::Value::as_str)
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if !a.json && guests.is_empty() {
+        println!("no guest backend is running");
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn run_serve(a: &cli::ServeArgs, run_dir: &Path) -> ExitCode {
+    // SIGTERM and SIGINT are waited for by a thread of their own (blocked here, before any
+    // other thread exists): they hand the rings over like `handover` on the control socket.
+    let signals = {
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(nix::sys::signal::Signal::SIGTERM);
+        set.add(nix::sys::signal::Signal::SIGINT);
+        set
+    };
+    if let Err(e) = signals.thread_block() {
+        tracing::warn!(error = %e, "cannot block SIGTERM: it will end the process without a handover");
+    }
     let cfg = ServeConfig {
         kind: a.backend.kind.clone(),
         backend_domid: a.backend.backend_domid,
@@ -292,10 +355,26 @@ fn run_serve(a: &cli::ServeArgs, run_dir: &Path) -> ExitCode {
             ..Options::default()
         },
     };
-    let (_stop_tx, stop_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let disks = Arc::new(Disks::default());
     let mut commands = control::Commands::default();
     rbdback::exporter::register_commands(&mut commands, &disks);
+    // `handover`: leave the rings (journals kept, exclusive locks released) to the next
+    // instance and exit with status 75; the supervisor starts that one at once.
+    let tx = std::sync::Mutex::new(stop_tx.clone());
+    commands.add("handover", move |_| {
+        let _ = tx.lock().map(|t| t.send(()));
+        Ok(serde_json::json!({"pid": std::process::id()}))
+    });
+    let sig_tx = stop_tx;
+    let _ = std::thread::Builder::new()
+        .name("rbdback-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                tracing::info!(signal = %sig, "stopping: handing the rings over");
+                let _ = sig_tx.send(());
+            }
+        });
     // the disks are served without it: status and metrics are for operators
     let _control = control::Server::start(run_dir, &format!("serve-{}.sock", a.domid), commands)
         .map_err(|e| tracing::warn!(error = %chain(&e), "no control socket: `rbdback status` and metrics will not see this guest"))
@@ -318,7 +397,8 @@ fn run_serve(a: &cli::ServeArgs, run_dir: &Path) -> ExitCode {
         ),
     };
     match res {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(ServeEnd::Empty) => ExitCode::SUCCESS,
+        Ok(ServeEnd::HandedOver) => ExitCode::from(HANDOVER_EXIT),
         Err(e) => fail(&chain(&e)),
     }
 }
@@ -352,10 +432,11 @@ fn run_csi(a: cli::CsiArgs, run_dir: &Path) -> ExitCode {
             #[cfg(feature = "test-utils")]
             sim_dir: None,
         };
+        let rd = run_dir.to_owned();
         if let Err(e) = std::thread::Builder::new()
             .name("supervise".into())
             .spawn(move || {
-                let code = run_supervise(&backend, &restarts);
+                let code = run_supervise(&backend, &restarts, &rd);
                 if code != ExitCode::SUCCESS {
                     tracing::error!("the supervisor stopped; the CSI plugin exits too");
                     rbdback::rados::exit_process(1);
@@ -398,7 +479,7 @@ fn run_csi(_a: cli::CsiArgs, _run_dir: &Path) -> ExitCode {
     fail("this rbdback was built without the csi feature")
 }
 
-fn run_supervise(a: &cli::BackendArgs, restarts: &Restarts) -> ExitCode {
+fn run_supervise(a: &cli::BackendArgs, restarts: &Restarts, run_dir: &Path) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(e) => replaced_exe(e),
         Err(e) => return fail(&format!("cannot find our own executable: {e}")),
@@ -418,15 +499,14 @@ fn run_supervise(a: &cli::BackendArgs, restarts: &Restarts) -> ExitCode {
         extra.push("--sim-dir".to_owned());
         extra.push(dir.display().to_string());
     }
-    match supervise_observed(
-        &xs,
-        &a.kind,
-        a.backend_domid,
-        &exe,
-        &extra,
-        &stop_rx,
-        restarts,
-    ) {
+    let cfg = SuperviseConfig {
+        kind: a.kind.clone(),
+        backend_domid: a.backend_domid,
+        exe,
+        extra_args: extra,
+        run_dir: Some(run_dir.to_owned()),
+    };
+    match supervisor::supervise(&xs, &cfg, &stop_rx, restarts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&chain(&e)),
     }

@@ -40,7 +40,9 @@ fn start_with(
         },
     };
     let (tx, rx) = mpsc::channel();
-    let h = std::thread::spawn(move || serve(platform, Arc::new(RadosOpener), &cfg, &rx).unwrap());
+    let h = std::thread::spawn(move || {
+        serve(platform, Arc::new(RadosOpener), &cfg, &rx).unwrap();
+    });
     (tx, h)
 }
 

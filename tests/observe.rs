@@ -410,7 +410,14 @@ fn the_supervisor_counts_restarts_of_a_dying_backend_only() {
         Arc::clone(&restarts),
     );
     let sup = std::thread::spawn(move || {
-        rbdback::device::backend::supervise_observed(&xs, "vbd", 0, &exe, &[], &rx, &r2).unwrap();
+        let cfg = rbdback::device::supervisor::SuperviseConfig {
+            kind: "vbd".into(),
+            backend_domid: 0,
+            exe,
+            extra_args: Vec::new(),
+            run_dir: None,
+        };
+        rbdback::device::supervisor::supervise(&xs, &cfg, &rx, &r2).unwrap();
     });
     let t = std::time::Instant::now();
     while restarts.counts().first().map_or(0, |(_, n)| *n) < 2 && t.elapsed() < T {

@@ -1,5 +1,5 @@
 //! One `rbdback serve` process: finds the VBDs of one guest in xenstore and runs a control
-//! thread per VBD; and `rbdback supervise`, which keeps one `serve` process per guest.
+//! thread per VBD (`rbdback supervise`, which keeps one per guest, is [`super::supervisor`]).
 //!
 //! Owns: discovery (`backend/<kind>/<domid>/*`), the claim rule, the per-VBD threads.
 //! Trusts: nothing: a VBD whose `params` is not an RBD target, or that a kernel backend driver
@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command};
+
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::xen::xenstore::{Xenstore, XsError};
 use crate::xen::{DomId, Platform, XenError};
 
-use super::metrics::{Registry, Restarts};
+use super::metrics::Registry;
 use super::vbd::{run_vbd, ImageOpener, Options, VbdEnd, VbdId};
 
 /// What `serve` serves.
@@ -64,13 +64,22 @@ struct Running {
     thread: JoinHandle<VbdEnd>,
 }
 
+/// How a `serve` run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServeEnd {
+    /// The guest has no disk left (`exit_when_empty`).
+    Empty,
+    /// `stop` fired: the rings were left, with their journals, to the next instance.
+    HandedOver,
+}
+
 /// Serves the guest's VBDs until `stop` fires (or, with `exit_when_empty`, until none is left).
 pub fn serve<P: Platform>(
     platform: Arc<P>,
     opener: Arc<dyn ImageOpener>,
     cfg: &ServeConfig,
     stop: &mpsc::Receiver<()>,
-) -> Result<(), XenError> {
+) -> Result<ServeEnd, XenError> {
     serve_observed(platform, opener, cfg, stop, &Arc::new(Registry::default()))
 }
 
@@ -81,7 +90,7 @@ pub fn serve_observed<P: Platform>(
     cfg: &ServeConfig,
     stop: &mpsc::Receiver<()>,
     registry: &Arc<Registry>,
-) -> Result<(), XenError> {
+) -> Result<ServeEnd, XenError> {
     let xs = Arc::new(platform.xenstore()?);
     let gnttab = Arc::new(platform.gnttab()?);
     let dir = format!(
@@ -93,9 +102,10 @@ pub fn serve_observed<P: Platform>(
     let mut done: HashMap<u32, Instant> = HashMap::new();
     let mut seen_any = false;
     info!(dir = %dir, "serving");
-    loop {
+    let end = loop {
         if stop.try_recv().is_ok() {
-            break;
+            info!("stopping: the rings stay with the guest for the next backend");
+            break ServeEnd::HandedOver;
         }
         let _ = watch.recv_timeout(Duration::from_millis(500));
         while watch.try_recv().is_some() {}
@@ -175,14 +185,14 @@ pub fn serve_observed<P: Platform>(
         }
         if cfg.exit_when_empty && seen_any && running.is_empty() {
             info!("no device left; exiting");
-            break;
+            break ServeEnd::Empty;
         }
-    }
+    };
     for (_, r) in running.drain() {
         let _ = r.stop.send(());
         let _ = r.thread.join();
     }
-    Ok(())
+    Ok(end)
 }
 
 fn list_devids(xs: &Xenstore, dir: &str) -> Result<Vec<u32>, XsError> {
@@ -191,109 +201,4 @@ fn list_devids(xs: &Xenstore, dir: &str) -> Result<Vec<u32>, XsError> {
         .iter()
         .filter_map(|d| d.parse::<u32>().ok())
         .collect())
-}
-
-/// `rbdback supervise`: one `serve` child per guest with RBD disks under `backend/<kind>`,
-/// restarted (with back-off) if it dies while the guest still has devices.
-pub fn supervise(
-    xs: &Xenstore,
-    kind: &str,
-    backend_domid: DomId,
-    exe: &Path,
-    extra_args: &[String],
-    stop: &mpsc::Receiver<()>,
-) -> Result<(), XsError> {
-    supervise_observed(
-        xs,
-        kind,
-        backend_domid,
-        exe,
-        extra_args,
-        stop,
-        &Restarts::default(),
-    )
-}
-
-/// [`supervise`], counting in `restarts` every `serve` started again for a guest whose
-/// previous one exited while the guest still had RBD disks.
-pub fn supervise_observed(
-    xs: &Xenstore,
-    kind: &str,
-    backend_domid: DomId,
-    exe: &Path,
-    extra_args: &[String],
-    stop: &mpsc::Receiver<()>,
-    restarts: &Restarts,
-) -> Result<(), XsError> {
-    let dir = format!("/local/domain/{backend_domid}/backend/{kind}");
-    let watch = xs.watch(&dir)?;
-    let mut children: HashMap<DomId, (Child, Instant, u32)> = HashMap::new();
-    // Restarts back off (1 s doubling to 60 s) so a crashing serve process cannot spin.
-    let mut backoff: HashMap<DomId, (Instant, Duration)> = HashMap::new();
-    info!(dir = %dir, "supervising");
-    loop {
-        if stop.try_recv().is_ok() {
-            break;
-        }
-        let _ = watch.recv_timeout(Duration::from_secs(1));
-        while watch.try_recv().is_some() {}
-        let mut wanted = Vec::new();
-        for dom in xs.directory(&dir)? {
-            let Ok(domid) = dom.parse::<DomId>() else {
-                continue;
-            };
-            let ddir = format!("{dir}/{domid}");
-            let has_rbd = xs.directory(&ddir)?.iter().any(|dev| {
-                matches!(xs.read(&format!("{ddir}/{dev}/params")), Ok(Some(p)) if is_rbd_params(&p))
-            });
-            if has_rbd {
-                wanted.push(domid);
-            }
-        }
-        // Reap exited children.
-        for (domid, (child, _, _)) in children.iter_mut() {
-            if let Ok(Some(status)) = child.try_wait() {
-                info!(domid, %status, "serve process exited");
-            }
-        }
-        children.retain(|_, (c, _, _)| matches!(c.try_wait(), Ok(None)));
-        backoff.retain(|d, _| wanted.contains(d));
-        for domid in wanted {
-            if children.contains_key(&domid) {
-                continue;
-            }
-            if let Some((at, wait)) = backoff.get(&domid) {
-                if at.elapsed() < *wait {
-                    continue;
-                }
-            }
-            let wait = backoff
-                .get(&domid)
-                .map_or(Duration::from_secs(1), |(_, w)| {
-                    (*w * 2).min(Duration::from_secs(60))
-                });
-            if backoff.insert(domid, (Instant::now(), wait)).is_some() {
-                restarts.restarted(domid);
-            }
-            let mut cmd = Command::new(exe);
-            cmd.arg("serve")
-                .arg("--domid")
-                .arg(domid.to_string())
-                .arg("--kind")
-                .arg(kind)
-                .args(extra_args);
-            match cmd.spawn() {
-                Ok(child) => {
-                    info!(domid, pid = child.id(), "started serve process");
-                    children.insert(domid, (child, Instant::now(), 0));
-                }
-                Err(e) => warn!(domid, error = %e, "cannot start serve process"),
-            }
-        }
-    }
-    for (_, (mut c, _, _)) in children.drain() {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    Ok(())
 }

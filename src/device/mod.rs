@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod params;
 pub mod persistent;
 pub mod queue;
+pub mod supervisor;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testfront;
 pub mod vbd;
