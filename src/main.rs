@@ -19,6 +19,8 @@ use std::sync::Arc;
 
 use rbdback::chain;
 use rbdback::device::backend::{serve, supervise, ServeConfig};
+use rbdback::device::dataplane::QueueConfig;
+use rbdback::device::params::parse_seconds;
 use rbdback::device::vbd::{Options, RadosOpener};
 use rbdback::xen::real::RealPlatform;
 use rbdback::xen::Platform;
@@ -36,7 +38,8 @@ extern "C" {}
 
 const USAGE: &str = "usage:
   rbdback serve --domid N [--kind vbd] [--backend-domid 0] [--stay]
-  rbdback supervise [--kind vbd] [--backend-domid 0]
+                [--io-timeout SECS (0: wait for ever)] [--stall-warn SECS (30)]
+  rbdback supervise [--kind vbd] [--backend-domid 0] [--io-timeout SECS] [--stall-warn SECS]
   rbdback demo [--ceph-conf FILE] [--requests N] [--qd N] [--queues N] [--writes PCT]
                [--span-mib N] [--bench-image NAME (existing image, no verification)
                [--bs-kib 4-1024] [--seq]]
@@ -94,6 +97,35 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// `--io-timeout` and `--stall-warn`: the disks' defaults (their `params` may override them).
+fn queue_defaults(args: &[String]) -> Result<QueueConfig, String> {
+    let mut q = QueueConfig::default();
+    let secs = |name: &str, key: &str| -> Result<Option<std::time::Duration>, String> {
+        opt(args, name)
+            .map(|v| parse_seconds(key, v).map_err(|e| format!("{name}: {e}")))
+            .transpose()
+    };
+    if let Some(t) = secs("--io-timeout", "io_timeout")? {
+        q.io_timeout = (!t.is_zero()).then_some(t);
+    }
+    if let Some(w) = secs("--stall-warn", "stall_warn")? {
+        if w.is_zero() {
+            return Err("--stall-warn must be more than 0 seconds".into());
+        }
+        q.stall_warn = w;
+    }
+    Ok(q)
+}
+
+/// The same flags, passed on to `serve` children.
+fn queue_flags(args: &[String]) -> Vec<String> {
+    ["--io-timeout", "--stall-warn"]
+        .iter()
+        .filter_map(|n| opt(args, n).map(|v| [(*n).to_owned(), v.to_owned()]))
+        .flatten()
+        .collect()
+}
+
 fn run_serve(args: &[String]) -> ExitCode {
     let domid = match opt(args, "--domid").map(str::parse::<u16>) {
         Some(Ok(d)) => d,
@@ -103,12 +135,19 @@ fn run_serve(args: &[String]) -> ExitCode {
         Ok(d) => d,
         Err(e) => return fail(&e),
     };
+    let queue = match queue_defaults(args) {
+        Ok(q) => q,
+        Err(e) => return fail(&e),
+    };
     let cfg = ServeConfig {
         kind: opt(args, "--kind").unwrap_or("vbd").to_owned(),
         backend_domid,
         domid,
         exit_when_empty: !args.iter().any(|a| a == "--stay"),
-        options: Options::default(),
+        options: Options {
+            queue,
+            ..Options::default()
+        },
     };
     let platform = Arc::new(RealPlatform::new());
     let (_stop_tx, stop_rx) = std::sync::mpsc::channel();
@@ -199,6 +238,9 @@ fn run_supervise(args: &[String]) -> ExitCode {
         Err(e) => return fail(&e),
     };
     let kind = opt(args, "--kind").unwrap_or("vbd");
+    if let Err(e) = queue_defaults(args) {
+        return fail(&e);
+    }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => return fail(&format!("cannot find our own executable: {e}")),
@@ -208,7 +250,8 @@ fn run_supervise(args: &[String]) -> ExitCode {
         Err(e) => return fail(&chain(&e)),
     };
     let (_stop_tx, stop_rx) = std::sync::mpsc::channel();
-    let extra = vec!["--backend-domid".to_owned(), backend_domid.to_string()];
+    let mut extra = vec!["--backend-domid".to_owned(), backend_domid.to_string()];
+    extra.extend(queue_flags(args));
     match supervise(&xs, kind, backend_domid, &exe, &extra, &stop_rx) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&chain(&e)),

@@ -13,6 +13,7 @@ pub mod grants;
 pub mod params;
 pub mod persistent;
 pub mod queue;
+pub mod stall;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testfront;
 pub mod vbd;

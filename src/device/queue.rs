@@ -23,6 +23,7 @@ use super::dataplane::{Dataplane, Stats};
 use super::dataplane::{GrantFault, GrantIo, GrantSpan};
 use super::grants::CopyGrants;
 use super::persistent::{PersistentGrants, DEFAULT_MAX_PERSISTENT};
+use super::stall::StallGauge;
 
 /// How a queue reaches guest data: grant copy, or persistent mappings when negotiated.
 #[derive(Debug)]
@@ -51,6 +52,10 @@ impl<G: GrantTable> GrantIo for Access<G> {
 
 /// How long a stopping queue waits for in-flight engine operations.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// While requests wait, how often the queue applies the I/O timeout and publishes its stall
+/// gauge.
+pub const TICK: Duration = Duration::from_millis(250);
 
 /// Why a queue thread ended.
 #[derive(Debug)]
@@ -88,6 +93,8 @@ pub struct QueueParts<G: GrantTable, E: EventChannels> {
     pub capacity: Arc<AtomicU64>,
     /// Both ends negotiated `feature-persistent`.
     pub persistent: bool,
+    /// Where the queue publishes its waiting requests (read by the VBD's stall report).
+    pub stall: Arc<StallGauge>,
 }
 
 impl<G: GrantTable, E: EventChannels> std::fmt::Debug for QueueParts<G, E> {
@@ -172,6 +179,7 @@ fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd)
     // Requests may already be waiting (the frontend published before we bound).
     let mut work = true;
     let mut flood = FloodLimit::new(p.index);
+    let mut last_tick = Instant::now();
     loop {
         let cap = p.capacity.load(Ordering::Relaxed);
         p.dataplane.set_capacity(cap);
@@ -200,10 +208,26 @@ fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd)
         if flood.events_only && taken == 0 {
             flood.spurious();
         }
-        let (ev, eng, st) = match wait3(&p.evtchn, &p.engine, Some(stop), PollTimeout::NONE) {
+        let timeout = if p.dataplane.waiting() {
+            let left = TICK.saturating_sub(last_tick.elapsed());
+            PollTimeout::from(u16::try_from(left.as_millis()).unwrap_or(u16::MAX))
+        } else {
+            if p.stall.is_set() {
+                p.stall
+                    .publish(&Default::default(), p.dataplane.stats().timeouts);
+            }
+            PollTimeout::NONE
+        };
+        let (ev, eng, st) = match wait3(&p.evtchn, &p.engine, Some(stop), timeout) {
             Ok(r) => r,
             Err(e) => return QueueExit::Failed(format!("poll: {e}")),
         };
+        if p.dataplane.waiting() && last_tick.elapsed() >= TICK {
+            last_tick = Instant::now();
+            if let Err(e) = tick(&mut p, &mut grants, last_tick) {
+                return e;
+            }
+        }
         if st {
             return drain(p, grants);
         }
@@ -272,6 +296,27 @@ impl FloodLimit {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+/// Applies the I/O timeout and publishes the queue's stall gauge.
+fn tick<G: GrantTable, E: EventChannels>(
+    p: &mut QueueParts<G, E>,
+    grants: &mut Access<G>,
+    now: Instant,
+) -> Result<(), QueueExit> {
+    let mem = p.ring_map.mem();
+    match p.dataplane.expire(&mem, grants, &mut p.engine, now) {
+        Ok(x) if x.notify => {
+            if let Err(e) = p.evtchn.notify(p.port) {
+                return Err(QueueExit::Failed(format!("notify: {e}")));
+            }
+        }
+        Ok(_) => {}
+        Err(e) => return Err(broken(p, &e)),
+    }
+    p.stall
+        .publish(&p.dataplane.stall(now), p.dataplane.stats().timeouts);
+    Ok(())
 }
 
 fn broken<G: GrantTable, E: EventChannels>(

@@ -139,6 +139,37 @@ pub fn toolstack_attach(
     Ok((be, fe))
 }
 
+/// Runs `rbdback serve` for guest `domid` over the simulated Xen on its own thread, with the
+/// production image opener; sending `()` (or dropping the sender) stops it.
+pub fn spawn_serve(
+    xen: &std::sync::Arc<crate::xen::sim::SimXen>,
+    domid: DomId,
+    exit_when_empty: bool,
+    options: super::vbd::Options,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<Result<(), XenError>>,
+) {
+    let platform = std::sync::Arc::new(xen.platform());
+    let cfg = super::backend::ServeConfig {
+        kind: "vbd".into(),
+        backend_domid: 0,
+        domid,
+        exit_when_empty,
+        options,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        super::backend::serve(
+            platform,
+            std::sync::Arc::new(super::vbd::RadosOpener),
+            &cfg,
+            &rx,
+        )
+    });
+    (tx, h)
+}
+
 /// The toolstack's detach: `online = 0`, then `state = 5` (Closing) as libxl does.
 pub fn toolstack_detach(xs: &Xenstore, be: &str) -> Result<(), XsError> {
     xs.write(&format!("{be}/online"), "0")?;

@@ -25,6 +25,7 @@ use super::dataplane::{Dataplane, QueueConfig};
 use super::frontend::{FrontendConfig, FrontendError, Limits};
 use super::params::{DiskSpec, ParamsError};
 use super::queue::{QueueExit, QueueHandle, QueueParts};
+use super::stall::{StallGauge, StallWatch};
 use super::xenbus::{Action, Handshake, XenbusState};
 
 /// `info` bits (blkif.h `VDISK_*`).
@@ -164,6 +165,19 @@ pub fn image_spec(spec: &DiskSpec, read_only: bool) -> ImageSpec {
     t
 }
 
+/// The queues' tunables of a disk: the serve defaults, with the disk's own `io_timeout`
+/// (0: wait for ever) and `stall_warn` when its `params` set them.
+pub fn queue_config(defaults: &QueueConfig, spec: &DiskSpec) -> QueueConfig {
+    let mut c = *defaults;
+    if let Some(t) = spec.io_timeout {
+        c.io_timeout = (!t.is_zero()).then_some(t);
+    }
+    if let Some(w) = spec.stall_warn {
+        c.stall_warn = w;
+    }
+    c
+}
+
 /// Opens images; tests and the demo substitute an in-memory image.
 pub trait ImageOpener: Send + Sync {
     /// Opens the image `spec` describes.
@@ -200,6 +214,9 @@ struct Vbd<P: Platform> {
     capacity: Arc<AtomicU64>,
     hs: Handshake,
     conn: Option<Connected>,
+    /// The queues' tunables: the serve defaults with the disk's `io_timeout`/`stall_warn`.
+    queue_cfg: QueueConfig,
+    stall: StallWatch,
 }
 
 fn node(xs: &Xenstore, path: &str) -> Result<String, VbdError> {
@@ -328,9 +345,14 @@ impl<P: Platform> Vbd<P> {
         );
         let order = u8::try_from(cfg.ring_page_order).unwrap_or(u8::MAX);
         let mut queues = Vec::new();
+        let mut gauges = Vec::new();
         for (index, q) in cfg.queues.iter().enumerate() {
-            match self.start_queue(&image, &cfg, index, q, order) {
-                Ok(h) => queues.push(h),
+            let gauge = Arc::new(StallGauge::default());
+            match self.start_queue(&image, &cfg, index, q, order, Arc::clone(&gauge)) {
+                Ok(h) => {
+                    queues.push(h);
+                    gauges.push(gauge);
+                }
                 Err(e) => {
                     // Never leave a half-connected VBD: stop what already runs.
                     for h in queues {
@@ -341,6 +363,7 @@ impl<P: Platform> Vbd<P> {
             }
         }
         self.conn = Some(Connected { queues });
+        self.stall.set_gauges(gauges);
         let sectors = self.capacity.load(Ordering::Relaxed);
         let info = if self.read_only { VDISK_READONLY } else { 0 }
             | if self.cdrom { VDISK_CDROM } else { 0 };
@@ -380,12 +403,13 @@ impl<P: Platform> Vbd<P> {
         index: usize,
         q: &super::frontend::QueueRing,
         order: u8,
+        stall: Arc<StallGauge>,
     ) -> Result<QueueHandle, VbdError> {
         let ring_map = self.gnttab.map(self.fe_domid, &q.ring_refs, true)?;
         let mut evtchn = self.platform.evtchn()?;
         let port = evtchn.bind_interdomain(self.fe_domid, q.event_channel)?;
         let back = BackRing::new(cfg.abi, order).map_err(|e| VbdError::Broken(e.to_string()))?;
-        let dataplane = Dataplane::new(back, self.ring_limits(), self.opts.queue);
+        let dataplane = Dataplane::new(back, self.ring_limits(), self.queue_cfg);
         let engine = image.queue().map_err(VbdError::Engine)?;
         let parts = QueueParts {
             index,
@@ -398,11 +422,14 @@ impl<P: Platform> Vbd<P> {
             engine,
             capacity: Arc::clone(&self.capacity),
             persistent: cfg.persistent,
+            stall,
         };
         Ok(QueueHandle::spawn(parts, info_span!("queue", q = index))?)
     }
 
     fn disconnect(&mut self) {
+        self.stall.set_gauges(Vec::new());
+        self.stall.clear(&self.xs, &format!("{}/stalled", self.be));
         if let Some(c) = self.conn.take() {
             for q in c.queues {
                 match q.stop() {
@@ -528,6 +555,8 @@ pub fn run_vbd<P: Platform>(
         capacity: Arc::new(AtomicU64::new(0)),
         hs: Handshake::new(),
         conn: None,
+        queue_cfg: opts.queue,
+        stall: StallWatch::default(),
     };
     let mut usable = false;
     match setup {
@@ -553,6 +582,7 @@ pub fn run_vbd<P: Platform>(
             let opened = match DiskSpec::parse(&params) {
                 Err(e) => Err(VbdError::from(e)),
                 Ok(spec) => {
+                    vbd.queue_cfg = queue_config(&opts.queue, &spec);
                     let ispec = image_spec(&spec, vbd.read_only);
                     info!(image = %ispec, engine = ?spec.target.engine, "opening image");
                     match vbd.open_watched(&opener, &ispec, &stop) {
@@ -668,5 +698,7 @@ pub fn run_vbd<P: Platform>(
             last_resize = Instant::now();
             vbd.check_resize();
         }
+        vbd.stall
+            .check(&vbd.xs, &format!("{be}/stalled"), vbd.image.as_ref());
     }
 }
