@@ -132,7 +132,7 @@ impl Rig {
         ]);
         let export = std::fs::read(&path).unwrap();
         let _ = std::fs::remove_file(&path);
-        let bad = r.diff_image(&export, SPAN / 8);
+        let bad = r.diff_image(&export, (export.len() / 4096) as u64);
         assert!(
             bad.is_empty(),
             "{} blocks differ from what the guest wrote, e.g. {:?}",
@@ -149,7 +149,12 @@ struct Running {
     t0: Instant,
 }
 
-fn start_workload(mut f: SimBlkfront, seed: u64) -> Running {
+fn start_workload(f: SimBlkfront, seed: u64) -> Running {
+    start_workload_over(f, seed, SPAN)
+}
+
+/// A workload over the first `span` sectors.
+fn start_workload_over(mut f: SimBlkfront, seed: u64, span: u64) -> Running {
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = Arc::clone(&stop);
     let t0 = Instant::now();
@@ -157,7 +162,7 @@ fn start_workload(mut f: SimBlkfront, seed: u64) -> Running {
         let w = Workload {
             qd: 8,
             write_pct: 60,
-            span_sectors: SPAN,
+            span_sectors: span,
             seed,
             verify: true,
         };
@@ -389,5 +394,84 @@ fn monitor_restarted() {
         during > 100,
         "only {during} answers while the monitor was down"
     );
+    rig.finish(f, &r);
+}
+
+/// Pool `name` on the faults cluster (created and initialised for RBD once).
+fn pool(c: &TestCluster, name: &str) {
+    let pools = c.ceph(&["osd", "pool", "ls"]);
+    if !pools.lines().any(|l| l.trim() == name) {
+        c.ceph(&["osd", "pool", "create", name, "8", "8", "replicated"]);
+        c.rbd(&["pool", "init", name]);
+    }
+}
+
+fn set_quota(c: &TestCluster, name: &str, bytes: u64) {
+    c.ceph(&[
+        "osd",
+        "pool",
+        "set-quota",
+        name,
+        "max_bytes",
+        &bytes.to_string(),
+    ]);
+}
+
+/// The pool's quota reached: writes fail (named: `Disk quota exceeded`), reads go on, and
+/// the disk writes again once the quota is raised, with nobody touching the backend.
+#[test]
+fn pool_quota_reached_then_raised() {
+    let c = faults();
+    pool(c, "quota");
+    set_quota(c, "quota", 0);
+    let (rig, f) = Rig::new("quota", "fault-quota", "");
+    // over 48 MiB: writes that would grow the pool keep coming after it is full
+    let w = start_workload_over(f, 5, 48 << 11);
+    std::thread::sleep(secs(1));
+    // below what the workload has written already: the pool is full as soon as the
+    // monitors see its usage
+    set_quota(c, "quota", 4 << 20);
+    let t_quota = Instant::now();
+    let deadline = Instant::now() + secs(90);
+    while !log_text().contains("EDQUOT") {
+        assert!(Instant::now() < deadline, "writes never failed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t_full = Instant::now();
+    std::thread::sleep(secs(5));
+    set_quota(c, "quota", 0);
+    let t_raised = Instant::now();
+    std::thread::sleep(secs(20));
+    let t0 = w.t0;
+    let (f, r, log) = w.stop();
+    report("pool quota", &log, &r, t0, None);
+    eprintln!(
+        "writes failed {:?} after the quota was set",
+        t_full - t_quota
+    );
+    let failed: Vec<&Done> = log.iter().filter(|d| d.status != Status::Okay).collect();
+    assert!(!failed.is_empty());
+    assert!(failed.iter().all(|d| d.write), "a read failed");
+    let reads_while_full = log
+        .iter()
+        .filter(|d| {
+            !d.write && d.status == Status::Okay && d.answered > t_full && d.answered < t_raised
+        })
+        .count();
+    assert!(reads_while_full > 50, "reads stopped: {reads_while_full}");
+    let last_error = failed.iter().map(|d| d.answered).max().unwrap();
+    let writes_after = log
+        .iter()
+        .filter(|d| d.write && d.status == Status::Okay && d.issued > last_error)
+        .count();
+    assert!(
+        writes_after > 100,
+        "writes did not come back: {writes_after}"
+    );
+    eprintln!(
+        "last write error {:?} after the quota was raised",
+        last_error.saturating_duration_since(t_raised)
+    );
+    assert_eq!(r.mismatches, 0);
     rig.finish(f, &r);
 }

@@ -263,6 +263,38 @@ pub struct Stall {
     pub oldest_offset: u64,
 }
 
+/// How often engine failures are logged at most (the first at once).
+pub const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Engine failures come from the cluster, not the guest: the operator sees them, the first at
+/// once and then one line per [`ERROR_LOG_EVERY`] saying how many followed, never one line per
+/// request.
+#[derive(Debug, Default)]
+struct ErrorLog {
+    quiet_until: Option<Instant>,
+    unlogged: u64,
+}
+
+impl ErrorLog {
+    fn note(&mut self, e: &str) {
+        let now = Instant::now();
+        if self.quiet_until.is_some_and(|t| now < t) {
+            self.unlogged += 1;
+            return;
+        }
+        if self.unlogged > 0 {
+            warn!(
+                failed = self.unlogged + 1,
+                "requests failed by the storage engine since the last report, the latest: {e}"
+            );
+        } else {
+            warn!("request failed by the storage engine: {e}");
+        }
+        self.unlogged = 0;
+        self.quiet_until = Some(now + ERROR_LOG_EVERY);
+    }
+}
+
 /// What one service pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Serviced {
@@ -296,6 +328,7 @@ pub struct Dataplane {
     done: Vec<Completion>,
     pool: Vec<Vec<u8>>,
     stats: Stats,
+    engine_errors: ErrorLog,
 }
 
 /// The spans of a transfer, in disk order.
@@ -329,6 +362,7 @@ impl Dataplane {
             done: Vec::new(),
             pool: Vec::new(),
             stats: Stats::default(),
+            engine_errors: ErrorLog::default(),
         }
     }
 
@@ -400,6 +434,9 @@ impl Dataplane {
         why: &Failure,
     ) -> Result<(), RingError> {
         debug!(id, operation, error = %why, "request failed");
+        if let Failure::Engine(e) = why {
+            self.engine_errors.note(e);
+        }
         self.respond(mem, id, operation, why.status())
     }
 

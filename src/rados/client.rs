@@ -660,6 +660,13 @@ impl IoCtx {
     }
 }
 
+/// Write operations go out with `LIBRADOS_OPERATION_FULL_TRY`: when the cluster is full, or
+/// the pool's quota reached, the OSD answers `ENOSPC` / `EDQUOT` at once instead of librados
+/// holding the operation until space returns (its default, and what would leave a guest's
+/// writes hanging without a word). Deletes still free space; everything works again by
+/// itself once the pool has room.
+const FULL_TRY: i32 = sys::LIBRADOS_OPERATION_FULL_TRY as i32;
+
 /// A compound write operation (`rados_write_op_t`), released on drop.
 #[derive(Debug)]
 pub(crate) struct WriteOp {
@@ -741,7 +748,7 @@ impl WriteOp {
         let o = name(oid)?;
         // SAFETY: valid op and ioctx; synchronous; NULL mtime = now.
         rc(unsafe {
-            sys::rados_write_op_operate(self.h, io.h, o.as_ptr(), std::ptr::null_mut(), 0)
+            sys::rados_write_op_operate(self.h, io.h, o.as_ptr(), std::ptr::null_mut(), FULL_TRY)
         })
         .map(|_| ())
     }
@@ -766,7 +773,7 @@ impl WriteOp {
                     comp,
                     o.as_ptr(),
                     std::ptr::null_mut(),
-                    0,
+                    FULL_TRY,
                 )
             }
         })
