@@ -124,6 +124,36 @@ pub struct ServeArgs {
     /// Keep running when the guest has no RBD disk left (default: exit).
     #[arg(long)]
     pub stay: bool,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+}
+
+/// The disks' default timeout policy (a disk's `params` may override both).
+#[derive(Debug, Clone, Args)]
+pub struct QueueArgs {
+    /// Fail a request the cluster has not answered after SECS seconds with
+    /// BLKIF_RSP_ERROR (0: wait for ever, the default that loses nothing). A disk's
+    /// `io_timeout=` overrides it.
+    #[arg(long, value_name = "SECS")]
+    pub io_timeout: Option<String>,
+    /// Report a disk whose oldest request has waited SECS seconds (log line and the
+    /// backend's `stalled` node; default 30). A disk's `stall_warn=` overrides it.
+    #[arg(long, value_name = "SECS")]
+    pub stall_warn: Option<String>,
+}
+
+impl QueueArgs {
+    /// The same options, for a `serve` child.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(t) = &self.io_timeout {
+            v.extend(["--io-timeout".to_owned(), t.clone()]);
+        }
+        if let Some(w) = &self.stall_warn {
+            v.extend(["--stall-warn".to_owned(), w.clone()]);
+        }
+        v
+    }
 }
 
 /// The dom0 service: keep one `rbdback serve` per guest.
@@ -136,6 +166,8 @@ pub struct ServeArgs {
 pub struct SuperviseArgs {
     #[command(flatten)]
     pub backend: BackendArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
 }

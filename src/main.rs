@@ -27,7 +27,9 @@ use std::sync::Arc;
 use rbdback::chain;
 use rbdback::control;
 use rbdback::device::backend::{serve_observed, ServeConfig, ServeEnd};
+use rbdback::device::dataplane::QueueConfig;
 use rbdback::device::metrics::{DiskSample, Registry as Disks, Restarts};
+use rbdback::device::params::parse_seconds;
 use rbdback::device::supervisor::{self, SuperviseConfig, HANDOVER_EXIT};
 use rbdback::device::vbd::{Options, RadosOpener};
 use rbdback::exporter::Scrape;
@@ -70,7 +72,10 @@ fn main() -> ExitCode {
         Command::Supervise(a) => {
             let restarts = Arc::new(Restarts::default());
             match start_metrics(&a.metrics, "supervise", &run_dir, &restarts) {
-                Ok(()) => run_supervise(&a.backend, &restarts, &run_dir),
+                Ok(()) => match queue_defaults(&a.queue) {
+                    Ok(_) => run_supervise(&a.backend, &a.queue.to_args(), &restarts, &run_dir),
+                    Err(e) => fail(&e),
+                },
                 Err(code) => code,
             }
         }
@@ -153,6 +158,26 @@ fn write_man_pages(dir: &Path) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `--io-timeout` and `--stall-warn`: the disks' defaults (their `params` may override them).
+fn queue_defaults(a: &cli::QueueArgs) -> Result<QueueConfig, String> {
+    let mut q = QueueConfig::default();
+    let secs = |name: &str, key: &str, v: &Option<String>| {
+        v.as_deref()
+            .map(|v| parse_seconds(key, v).map_err(|e| format!("{name}: {e}")))
+            .transpose()
+    };
+    if let Some(t) = secs("--io-timeout", "io_timeout", &a.io_timeout)? {
+        q.io_timeout = (!t.is_zero()).then_some(t);
+    }
+    if let Some(w) = secs("--stall-warn", "stall_warn", &a.stall_warn)? {
+        if w.is_zero() {
+            return Err("--stall-warn must be more than 0 seconds".into());
+        }
+        q.stall_warn = w;
+    }
+    Ok(q)
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -352,6 +377,10 @@ fn run_serve(a: &cli::ServeArgs, run_dir: &Path) -> ExitCode {
         options: Options {
             // the rings' journals live beside the control socket (tmpfs: /run)
             state_dir: Some(run_dir.join("state")),
+            queue: match queue_defaults(&a.queue) {
+                Ok(q) => q,
+                Err(e) => return fail(&e),
+            },
             ..Options::default()
         },
     };
@@ -436,7 +465,7 @@ fn run_csi(a: cli::CsiArgs, run_dir: &Path) -> ExitCode {
         if let Err(e) = std::thread::Builder::new()
             .name("supervise".into())
             .spawn(move || {
-                let code = run_supervise(&backend, &restarts, &rd);
+                let code = run_supervise(&backend, &[], &restarts, &rd);
                 if code != ExitCode::SUCCESS {
                     tracing::error!("the supervisor stopped; the CSI plugin exits too");
                     rbdback::rados::exit_process(1);
@@ -479,7 +508,12 @@ fn run_csi(_a: cli::CsiArgs, _run_dir: &Path) -> ExitCode {
     fail("this rbdback was built without the csi feature")
 }
 
-fn run_supervise(a: &cli::BackendArgs, restarts: &Restarts, run_dir: &Path) -> ExitCode {
+fn run_supervise(
+    a: &cli::BackendArgs,
+    queue_args: &[String],
+    restarts: &Restarts,
+    run_dir: &Path,
+) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(e) => replaced_exe(e),
         Err(e) => return fail(&format!("cannot find our own executable: {e}")),
@@ -495,6 +529,7 @@ fn run_supervise(a: &cli::BackendArgs, restarts: &Restarts, run_dir: &Path) -> E
     };
     let (_stop_tx, stop_rx) = std::sync::mpsc::channel();
     let mut extra = vec!["--backend-domid".to_owned(), a.backend_domid.to_string()];
+    extra.extend_from_slice(queue_args);
     if let Some(dir) = a.sim_dir() {
         extra.push("--sim-dir".to_owned());
         extra.push(dir.display().to_string());

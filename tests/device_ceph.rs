@@ -6,11 +6,10 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rbdback::device::backend::{serve, ServeConfig};
 use rbdback::device::testfront::{
-    run_verified, toolstack_attach, toolstack_detach, AttachSpec, SimBlkfront,
+    run_verified, spawn_serve, toolstack_attach, toolstack_detach, AttachSpec, SimBlkfront,
 };
-use rbdback::device::vbd::{Options, RadosOpener};
+use rbdback::device::vbd::Options;
 use rbdback::rados::testing::cluster;
 use rbdback::ring::Status;
 use rbdback::xen::sim::SimXen;
@@ -19,31 +18,28 @@ use rbdback::xen::Platform;
 const T: Duration = Duration::from_secs(60);
 const GUEST: u16 = 9;
 
-fn start(xen: &Arc<SimXen>) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+fn start(
+    xen: &Arc<SimXen>,
+) -> (
+    mpsc::Sender<()>,
+    std::thread::JoinHandle<Result<rbdback::device::backend::ServeEnd, rbdback::xen::XenError>>,
+) {
     start_with(xen, false)
 }
 
 fn start_with(
     xen: &Arc<SimXen>,
     exit_when_empty: bool,
-) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
-    let platform = Arc::new(xen.platform());
-    let cfg = ServeConfig {
-        kind: "vbd".into(),
-        backend_domid: 0,
-        domid: GUEST,
-        exit_when_empty,
-        options: Options {
-            resize_poll: Duration::from_millis(300),
-            open_report_after: Duration::from_secs(1),
-            ..Options::default()
-        },
+) -> (
+    mpsc::Sender<()>,
+    std::thread::JoinHandle<Result<rbdback::device::backend::ServeEnd, rbdback::xen::XenError>>,
+) {
+    let options = Options {
+        resize_poll: Duration::from_millis(300),
+        open_report_after: Duration::from_secs(1),
+        ..Options::default()
     };
-    let (tx, rx) = mpsc::channel();
-    let h = std::thread::spawn(move || {
-        serve(platform, Arc::new(RadosOpener), &cfg, &rx).unwrap();
-    });
-    (tx, h)
+    spawn_serve(xen, GUEST, exit_when_empty, options)
 }
 
 fn params(image: &str) -> String {
@@ -102,7 +98,7 @@ fn slow_open_is_reported_then_cleared_when_the_disk_connects() {
     assert_eq!(f.write_sync(0, 8, 0, &[7u8; 4096]).unwrap(), Status::Okay);
     f.close(T).unwrap();
     let _ = stop.send(());
-    server.join().unwrap();
+    server.join().unwrap().unwrap();
 }
 
 #[test]
@@ -141,7 +137,7 @@ fn disk_stuck_opening_can_be_detached_while_the_other_works() {
         assert!(Instant::now() < deadline, "serve still has a VBD running");
         std::thread::sleep(Duration::from_millis(50));
     }
-    server.join().unwrap();
+    server.join().unwrap().unwrap();
 }
 
 #[test]
@@ -165,7 +161,7 @@ fn verified_workload_lands_in_ceph() {
     f.close(T).unwrap();
     toolstack_detach(&dom0, &be).unwrap();
     let _ = stop.send(());
-    server.join().unwrap();
+    server.join().unwrap().unwrap();
     let export = c.export(&image);
     let bad = r.diff_image(&export, span / 8);
     assert!(
@@ -219,7 +215,7 @@ fn online_resize_reaches_the_frontend() {
     assert_eq!(back, data);
     f.close(T).unwrap();
     let _ = stop.send(());
-    server.join().unwrap();
+    server.join().unwrap().unwrap();
 }
 
 #[test]
@@ -244,5 +240,5 @@ fn missing_image_is_reported_and_the_other_disk_works() {
     );
     assert_eq!(f.write_sync(0, 0, 0, &[1u8; 4096]).unwrap(), Status::Okay);
     let _ = stop.send(());
-    server.join().unwrap();
+    server.join().unwrap().unwrap();
 }

@@ -1,7 +1,8 @@
 //! The request engine of one ring queue: ring slots in, engine operations out, responses back.
 //!
 //! Owns: the in-flight table (guest ids, engine tags, buffers), the bound on in-flight work,
-//! barrier ordering, and the translation of every outcome into exactly one response.
+//! barrier ordering, the I/O timeout policy, and the translation of every outcome into exactly
+//! one response.
 //! Trusts: only what [`crate::ring`] validated; the guest's ids are checked for duplicates here.
 //! Must never: block (it is called from the queue's event loop), read shared memory other than
 //! through [`BackRing`], or release a buffer before the engine handed it back.
@@ -9,15 +10,27 @@
 //! It is written against two small seams so it can be tested without Xen or Ceph:
 //! [`GrantIo`] moves bytes between guest grants and host buffers (grant copy or persistent
 //! mappings), and [`EngineQueue`] is one engine queue (see `crate::rados`).
+//!
+//! ## Timed-out requests
+//! With an `io_timeout` ([`QueueConfig::io_timeout`]), a request still unanswered after that
+//! long is answered `BLKIF_RSP_ERROR` ([`Dataplane::expire`]). Its engine operation is not
+//! cancelled: a write already sent may still be applied by the OSD whatever the client does
+//! (`rados_aio_cancel` only stops librados waiting for it), so the request becomes an *orphan*
+//! that keeps its buffer until the engine's completion arrives, which is then dropped without
+//! a second answer. Until then every later request that overlaps an orphaned write or discard
+//! is held back (and is itself subject to the timeout), so the late write can never land after
+//! a newer write to the same sectors, and no read answered after the error sees those sectors
+//! change again: they hold the old data or the new, as after any failed write.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::journal::{Journal, JournalError, RingIdentity};
+use super::metrics::{OpClass, QueueMetrics};
 use crate::rados::{BlockOp, Completion, SubmitError};
 use crate::ring::abi::{PAGE_SIZE, SECTOR_SIZE};
 use crate::ring::{
@@ -25,8 +38,6 @@ use crate::ring::{
     Status, Transfer,
 };
 use crate::shm::SharedMem;
-
-use super::metrics::{OpClass, QueueMetrics};
 
 /// A whole page as a span length (4096 fits u16).
 const PAGE_SPAN: u16 = 4096;
@@ -127,6 +138,9 @@ pub enum ResumeError {
     Ring(#[from] RingError),
 }
 
+/// A request's journal entry, if the queue keeps a journal.
+type Entry = Option<u16>;
+
 impl Failure {
     /// The response status for this failure.
     pub fn status(&self) -> Status {
@@ -135,16 +149,26 @@ impl Failure {
 }
 
 /// Tunables of one queue.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueConfig {
     /// At most this many bytes of guest data buffered in flight (reads and writes).
     pub max_inflight_bytes: usize,
+    /// Answer a request still unanswered after this long with `BLKIF_RSP_ERROR` (`None`:
+    /// wait for ever, like krbd with `osd_request_timeout=0`).
+    pub io_timeout: Option<Duration>,
+    /// Requests waiting longer than this are reported (log and xenstore, by the VBD).
+    pub stall_warn: Duration,
 }
+
+/// The default `stall_warn`.
+pub const DEFAULT_STALL_WARN: Duration = Duration::from_secs(30);
 
 impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
             max_inflight_bytes: 64 << 20,
+            io_timeout: None,
+            stall_warn: DEFAULT_STALL_WARN,
         }
     }
 }
@@ -164,6 +188,8 @@ pub struct Stats {
     pub written_bytes: u64,
     /// Notifications the frontend asked for.
     pub notifications: u64,
+    /// Requests answered with an error because they outlived `io_timeout`.
+    pub timeouts: u64,
 }
 
 #[derive(Debug)]
@@ -174,26 +200,138 @@ enum Next {
     FlushThenRespond,
 }
 
-/// A request's journal entry, if the queue keeps a journal.
-type Entry = Option<u16>;
-
 #[derive(Debug)]
 struct InFlight {
     id: u64,
     operation: u8,
+    /// For reads: where the data goes.
+    read_spans: Option<Vec<GrantSpan>>,
+    next: Next,
+    bytes: usize,
+    /// When the request was taken from the ring.
+    taken: Instant,
+    /// What it touches.
+    extent: Extent,
+    /// Its journal entry.
+    entry: Entry,
     /// What the request counts as, and when it was started (metrics).
     class: OpClass,
     started: Instant,
     /// Bytes the request moves for the guest (counted when it succeeds).
     data: u64,
-    /// For reads: where the data goes.
-    read_spans: Option<Vec<GrantSpan>>,
-    next: Next,
-    bytes: usize,
+}
+
+/// The bytes a request touches, and whether it changes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Extent {
+    offset: u64,
+    len: u64,
+    modifies: bool,
+}
+
+impl Extent {
+    fn of(req: &Request) -> Extent {
+        let t = |t: &Transfer, modifies| Extent {
+            offset: t.offset_bytes(),
+            len: t.total_bytes(),
+            modifies,
+        };
+        match &req.kind {
+            RequestKind::Read(tr) => t(tr, false),
+            RequestKind::Write(tr) => t(tr, true),
+            RequestKind::Flush(tr) | RequestKind::Barrier(tr) => tr.as_ref().map_or(
+                Extent {
+                    offset: 0,
+                    len: 0,
+                    modifies: false,
+                },
+                |tr| t(tr, true),
+            ),
+            RequestKind::Discard(d) => Extent {
+                offset: d.sector.saturating_mul(SECTOR_SIZE),
+                len: d.nr_sectors.saturating_mul(SECTOR_SIZE),
+                modifies: true,
+            },
+        }
+    }
+
+    fn overlaps(&self, o: &Extent) -> bool {
+        self.len > 0
+            && o.len > 0
+            && self.offset < o.offset.saturating_add(o.len)
+            && o.offset < self.offset.saturating_add(self.len)
+    }
+}
+
+/// A request taken from the ring and not started yet (behind a barrier, or overlapping an
+/// orphaned write).
+#[derive(Debug)]
+struct Waiting {
+    req: Request,
+    taken: Instant,
     entry: Entry,
-    /// Already answered (the ring was abandoned): the engine still owns the buffer, and its
-    /// completion only gives it back.
-    answered: bool,
+}
+
+/// A request answered after `io_timeout` whose engine operation is still out: its buffer
+/// belongs to the engine until the completion comes back.
+#[derive(Debug)]
+struct Orphan {
+    extent: Extent,
+    bytes: usize,
+    taken: Instant,
+}
+
+/// What one [`Dataplane::expire`] pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    /// Requests answered with an error.
+    pub answered: usize,
+    /// The frontend asked to be notified of the published responses.
+    pub notify: bool,
+}
+
+/// Requests waiting long, for stall reports ([`Dataplane::stall`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stall {
+    /// Requests (answered after a timeout or not) whose engine operations have waited longer
+    /// than `stall_warn`, or that wait behind them.
+    pub stalled: usize,
+    /// How long the oldest of all waiting requests has waited.
+    pub oldest: Option<Duration>,
+    /// Byte offset of that request (to find the OSD it waits on).
+    pub oldest_offset: u64,
+}
+
+/// How often engine failures are logged at most (the first at once).
+pub const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Engine failures come from the cluster, not the guest: the operator sees them, the first at
+/// once and then one line per [`ERROR_LOG_EVERY`] saying how many followed, never one line per
+/// request.
+#[derive(Debug, Default)]
+struct ErrorLog {
+    quiet_until: Option<Instant>,
+    unlogged: u64,
+}
+
+impl ErrorLog {
+    fn note(&mut self, e: &str) {
+        let now = Instant::now();
+        if self.quiet_until.is_some_and(|t| now < t) {
+            self.unlogged += 1;
+            return;
+        }
+        if self.unlogged > 0 {
+            warn!(
+                failed = self.unlogged + 1,
+                "requests failed by the storage engine since the last report, the latest: {e}"
+            );
+        } else {
+            warn!("request failed by the storage engine: {e}");
+        }
+        self.unlogged = 0;
+        self.quiet_until = Some(now + ERROR_LOG_EVERY);
+    }
 }
 
 /// What one service pass did.
@@ -218,7 +356,13 @@ pub struct Dataplane {
     next_tag: u64,
     inflight_bytes: usize,
     /// Requests held back behind a barrier until everything before it completed.
-    deferred: VecDeque<(Request, Entry)>,
+    deferred: VecDeque<Waiting>,
+    /// Requests held back because they overlap an orphaned write or discard.
+    held: VecDeque<Waiting>,
+    /// Requests answered after `io_timeout` whose engine operations are still out, by tag.
+    orphans: HashMap<u64, Orphan>,
+    /// Since when the byte budget has kept requests in the ring.
+    throttled_since: Option<Instant>,
     /// Requests a previous instance took and did not answer, to issue again first.
     reissue: VecDeque<(RequestSlot, Entry)>,
     journal: Option<Journal>,
@@ -230,6 +374,7 @@ pub struct Dataplane {
     done: Vec<Completion>,
     pool: Vec<Vec<u8>>,
     stats: Stats,
+    engine_errors: ErrorLog,
     metrics: Arc<QueueMetrics>,
 }
 
@@ -257,6 +402,9 @@ impl Dataplane {
             next_tag: 1,
             inflight_bytes: 0,
             deferred: VecDeque::new(),
+            held: VecDeque::new(),
+            orphans: HashMap::new(),
+            throttled_since: None,
             reissue: VecDeque::new(),
             journal: None,
             force_notify: false,
@@ -265,6 +413,7 @@ impl Dataplane {
             done: Vec::new(),
             pool: Vec::new(),
             stats: Stats::default(),
+            engine_errors: ErrorLog::default(),
             metrics: Arc::new(QueueMetrics::default()),
         }
     }
@@ -279,18 +428,6 @@ impl Dataplane {
     /// The counters this queue reports to.
     pub fn metrics(&self) -> &Arc<QueueMetrics> {
         &self.metrics
-    }
-
-    /// Counters so far.
-    pub fn stats(&self) -> Stats {
-        self.stats
-    }
-
-    /// Requests taken from the ring and not yet answered.
-    pub fn in_flight(&self) -> usize {
-        self.inflight.values().filter(|f| !f.answered).count()
-            + self.deferred.len()
-            + self.reissue.len()
     }
 
     /// Keeps a crash-recovery journal of this (freshly connected) ring from now on.
@@ -348,16 +485,24 @@ impl Dataplane {
     /// The ring is being given up for good while the guest may still wait on it: answers
     /// every request taken and not answered with `BLKIF_RSP_ERROR` -- so the guest fails them
     /// instead of waiting forever -- and publishes. Engine operations still running keep
-    /// their buffers; their completions are then only reaped. Says whether to notify.
+    /// their buffers (as orphans); their completions are then only reaped. Says whether to
+    /// notify.
     pub fn abandon(&mut self, mem: &SharedMem<'_>) -> Result<bool, RingError> {
         let why = Failure::Abandoned;
         let mut pending: Vec<(u64, u8, Entry)> = Vec::new();
-        for f in self.inflight.values_mut().filter(|f| !f.answered) {
-            f.answered = true;
-            pending.push((f.id, f.operation, f.entry));
+        for (tag, e) in std::mem::take(&mut self.inflight) {
+            pending.push((e.id, e.operation, e.entry));
+            self.orphans.insert(
+                tag,
+                Orphan {
+                    extent: e.extent,
+                    bytes: e.bytes,
+                    taken: e.taken,
+                },
+            );
         }
-        for (req, e) in self.deferred.drain(..) {
-            pending.push((req.id, req.operation, e));
+        for w in self.deferred.drain(..).chain(self.held.drain(..)) {
+            pending.push((w.req.id, w.req.operation, w.entry));
         }
         for (slot, e) in self.reissue.drain(..) {
             pending.push((slot.id(), slot.operation(), e));
@@ -367,6 +512,16 @@ impl Dataplane {
             self.fail(mem, id, operation, &why, e)?;
         }
         self.publish(mem)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Requests taken from the ring and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len() + self.deferred.len() + self.held.len() + self.reissue.len()
     }
 
     /// The ring's indices (for resuming or diagnostics).
@@ -426,6 +581,7 @@ impl Dataplane {
             j.answer(e, self.ring.rsp_prod_pvt(), &rsp);
         }
         self.ring.push_response(mem, &rsp)?;
+        crate::device::crashpoint::hit("pushed");
         if let Some(j) = &self.journal {
             j.set_rsp_prod_pvt(self.ring.rsp_prod_pvt());
         }
@@ -441,6 +597,9 @@ impl Dataplane {
         entry: Entry,
     ) -> Result<(), RingError> {
         debug!(id, operation, error = %why, "request failed");
+        if let Failure::Engine(e) = why {
+            self.engine_errors.note(e);
+        }
         self.respond(mem, id, operation, why.status(), entry)
     }
 
@@ -448,6 +607,7 @@ impl Dataplane {
     /// to notify the frontend.
     fn publish(&mut self, mem: &SharedMem<'_>) -> Result<bool, RingError> {
         let notify = self.ring.publish_responses(mem)? || self.force_notify;
+        crate::device::crashpoint::hit("published");
         self.force_notify = false;
         if let Some(j) = self.journal.as_mut() {
             j.published(self.ring.rsp_prod_published());
@@ -469,10 +629,14 @@ impl Dataplane {
         self.next_tag = self.next_tag.wrapping_add(1);
         let (id, operation, bytes, jentry) = (entry.id, entry.operation, entry.bytes, entry.entry);
         let (class, started) = (entry.class, entry.started);
+        let flush = matches!(op, BlockOp::Flush);
         match engine.submit(tag, op) {
             Ok(()) => {
                 self.inflight_bytes += bytes;
                 self.inflight.insert(tag, entry);
+                if flush {
+                    crate::device::crashpoint::hit("flush");
+                }
                 Ok(())
             }
             Err(e) => {
@@ -480,22 +644,41 @@ impl Dataplane {
                     self.recycle(buf);
                 }
                 self.ids.remove(&id);
-                let why = Failure::Engine(e.error.to_string());
                 self.metrics.answered(class, 0, started.elapsed());
+                let why = Failure::Engine(e.error.to_string());
                 self.fail(mem, id, operation, &why, jentry)
             }
         }
     }
 
-    /// Starts a validated request (its id is already registered in `ids`).
+    /// Starts a validated request (its id is already registered in `ids`), unless it
+    /// overlaps an orphaned write: then it waits in `held`.
     fn start(
         &mut self,
         mem: &SharedMem<'_>,
         grants: &mut impl GrantIo,
         engine: &mut impl EngineQueue,
         req: Request,
+        taken: Instant,
         jentry: Entry,
     ) -> Result<(), RingError> {
+        let extent = Extent::of(&req);
+        if self
+            .orphans
+            .values()
+            .any(|o| o.extent.modifies && o.extent.overlaps(&extent))
+        {
+            debug!(
+                id = req.id,
+                "held back behind a timed-out write to the same sectors"
+            );
+            self.held.push_back(Waiting {
+                req,
+                taken,
+                entry: jentry,
+            });
+            return Ok(());
+        }
         let (id, operation) = (req.id, req.operation);
         let started = Instant::now();
         let (write, then_flush, transfer) = match req.kind {
@@ -506,14 +689,15 @@ impl Dataplane {
                 let entry = InFlight {
                     id,
                     operation,
-                    class: OpClass::Discard,
-                    started,
-                    data: d.nr_sectors.saturating_mul(SECTOR_SIZE),
                     read_spans: None,
                     next: Next::Respond,
                     bytes: 0,
+                    taken,
+                    extent,
                     entry: jentry,
-                    answered: false,
+                    class: OpClass::Discard,
+                    started,
+                    data: d.nr_sectors.saturating_mul(SECTOR_SIZE),
                 };
                 let op = BlockOp::Discard {
                     offset: d.sector.saturating_mul(SECTOR_SIZE),
@@ -527,14 +711,15 @@ impl Dataplane {
             let entry = InFlight {
                 id,
                 operation,
-                class: OpClass::Flush,
-                started,
-                data: 0,
                 read_spans: None,
                 next: Next::Respond,
                 bytes: 0,
+                taken,
+                extent,
                 entry: jentry,
-                answered: false,
+                class: OpClass::Flush,
+                started,
+                data: 0,
             };
             return self.submit(mem, engine, entry, BlockOp::Flush);
         };
@@ -558,9 +743,6 @@ impl Dataplane {
             let entry = InFlight {
                 id,
                 operation,
-                class,
-                started,
-                data: t.total_bytes(),
                 read_spans: None,
                 next: if then_flush {
                     Next::FlushThenRespond
@@ -568,22 +750,27 @@ impl Dataplane {
                     Next::Respond
                 },
                 bytes: len,
+                taken,
+                extent,
                 entry: jentry,
-                answered: false,
+                class,
+                started,
+                data: t.total_bytes(),
             };
             self.submit(mem, engine, entry, BlockOp::Write { offset, buf })
         } else {
             let entry = InFlight {
                 id,
                 operation,
-                class,
-                started,
-                data: t.total_bytes(),
                 read_spans: Some(spans),
                 next: Next::Respond,
                 bytes: len,
+                taken,
+                extent,
                 entry: jentry,
-                answered: false,
+                class,
+                started,
+                data: t.total_bytes(),
             };
             self.submit(mem, engine, entry, BlockOp::Read { offset, buf })
         }
@@ -597,6 +784,15 @@ impl Dataplane {
         done: Completion,
     ) -> Result<(), RingError> {
         let Some(entry) = self.inflight.remove(&done.tag) else {
+            if let Some(o) = self.orphans.remove(&done.tag) {
+                // answered when it timed out: the buffer is ours again, nothing to answer
+                debug!(tag = done.tag, waited = ?o.taken.elapsed(), "timed-out request completed late");
+                self.inflight_bytes = self.inflight_bytes.saturating_sub(o.bytes);
+                if let Some(buf) = done.buf {
+                    self.recycle(buf);
+                }
+                return self.release_held(mem, grants, engine);
+            }
             // Not ours (cannot happen with a faithful engine): never answer twice.
             debug!(tag = done.tag, "completion for an unknown tag ignored");
             return Ok(());
@@ -604,13 +800,6 @@ impl Dataplane {
         self.inflight_bytes = self.inflight_bytes.saturating_sub(entry.bytes);
         let (id, operation, jentry) = (entry.id, entry.operation, entry.entry);
         let (class, started, data) = (entry.class, entry.started, entry.data);
-        if entry.answered {
-            // answered when the ring was abandoned: only the buffer comes back
-            if let Some(buf) = done.buf {
-                self.recycle(buf);
-            }
-            return Ok(());
-        }
         let outcome = match done.result {
             Err(e) => Err(Failure::Engine(e.to_string())),
             Ok(()) => match (&entry.read_spans, &done.buf) {
@@ -632,14 +821,15 @@ impl Dataplane {
                 let entry = InFlight {
                     id,
                     operation,
-                    class,
-                    started,
-                    data,
                     read_spans: None,
                     next: Next::Respond,
                     bytes: 0,
+                    taken: entry.taken,
+                    extent: entry.extent,
                     entry: jentry,
-                    answered: false,
+                    class,
+                    started,
+                    data,
                 };
                 self.submit(mem, engine, entry, BlockOp::Flush)
             }
@@ -702,6 +892,9 @@ impl Dataplane {
                 }
             }
         };
+        if matches!(slot.operation(), crate::ring::request::op::INDIRECT) {
+            crate::device::crashpoint::hit("indirect");
+        }
         if !self.ids.insert(req.id) {
             let why = Failure::DuplicateId(req.id);
             self.fail(mem, req.id, req.operation, &why, jentry)?;
@@ -710,7 +903,7 @@ impl Dataplane {
         Ok(Some(req))
     }
 
-    /// Admits and starts (or defers behind a barrier) one slot taken from the ring.
+    /// Admits and starts (or defers behind a barrier) one slot taken from the ring at `now`.
     fn dispatch(
         &mut self,
         mem: &SharedMem<'_>,
@@ -718,16 +911,21 @@ impl Dataplane {
         engine: &mut impl EngineQueue,
         slot: &RequestSlot,
         jentry: Entry,
+        now: Instant,
     ) -> Result<(), RingError> {
         let Some(req) = self.admit(mem, grants, slot, jentry)? else {
             return Ok(());
         };
         let barrier = matches!(req.kind, RequestKind::Barrier(_));
         if barrier || !self.deferred.is_empty() {
-            self.deferred.push_back((req, jentry));
+            self.deferred.push_back(Waiting {
+                req,
+                taken: now,
+                entry: jentry,
+            });
             self.run_deferred(mem, grants, engine)
         } else {
-            self.start(mem, grants, engine, req, jentry)
+            self.start(mem, grants, engine, req, now, jentry)
         }
     }
 
@@ -737,14 +935,14 @@ impl Dataplane {
         grants: &mut impl GrantIo,
         engine: &mut impl EngineQueue,
     ) -> Result<(), RingError> {
-        while let Some((front, _)) = self.deferred.front() {
-            let is_barrier = matches!(front.kind, RequestKind::Barrier(_));
-            if is_barrier && self.inflight.values().any(|f| !f.answered) {
+        while let Some(front) = self.deferred.front() {
+            let is_barrier = matches!(front.req.kind, RequestKind::Barrier(_));
+            if is_barrier && !(self.inflight.is_empty() && self.held.is_empty()) {
                 // blkif.h: a barrier waits for all earlier requests to complete.
                 break;
             }
-            if let Some((req, jentry)) = self.deferred.pop_front() {
-                self.start(mem, grants, engine, req, jentry)?;
+            if let Some(w) = self.deferred.pop_front() {
+                self.start(mem, grants, engine, w.req, w.taken, w.entry)?;
             }
             if is_barrier {
                 // And everything after it waits for the barrier itself.
@@ -766,7 +964,7 @@ impl Dataplane {
         // A resumed ring: what the previous instance took and did not answer goes first, in
         // ring order, through the same validation.
         while let Some((slot, jentry)) = self.reissue.pop_front() {
-            self.dispatch(mem, grants, engine, &slot, jentry)?;
+            self.dispatch(mem, grants, engine, &slot, jentry, Instant::now())?;
         }
 
         // Take requests a few at a time so the byte budget is honoured between batches, and
@@ -793,30 +991,24 @@ impl Dataplane {
                     break;
                 }
             }
-            slots.clear();
-            entries.clear();
-            let first = self.ring.req_cons();
-            let taken = self.ring.take_requests(mem, &mut slots, limit)?;
+            let now = Instant::now();
+            let taken = self.take(mem, &mut slots, &mut entries, limit)?;
             if taken == 0 {
                 break;
-            }
-            if let Some(j) = self.journal.as_mut() {
-                for (k, slot) in slots.iter().enumerate() {
-                    let index = first.wrapping_add(u32::try_from(k).unwrap_or(u32::MAX));
-                    entries.push(j.take(index, slot));
-                }
-                j.set_req_cons(self.ring.req_cons());
-            } else {
-                entries.resize(slots.len(), None);
             }
             total += taken;
             budget -= taken;
             for (slot, jentry) in slots.iter().zip(entries.iter()) {
-                self.dispatch(mem, grants, engine, slot, *jentry)?;
+                self.dispatch(mem, grants, engine, slot, *jentry, now)?;
             }
         }
         self.slots = slots;
         self.entries = entries;
+        if !throttled {
+            self.throttled_since = None;
+        } else if self.throttled_since.is_none() {
+            self.throttled_since = Some(Instant::now());
+        }
         notify |= self.publish(mem)?;
         self.metrics
             .set_in_flight(self.in_flight(), self.inflight_bytes);
@@ -825,6 +1017,31 @@ impl Dataplane {
             throttled,
             taken: total,
         })
+    }
+
+    /// Takes up to `limit` requests from the ring into `slots`, recording each in the
+    /// journal (before anything can answer them) with its entry in `entries`.
+    fn take(
+        &mut self,
+        mem: &SharedMem<'_>,
+        slots: &mut Vec<RequestSlot>,
+        entries: &mut Vec<Entry>,
+        limit: usize,
+    ) -> Result<usize, RingError> {
+        slots.clear();
+        entries.clear();
+        let first = self.ring.req_cons();
+        let taken = self.ring.take_requests(mem, slots, limit)?;
+        if let Some(j) = self.journal.as_mut() {
+            for (slot, index) in slots.iter().zip(0u32..) {
+                entries.push(j.take(first.wrapping_add(index), slot));
+                crate::device::crashpoint::hit("take");
+            }
+            j.set_req_cons(self.ring.req_cons());
+        } else {
+            entries.resize(slots.len(), None);
+        }
+        Ok(taken)
     }
 
     /// While stopping: answer finished engine operations (and start barrier-held requests
@@ -863,9 +1080,157 @@ impl Dataplane {
         Ok(self.ring.final_check_for_requests(mem)?)
     }
 
-    /// Engine operations still running (their buffers are the engine's until they complete).
+    /// Engine operations still running (their buffers are the engine's until they complete),
+    /// answered ones (timed out) included.
     pub fn engine_ops(&self) -> usize {
-        self.inflight.len()
+        self.inflight.len() + self.orphans.len()
+    }
+
+    /// Whether anything waits (then the queue calls [`Self::expire`] and [`Self::stall`]
+    /// periodically).
+    pub fn waiting(&self) -> bool {
+        self.in_flight() > 0 || !self.orphans.is_empty() || self.throttled_since.is_some()
+    }
+
+    /// Starts held-back requests that no longer overlap an orphaned write, in arrival order.
+    fn release_held(
+        &mut self,
+        mem: &SharedMem<'_>,
+        grants: &mut impl GrantIo,
+        engine: &mut impl EngineQueue,
+    ) -> Result<(), RingError> {
+        for _ in 0..self.held.len() {
+            // `start` puts it back at the end if it still overlaps one
+            if let Some(w) = self.held.pop_front() {
+                self.start(mem, grants, engine, w.req, w.taken, w.entry)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The I/O timeout policy: answers every request taken more than `io_timeout` ago with
+    /// `BLKIF_RSP_ERROR` (started ones become orphans that keep their buffers until the
+    /// engine completes them); when the byte budget has kept requests in the ring that long,
+    /// takes and fails them too (at most one ring's worth). Does nothing without a timeout.
+    pub fn expire(
+        &mut self,
+        mem: &SharedMem<'_>,
+        grants: &mut impl GrantIo,
+        engine: &mut impl EngineQueue,
+        now: Instant,
+    ) -> Result<Expired, DataplaneError> {
+        let Some(limit) = self.config.io_timeout else {
+            return Ok(Expired::default());
+        };
+        let late = |t: Instant| now.saturating_duration_since(t) >= limit;
+        let mut named: Vec<(u64, u8, u64)> = Vec::new();
+        let tags: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, e)| late(e.taken))
+            .map(|(t, _)| *t)
+            .collect();
+        for tag in tags {
+            let Some(e) = self.inflight.remove(&tag) else {
+                continue;
+            };
+            self.orphans.insert(
+                tag,
+                Orphan {
+                    extent: e.extent,
+                    bytes: e.bytes,
+                    taken: e.taken,
+                },
+            );
+            self.ids.remove(&e.id);
+            named.push((e.id, e.operation, e.extent.offset));
+            self.metrics.answered(e.class, 0, e.started.elapsed());
+            self.respond(mem, e.id, e.operation, Status::Error, e.entry)?;
+        }
+        // held and deferred requests were never started: nothing of theirs is out
+        let mut expired = Vec::new();
+        for queue in [&mut self.held, &mut self.deferred] {
+            let (old, keep): (VecDeque<Waiting>, VecDeque<Waiting>) =
+                queue.drain(..).partition(|w| late(w.taken));
+            *queue = keep;
+            expired.extend(old);
+        }
+        for w in expired {
+            self.ids.remove(&w.req.id);
+            named.push((w.req.id, w.req.operation, Extent::of(&w.req).offset));
+            self.respond(mem, w.req.id, w.req.operation, Status::Error, w.entry)?;
+        }
+        let mut answered = named.len();
+        if self.throttled_since.is_some_and(late) {
+            // the budget is held by operations the cluster does not answer: requests must
+            // not wait in the ring unanswered for longer than the timeout either
+            let mut slots = std::mem::take(&mut self.slots);
+            let mut entries = std::mem::take(&mut self.entries);
+            let mut cap = usize::try_from(self.ring.capacity()).unwrap_or(usize::MAX);
+            if self.journal.is_some() {
+                self.publish(mem)?;
+                cap = cap.min(self.journal.as_ref().map_or(0, Journal::free_entries));
+            }
+            self.take(mem, &mut slots, &mut entries, cap)?;
+            for (slot, jentry) in slots.iter().zip(entries.iter()) {
+                if let Some(req) = self.admit(mem, grants, slot, *jentry)? {
+                    self.ids.remove(&req.id);
+                    named.push((req.id, req.operation, Extent::of(&req).offset));
+                    self.respond(mem, req.id, req.operation, Status::Error, *jentry)?;
+                    answered += 1;
+                }
+            }
+            self.slots = slots;
+            self.entries = entries;
+            self.throttled_since = Some(now);
+        }
+        self.stats.timeouts += answered as u64;
+        if answered > 0 {
+            let list: Vec<String> = named
+                .iter()
+                .take(8)
+                .map(|(id, op, off)| format!("id {id:#x} op {op} at byte {off}"))
+                .collect();
+            warn!(
+                requests = answered,
+                timeout_s = limit.as_secs_f64(),
+                "requests unanswered by the cluster after io_timeout failed to the guest: {}{}",
+                list.join(", "),
+                if answered > list.len() { ", ..." } else { "" }
+            );
+        }
+        self.run_deferred(mem, grants, engine)?;
+        let notify = self.publish(mem)?;
+        Ok(Expired { answered, notify })
+    }
+
+    /// Requests waiting longer than `stall_warn`, and the oldest waiting request.
+    pub fn stall(&self, now: Instant) -> Stall {
+        let warn_after = self.config.stall_warn;
+        let ages = self
+            .inflight
+            .values()
+            .map(|e| (e.taken, e.extent.offset))
+            .chain(self.orphans.values().map(|o| (o.taken, o.extent.offset)))
+            .chain(
+                self.held
+                    .iter()
+                    .chain(&self.deferred)
+                    .map(|w| (w.taken, Extent::of(&w.req).offset)),
+            )
+            .chain(self.throttled_since.map(|t| (t, 0)))
+            .map(|(t, off)| (now.saturating_duration_since(t), off));
+        let mut out = Stall::default();
+        for (age, off) in ages {
+            if age >= warn_after {
+                out.stalled += 1;
+            }
+            if out.oldest.is_none_or(|o| age > o) {
+                out.oldest = Some(age);
+                out.oldest_offset = off;
+            }
+        }
+        out
     }
 }
 
@@ -961,6 +1326,9 @@ mod tests {
         log: Vec<&'static str>,
         fail_writes: bool,
         hold: bool,
+        /// Complete (and apply) pending operations newest first, as an OSD applying a
+        /// late write after a newer one would.
+        lifo: bool,
     }
 
     impl FakeEngine {
@@ -971,6 +1339,7 @@ mod tests {
                 log: Vec::new(),
                 fail_writes: false,
                 hold: false,
+                lifo: false,
             }
         }
     }
@@ -990,7 +1359,11 @@ mod tests {
             if self.hold {
                 return;
             }
-            for (tag, op) in self.pending.drain(..) {
+            let mut pending = std::mem::take(&mut self.pending);
+            if self.lifo {
+                pending.reverse();
+            }
+            for (tag, op) in pending {
                 let (result, buf) = match op {
                     BlockOp::Read { offset, mut buf } => {
                         let o = offset as usize;
@@ -1268,5 +1641,137 @@ mod tests {
         let rsp = rig.pump();
         assert_eq!(rsp.len(), 6);
         assert!(rsp.iter().all(|r| r.status == Status::Okay));
+    }
+
+    fn with_timeout(rig: &mut Rig, secs: u64) {
+        rig.dp.config.io_timeout = Some(Duration::from_secs(secs));
+    }
+
+    fn expire_at(rig: &mut Rig, later: Duration) -> Expired {
+        let mem = SharedMem::from_mut_slice(&mut rig.mem);
+        rig.dp
+            .expire(
+                &mem,
+                &mut rig.grants,
+                &mut rig.engine,
+                Instant::now() + later,
+            )
+            .unwrap()
+    }
+
+    fn take(rig: &mut Rig) -> Vec<(u64, Status)> {
+        let mem = SharedMem::from_mut_slice(&mut rig.mem);
+        let mut out = Vec::new();
+        rig.front.take_responses(&mem, &mut out).unwrap();
+        out.iter().map(|r| (r.id, r.status)).collect()
+    }
+
+    #[test]
+    fn without_io_timeout_nothing_expires() {
+        let mut rig = Rig::new(Abi::X86_64);
+        rig.engine.hold = true;
+        let _ = rig.send(&[WireRequest::read(1, 0, vec![seg(1, 0, 7)])]);
+        assert_eq!(expire_at(&mut rig, Duration::from_secs(3600)).answered, 0);
+        assert!(take(&mut rig).is_empty());
+        assert_eq!(rig.dp.in_flight(), 1);
+    }
+
+    #[test]
+    fn a_request_past_io_timeout_fails_once_and_its_late_completion_is_dropped() {
+        let mut rig = Rig::new(Abi::X86_64);
+        with_timeout(&mut rig, 5);
+        rig.engine.hold = true;
+        let _ = rig.send(&[WireRequest::read(1, 0, vec![seg(1, 0, 7)])]);
+        assert_eq!(expire_at(&mut rig, Duration::from_secs(2)).answered, 0);
+        let e = expire_at(&mut rig, Duration::from_secs(6));
+        assert_eq!(e.answered, 1);
+        assert_eq!(take(&mut rig), vec![(1, Status::Error)]);
+        assert_eq!(rig.dp.stats().timeouts, 1);
+        // answered, but the engine still owns the buffer
+        assert_eq!((rig.dp.in_flight(), rig.dp.engine_ops()), (0, 1));
+        assert!(rig.dp.waiting());
+        // the guest may reuse the id at once
+        let _ = rig.send(&[WireRequest::read(1, 8, vec![seg(2, 0, 7)])]);
+        rig.engine.hold = false;
+        let rsp = rig.pump();
+        assert_eq!(rsp.len(), 1, "{rsp:?}");
+        assert_eq!((rsp[0].id, rsp[0].status), (1, Status::Okay));
+        assert_eq!(rig.dp.engine_ops(), 0);
+        assert_eq!(rig.dp.stats().errors, 1);
+    }
+
+    /// The hazard a timeout creates: the guest rewrites a block whose failed write is still
+    /// out; an OSD applying the old write last would overwrite the newer data.
+    #[test]
+    fn a_write_overlapping_a_timed_out_write_waits_for_it() {
+        let mut rig = Rig::new(Abi::X86_64);
+        with_timeout(&mut rig, 5);
+        rig.engine.hold = true;
+        rig.engine.lifo = true;
+        rig.grants.pages.insert(1, vec![0x11; PAGE_SIZE]);
+        rig.grants.pages.insert(2, vec![0x22; PAGE_SIZE]);
+        rig.grants.pages.insert(3, vec![0x33; PAGE_SIZE]);
+        let _ = rig.send(&[WireRequest::write(1, 0, vec![seg(1, 0, 7)])]);
+        assert_eq!(expire_at(&mut rig, Duration::from_secs(6)).answered, 1);
+        assert_eq!(take(&mut rig), vec![(1, Status::Error)]);
+        // the rewrite of those sectors waits; another block goes ahead
+        let _ = rig.send(&[
+            WireRequest::write(2, 4, vec![seg(2, 0, 3)]),
+            WireRequest::write(3, 64, vec![seg(3, 0, 7)]),
+        ]);
+        assert_eq!(rig.engine.log, vec!["write", "write"]);
+        assert_eq!(rig.dp.stall(Instant::now()).stalled, 0);
+        rig.engine.hold = false;
+        let mut rsp = rig.pump();
+        rsp.sort_by_key(|r| r.id);
+        let got: Vec<(u64, Status)> = rsp.iter().map(|r| (r.id, r.status)).collect();
+        assert_eq!(got, vec![(2, Status::Okay), (3, Status::Okay)]);
+        // the late write landed first, the newer one over it
+        assert!(rig.engine.disk[..4 * 512].iter().all(|&b| b == 0x11));
+        assert!(rig.engine.disk[4 * 512..8 * 512].iter().all(|&b| b == 0x22));
+        assert_eq!(rig.dp.engine_ops(), 0);
+    }
+
+    #[test]
+    fn a_held_back_request_times_out_without_reaching_the_engine() {
+        let mut rig = Rig::new(Abi::X86_64);
+        with_timeout(&mut rig, 5);
+        rig.engine.hold = true;
+        let _ = rig.send(&[WireRequest::write(1, 0, vec![seg(1, 0, 7)])]);
+        assert_eq!(expire_at(&mut rig, Duration::from_secs(6)).answered, 1);
+        let rsp = rig.send(&[WireRequest::read(2, 0, vec![seg(2, 0, 7)])]);
+        let got: Vec<(u64, Status)> = rsp.iter().map(|r| (r.id, r.status)).collect();
+        assert_eq!(got, vec![(1, Status::Error)]);
+        let st = rig.dp.stall(Instant::now() + Duration::from_secs(40));
+        assert_eq!((st.stalled, st.oldest_offset), (2, 0));
+        assert!(st.oldest >= Some(Duration::from_secs(40)));
+        assert_eq!(expire_at(&mut rig, Duration::from_secs(6)).answered, 1);
+        assert_eq!(take(&mut rig), vec![(2, Status::Error)]);
+        assert_eq!(rig.engine.log, vec!["write"]);
+        rig.engine.hold = false;
+        assert!(rig.pump().is_empty());
+        assert!(!rig.dp.waiting());
+        assert_eq!(rig.dp.stats().timeouts, 2);
+    }
+
+    #[test]
+    fn requests_kept_in_the_ring_by_a_stuck_budget_fail_after_io_timeout() {
+        let mut rig = Rig::new(Abi::X86_64);
+        with_timeout(&mut rig, 5);
+        rig.dp.config.max_inflight_bytes = 4096;
+        rig.engine.hold = true;
+        let reqs: Vec<WireRequest> = (0..20)
+            .map(|i| WireRequest::read(i, i * 8, vec![seg(1, 0, 7)]))
+            .collect();
+        let _ = rig.send(&reqs);
+        // one batch of 16 went in; 4 wait in the ring behind the budget
+        assert_eq!(rig.dp.in_flight(), 16);
+        assert_eq!(expire_at(&mut rig, Duration::from_secs(6)).answered, 20);
+        let rsp = take(&mut rig);
+        assert_eq!(rsp.len(), 20);
+        assert!(rsp.iter().all(|(_, s)| *s == Status::Error));
+        rig.engine.hold = false;
+        assert!(rig.pump().is_empty());
+        assert_eq!(rig.dp.engine_ops(), 0);
     }
 }

@@ -7,6 +7,7 @@
 //! dataplane thread on the cluster, or let one VBD's failure stop another's.
 
 pub mod backend;
+pub mod crashpoint;
 pub mod dataplane;
 pub mod frontend;
 pub mod grants;
@@ -15,6 +16,7 @@ pub mod metrics;
 pub mod params;
 pub mod persistent;
 pub mod queue;
+pub mod stall;
 pub mod supervisor;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testfront;

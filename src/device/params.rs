@@ -10,13 +10,17 @@
 //! - QEMU's: `rbd:<pool>/[<namespace>/]<image>[@<snap>][:<key>=<value>]...`, with `\` escaping
 //!   the next character (so `:`, `@`, `/` and `\` can appear in names and values). Keys
 //!   `id`, `conf`, `keyring`, `key`, `engine` (`auto`, `direct`, `librbd`), `rbd_cache` and
-//!   `exclusive` (keep the exclusive lock when other clients ask for it, krbd's option) are ours; any other key is passed to librados as a configuration option
-//!   (e.g. `mon_host`), exactly as QEMU does.
+//!   `exclusive` (keep the exclusive lock when other clients ask for it, krbd's option),
+//!   `io_timeout` (seconds after which an unanswered request fails; 0 waits for ever) and
+//!   `stall_warn` (seconds after which a waiting request is reported) are ours; any other key
+//!   is passed to librados as a configuration option (e.g. `mon_host`), exactly as QEMU does.
 //! - ceph-csi's volume handle: `csi:<handle>[:<key>=<value>]...` where the handle is
 //!   `<version:4 hex>-<len:4 hex>-<clusterID>-<poolID:16 hex>-<uuid>` (ceph-csi's
 //!   `CSIIdentifier`); the image is `<prefix><uuid>` with prefix `csi-vol-` unless the option
 //!   `prefix=` says otherwise, the pool is given by its id and `namespace=` sets the RADOS
 //!   namespace (ceph-csi keeps it in its cluster config, not in the handle).
+
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -31,6 +35,11 @@ pub struct DiskSpec {
     pub target: ImageSpec,
     /// ceph-csi cluster id when the disk was given as a CSI handle.
     pub csi_cluster_id: Option<String>,
+    /// `io_timeout=`: fail requests unanswered after this long (zero: wait for ever);
+    /// `None`: the serve default.
+    pub io_timeout: Option<Duration>,
+    /// `stall_warn=`: report requests waiting longer than this; `None`: the serve default.
+    pub stall_warn: Option<Duration>,
 }
 
 /// A malformed `params` value.
@@ -126,6 +135,23 @@ fn parse_bool(key: &str, value: &str) -> Result<bool, ParamsError> {
     }
 }
 
+/// Seconds as a duration: a non-negative number (fractions allowed), at most a year.
+pub fn parse_seconds(key: &str, value: &str) -> Result<Duration, ParamsError> {
+    let bad = |why| ParamsError::BadValue {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        why,
+    };
+    let secs: f64 = value.trim().parse().map_err(|_| bad("expected seconds"))?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(bad("expected a non-negative number of seconds"));
+    }
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| *d <= Duration::from_secs(365 * 86400))
+        .ok_or_else(|| bad("at most a year"))
+}
+
 fn nonempty(name: String, what: &'static str, whole: &str) -> Result<String, ParamsError> {
     if name.is_empty() {
         Err(ParamsError::EmptyName(whole.to_owned(), what))
@@ -141,6 +167,8 @@ impl DiskSpec {
         DiskSpec {
             target,
             csi_cluster_id: None,
+            io_timeout: None,
+            stall_warn: None,
         }
     }
 
@@ -324,6 +352,18 @@ impl DiskSpec {
                     LockPolicy::HandOver
                 }
             }
+            "io_timeout" => self.io_timeout = Some(parse_seconds(&key, &value)?),
+            "stall_warn" => {
+                let d = parse_seconds(&key, &value)?;
+                if d.is_zero() {
+                    return Err(ParamsError::BadValue {
+                        key,
+                        value,
+                        why: "must be more than 0 seconds",
+                    });
+                }
+                self.stall_warn = Some(d);
+            }
             _ => self.target.conf_options.push((key, value)),
         }
         Ok(())
@@ -372,6 +412,28 @@ mod tests {
             DiskSpec::parse("rbd:p/i:=v"),
             Err(ParamsError::BadOption(_))
         ));
+    }
+
+    #[test]
+    fn io_timeout_and_stall_warn() {
+        let s = DiskSpec::parse("rbd:p/i:io_timeout=5:stall_warn=2.5").unwrap();
+        assert_eq!(s.io_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(s.stall_warn, Some(Duration::from_millis(2500)));
+        assert!(s.target.conf_options.is_empty());
+        let s = DiskSpec::parse("rbd:p/i:io_timeout=0").unwrap();
+        assert_eq!(s.io_timeout, Some(Duration::ZERO));
+        let d = DiskSpec::parse("rbd:p/i").unwrap();
+        assert_eq!((d.io_timeout, d.stall_warn), (None, None));
+        for bad in [
+            "io_timeout=-1",
+            "io_timeout=soon",
+            "io_timeout=inf",
+            "io_timeout=1e12",
+            "stall_warn=0",
+        ] {
+            let e = DiskSpec::parse(&format!("rbd:p/i:{bad}")).unwrap_err();
+            assert!(matches!(e, ParamsError::BadValue { .. }), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ use super::dataplane::{Dataplane, Stats};
 use super::dataplane::{GrantFault, GrantIo, GrantSpan};
 use super::grants::CopyGrants;
 use super::persistent::{PersistentGrants, DEFAULT_MAX_PERSISTENT};
+use super::stall::StallGauge;
 
 /// How a queue reaches guest data: grant copy, or persistent mappings when negotiated.
 #[derive(Debug)]
@@ -84,6 +85,10 @@ impl StopMode {
     }
 }
 
+/// While requests wait, how often the queue applies the I/O timeout and publishes its stall
+/// gauge.
+pub const TICK: Duration = Duration::from_millis(250);
+
 /// Why a queue thread ended.
 #[derive(Debug)]
 pub enum QueueExit {
@@ -121,6 +126,8 @@ pub struct QueueParts<G: GrantTable, E: EventChannels> {
     pub capacity: Arc<AtomicU64>,
     /// Both ends negotiated `feature-persistent`.
     pub persistent: bool,
+    /// Where the queue publishes its waiting requests (read by the VBD's stall report).
+    pub stall: Arc<StallGauge>,
 }
 
 impl<G: GrantTable, E: EventChannels> std::fmt::Debug for QueueParts<G, E> {
@@ -214,6 +221,7 @@ fn run<G: GrantTable + 'static, E: EventChannels + 'static>(
     // Requests may already be waiting (the frontend published before we bound).
     let mut work = true;
     let mut flood = FloodLimit::new(p.index);
+    let mut last_tick = Instant::now();
     loop {
         let cap = p.capacity.load(Ordering::Relaxed);
         p.dataplane.set_capacity(cap);
@@ -245,10 +253,28 @@ fn run<G: GrantTable + 'static, E: EventChannels + 'static>(
         if flood.events_only && taken == 0 {
             flood.spurious();
         }
-        let (ev, eng, st) = match wait3(&p.evtchn, &p.engine, Some(stop), PollTimeout::NONE) {
+        let timeout = if p.dataplane.waiting() {
+            let left = TICK.saturating_sub(last_tick.elapsed());
+            PollTimeout::from(u16::try_from(left.as_millis()).unwrap_or(u16::MAX))
+        } else {
+            if p.stall.is_set() {
+                p.stall
+                    .publish(&Default::default(), p.dataplane.stats().timeouts);
+            }
+            PollTimeout::NONE
+        };
+        let (ev, eng, st) = match wait3(&p.evtchn, &p.engine, Some(stop), timeout) {
             Ok(r) => r,
             Err(e) => return QueueExit::Failed(format!("poll: {e}")),
         };
+        if p.dataplane.waiting() && last_tick.elapsed() >= TICK {
+            last_tick = Instant::now();
+            match tick(&mut p, &mut grants, last_tick) {
+                Ok(None) => {}
+                Ok(Some(exit)) => return exit,
+                Err(e) => return broken(p, grants, &e),
+            }
+        }
         if st {
             return drain(p, grants, StopMode::from_code(mode.load(Ordering::Relaxed)));
         }
@@ -317,6 +343,25 @@ impl FloodLimit {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+}
+
+/// Applies the I/O timeout and publishes the queue's stall gauge; a ring error comes back
+/// for [`broken`].
+fn tick<G: GrantTable, E: EventChannels>(
+    p: &mut QueueParts<G, E>,
+    grants: &mut Access<G>,
+    now: Instant,
+) -> Result<Option<QueueExit>, super::dataplane::DataplaneError> {
+    let mem = p.ring_map.mem();
+    let x = p.dataplane.expire(&mem, grants, &mut p.engine, now)?;
+    if x.notify {
+        if let Err(e) = p.evtchn.notify(p.port) {
+            return Ok(Some(QueueExit::Failed(format!("notify: {e}"))));
+        }
+    }
+    p.stall
+        .publish(&p.dataplane.stall(now), p.dataplane.stats().timeouts);
+    Ok(None)
 }
 
 /// The frontend broke the ring protocol: the queue stops, but first answers every request

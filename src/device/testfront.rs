@@ -45,6 +45,14 @@ pub enum FrontTestError {
     /// A response we did not expect.
     #[error("unexpected response id {0:#x}")]
     UnknownResponse(u64),
+    /// Requests stayed unanswered after the workload stopped issuing.
+    #[error("{outstanding} requests still unanswered {secs} s after the workload stopped")]
+    Stuck {
+        /// Requests without a response.
+        outstanding: usize,
+        /// Seconds waited.
+        secs: u64,
+    },
 }
 
 /// How the toolstack attaches the disk and how the guest's blkfront is configured.
@@ -129,6 +137,37 @@ pub fn toolstack_attach(
         Ok(())
     })?;
     Ok((be, fe))
+}
+
+/// Runs `rbdback serve` for guest `domid` over the simulated Xen on its own thread, with the
+/// production image opener; sending `()` (or dropping the sender) stops it.
+pub fn spawn_serve(
+    xen: &std::sync::Arc<crate::xen::sim::SimXen>,
+    domid: DomId,
+    exit_when_empty: bool,
+    options: super::vbd::Options,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<Result<super::backend::ServeEnd, XenError>>,
+) {
+    let platform = std::sync::Arc::new(xen.platform());
+    let cfg = super::backend::ServeConfig {
+        kind: "vbd".into(),
+        backend_domid: 0,
+        domid,
+        exit_when_empty,
+        options,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        super::backend::serve(
+            platform,
+            std::sync::Arc::new(super::vbd::RadosOpener),
+            &cfg,
+            &rx,
+        )
+    });
+    (tx, h)
 }
 
 /// The toolstack's detach: `online = 0`, then `state = 5` (Closing) as libxl does.
@@ -587,6 +626,10 @@ pub struct RunReport {
     pub reads_checked: u64,
     /// What each written 4 KiB block (by index) holds: the version of its last write.
     pub model: HashMap<u64, u64>,
+    /// Versions of failed writes a block may hold instead (until a later write succeeds).
+    pub uncertain: HashMap<u64, Vec<u64>>,
+    /// Requests issued.
+    pub issued: u64,
 }
 
 /// Watches a backend's `state` node from the guest's side and records every value it sees,
@@ -697,15 +740,24 @@ fn fill_block(buf: &mut [u8], block: u64, ver: u64) {
 }
 
 impl RunReport {
+    /// Whether `data` is what `block` may hold: its last successful write (zeros if none), or
+    /// a write that failed after it.
+    pub fn holds(&self, block: u64, data: &[u8]) -> bool {
+        let last = self.model.get(&block).copied().unwrap_or(0);
+        std::iter::once(&last)
+            .chain(self.uncertain.get(&block).into_iter().flatten())
+            .any(|v| block_pattern(block, *v) == data)
+    }
+
     /// Blocks of `image` (the disk's bytes, e.g. from `rbd export`) that differ from what the
     /// run wrote (never-written blocks must be zeros), within the first `blocks` blocks.
     pub fn diff_image(&self, image: &[u8], blocks: u64) -> Vec<u64> {
         (0..blocks)
             .filter(|b| {
                 let start = usize::try_from(b * PAGE_SIZE as u64).unwrap_or(usize::MAX);
-                let got = image.get(start..start + PAGE_SIZE);
-                let want = block_pattern(*b, self.model.get(b).copied().unwrap_or(0));
-                got != Some(&want[..])
+                !image
+                    .get(start..start + PAGE_SIZE)
+                    .is_some_and(|got| self.holds(*b, got))
             })
             .collect()
     }
@@ -768,127 +820,223 @@ pub fn run_workload(
     verify: bool,
     mut progress: impl FnMut(u64, &RunReport),
 ) -> Result<RunReport, FrontTestError> {
-    let mut rng = seed | 1;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
+    let spec = Workload {
+        qd,
+        write_pct,
+        span_sectors,
+        seed,
+        verify,
     };
-    let nq = front.queue_count();
-    let slots_per_q = (front.data_pages() / nq.max(1)).saturating_sub(8).max(1);
-    let qd = qd.min(slots_per_q).max(1);
-    // The model: version of each 4 KiB block (0 = never written = zeros).
-    let blocks = (span_sectors / 8).max(1);
-    let mut model: HashMap<u64, u64> = HashMap::new();
-    let mut report = RunReport::default();
-    let mut free: Vec<Vec<usize>> = (0..nq)
-        .map(|q| (0..qd).map(|s| q * slots_per_q + s).collect())
-        .collect();
-    let mut outstanding: Vec<HashMap<u64, (Outstanding, u64, u64)>> = vec![HashMap::new(); nq];
-    let start = Instant::now();
-    let mut issued = 0u64;
-    let mut version = 0u64;
-    let fill = |buf: &mut [u8], block: u64, ver: u64| {
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (block
-                .wrapping_mul(31)
-                .wrapping_add(ver.wrapping_mul(7))
-                .wrapping_add(i as u64)
-                % 251) as u8;
-        }
-    };
-    let mut buf = vec![0u8; PAGE_SIZE];
-    while report.completed < total {
-        for q in 0..nq {
-            let mut batch = Vec::new();
-            while issued < total {
-                let Some(page) = free.get_mut(q).and_then(Vec::pop) else {
-                    break;
-                };
-                let block = next() % blocks;
-                // Don't overlap an in-flight request on the same block: keeps the model exact.
-                if outstanding
-                    .iter()
-                    .any(|m| m.values().any(|(_, b, _)| *b == block))
-                {
-                    if let Some(f) = free.get_mut(q) {
-                        f.push(page);
-                    }
-                    break;
+    spec.run(
+        front,
+        |r| r.issued < total,
+        |r, _| {
+            if r.completed % 1000 == 0 {
+                progress(total, r);
+            }
+        },
+    )
+}
+
+/// One answered request of a [`Workload`], for tests that time what the guest saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    /// Request id.
+    pub id: u64,
+    /// A write (else a read).
+    pub write: bool,
+    /// The 4 KiB block.
+    pub block: u64,
+    /// When the guest queued it.
+    pub issued: Instant,
+    /// When its response arrived.
+    pub answered: Instant,
+    /// The response's status.
+    pub status: Status,
+    /// A read whose data matched no version the model allows.
+    pub mismatch: bool,
+}
+
+/// A random workload of single 4 KiB blocks over the first `span_sectors` of the disk,
+/// `write_pct` percent writes, `qd` in flight per queue, never two requests on one block at
+/// once. With `verify`, every read is checked against a model of what was written (fresh
+/// disks read as zeros). A write that fails leaves its block holding the old or the new
+/// data (a block device promises nothing else), so either is accepted until a later write
+/// succeeds: a failed write that lands after a newer one then shows as a mismatch.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// Requests in flight per queue.
+    pub qd: usize,
+    /// Percent writes.
+    pub write_pct: u32,
+    /// Sectors at the start of the disk the workload spans.
+    pub span_sectors: u64,
+    /// Random seed.
+    pub seed: u64,
+    /// Check reads against the model.
+    pub verify: bool,
+}
+
+/// How long [`Workload::run`] waits for the requests still out once it stops issuing.
+pub const DRAIN_WAIT: Duration = Duration::from_secs(300);
+
+impl Workload {
+    /// Issues requests while `keep_going` says so, then waits for the ones still out (at
+    /// most [`DRAIN_WAIT`]); `on_done` sees every answer.
+    pub fn run(
+        &self,
+        front: &mut SimBlkfront,
+        mut keep_going: impl FnMut(&RunReport) -> bool,
+        mut on_done: impl FnMut(&RunReport, &Done),
+    ) -> Result<RunReport, FrontTestError> {
+        let mut rng = self.seed | 1;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let nq = front.queue_count();
+        let slots_per_q = (front.data_pages() / nq.max(1)).saturating_sub(8).max(1);
+        let qd = self.qd.min(slots_per_q).max(1);
+        // The model: version of each 4 KiB block (0 = never written = zeros), and versions of
+        // failed writes a block may hold instead.
+        let blocks = (self.span_sectors / 8).max(1);
+        let mut report = RunReport::default();
+        let mut free: Vec<Vec<usize>> = (0..nq)
+            .map(|q| (0..qd).map(|s| q * slots_per_q + s).collect())
+            .collect();
+        let mut outstanding: Vec<HashMap<u64, (Outstanding, u64, u64)>> = vec![HashMap::new(); nq];
+        let start = Instant::now();
+        let mut version = 0u64;
+        let mut buf = vec![0u8; PAGE_SIZE];
+        let mut issuing = true;
+        let mut drain_deadline = None;
+        loop {
+            issuing = issuing && keep_going(&report);
+            let out: usize = outstanding.iter().map(HashMap::len).sum();
+            if !issuing && out == 0 {
+                break;
+            }
+            if !issuing {
+                let deadline = *drain_deadline.get_or_insert_with(|| Instant::now() + DRAIN_WAIT);
+                if Instant::now() >= deadline {
+                    return Err(FrontTestError::Stuck {
+                        outstanding: out,
+                        secs: DRAIN_WAIT.as_secs(),
+                    });
                 }
-                let write = u32::try_from(next() % 100).unwrap_or(0) < write_pct;
-                let id = front.next_id();
-                let seg = front.segments(page, 1, PAGE_SIZE);
-                let req = if write {
-                    version += 1;
-                    fill(&mut buf, block, version);
-                    let _ = front.data_page(page).write(0, &buf);
-                    WireRequest::write(id, block * 8, seg)
+            }
+            for q in 0..nq {
+                let mut batch = Vec::new();
+                if !issuing {
+                    continue;
+                }
+                while let Some(page) = free.get_mut(q).and_then(Vec::pop) {
+                    if !keep_going(&report) {
+                        // not one request more than asked for
+                        issuing = false;
+                        if let Some(f) = free.get_mut(q) {
+                            f.push(page);
+                        }
+                        break;
+                    }
+                    let block = next() % blocks;
+                    // Don't overlap an in-flight request on the same block: keeps the model exact.
+                    if outstanding
+                        .iter()
+                        .any(|m| m.values().any(|(_, b, _)| *b == block))
+                    {
+                        if let Some(f) = free.get_mut(q) {
+                            f.push(page);
+                        }
+                        break;
+                    }
+                    let write = u32::try_from(next() % 100).unwrap_or(0) < self.write_pct;
+                    let id = front.next_id();
+                    let seg = front.segments(page, 1, PAGE_SIZE);
+                    let req = if write {
+                        version += 1;
+                        fill_block(&mut buf, block, version);
+                        let _ = front.data_page(page).write(0, &buf);
+                        WireRequest::write(id, block * 8, seg)
+                    } else {
+                        WireRequest::read(id, block * 8, seg)
+                    };
+                    let o = Outstanding {
+                        started: Instant::now(),
+                        first_page: page,
+                        pages: 1,
+                        read: !write,
+                    };
+                    if let Some(m) = outstanding.get_mut(q) {
+                        m.insert(id, (o, block, if write { version } else { 0 }));
+                    }
+                    batch.push(req);
+                    report.issued += 1;
+                }
+                if !batch.is_empty() {
+                    front.submit(q, &batch)?;
+                }
+            }
+            for q in 0..nq {
+                let wait = if front.in_flight(q) > 0 {
+                    Duration::from_millis(100)
                 } else {
-                    WireRequest::read(id, block * 8, seg)
+                    Duration::ZERO
                 };
-                let o = Outstanding {
-                    started: Instant::now(),
-                    first_page: page,
-                    pages: 1,
-                    read: !write,
-                };
-                if let Some(m) = outstanding.get_mut(q) {
-                    m.insert(id, (o, block, if write { version } else { 0 }));
-                }
-                batch.push(req);
-                issued += 1;
-            }
-            if !batch.is_empty() {
-                front.submit(q, &batch)?;
-            }
-        }
-        for q in 0..nq {
-            let wait = if front.in_flight(q) > 0 {
-                Duration::from_millis(100)
-            } else {
-                Duration::ZERO
-            };
-            for r in front.responses(q, wait)? {
-                let Some((o, block, ver)) = outstanding.get_mut(q).and_then(|m| m.remove(&r.id))
-                else {
-                    return Err(FrontTestError::UnknownResponse(r.id));
-                };
-                let us = u64::try_from(o.started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                report.latencies_us.push(us);
-                report.completed += 1;
-                report.bytes += (o.pages * PAGE_SIZE) as u64;
-                if r.status != Status::Okay {
-                    report.errors += 1;
-                } else if o.read && verify {
-                    let mut got = vec![0u8; PAGE_SIZE];
-                    let _ = front.data_page(o.first_page).read(0, &mut got);
-                    let mut want = vec![0u8; PAGE_SIZE];
-                    if let Some(v) = model.get(&block) {
-                        fill(&mut want, block, *v);
+                for r in front.responses(q, wait)? {
+                    let Some((o, block, ver)) =
+                        outstanding.get_mut(q).and_then(|m| m.remove(&r.id))
+                    else {
+                        return Err(FrontTestError::UnknownResponse(r.id));
+                    };
+                    let answered = Instant::now();
+                    let us = u64::try_from((answered - o.started).as_micros()).unwrap_or(u64::MAX);
+                    report.latencies_us.push(us);
+                    report.completed += 1;
+                    report.bytes += (o.pages * PAGE_SIZE) as u64;
+                    let mut mismatch = false;
+                    if r.status != Status::Okay {
+                        report.errors += 1;
+                        if !o.read {
+                            report.uncertain.entry(block).or_default().push(ver);
+                        }
+                    } else if o.read && self.verify {
+                        let mut got = vec![0u8; PAGE_SIZE];
+                        let _ = front.data_page(o.first_page).read(0, &mut got);
+                        report.reads_checked += 1;
+                        if !report.holds(block, &got) {
+                            report.mismatches += 1;
+                            mismatch = true;
+                        }
+                    } else if !o.read {
+                        report.model.insert(block, ver);
+                        report.uncertain.remove(&block);
                     }
-                    report.reads_checked += 1;
-                    if got != want {
-                        report.mismatches += 1;
+                    if let Some(f) = free.get_mut(q) {
+                        f.push(o.first_page);
                     }
-                } else if !o.read {
-                    model.insert(block, ver);
-                }
-                if let Some(f) = free.get_mut(q) {
-                    f.push(o.first_page);
-                }
-                if report.completed % 1000 == 0 {
                     report.elapsed = start.elapsed();
-                    progress(total, &report);
+                    on_done(
+                        &report,
+                        &Done {
+                            id: r.id,
+                            write: !o.read,
+                            block,
+                            issued: o.started,
+                            answered,
+                            status: r.status,
+                            mismatch,
+                        },
+                    );
                 }
             }
         }
+        report.elapsed = start.elapsed();
+        report.latencies_us.sort_unstable();
+        Ok(report)
     }
-    report.elapsed = start.elapsed();
-    report.latencies_us.sort_unstable();
-    report.model = model;
-    Ok(report)
 }
 
 /// A benchmark stream (nothing verified): `total` requests of `pages` 4 KiB pages each, `qd`

@@ -28,6 +28,7 @@ use super::journal::{Journal, JournalError, RingIdentity};
 use super::metrics::{DiskStatus, Negotiated};
 use super::params::{DiskSpec, ParamsError};
 use super::queue::{QueueExit, QueueHandle, QueueParts, StopMode};
+use super::stall::{StallGauge, StallWatch};
 use super::xenbus::{Action, Handshake, XenbusState};
 
 /// The backend node that says how opening the disk's image went, for the hotplug script
@@ -194,6 +195,19 @@ pub fn image_spec(spec: &DiskSpec, read_only: bool) -> ImageSpec {
     t
 }
 
+/// The queues' tunables of a disk: the serve defaults, with the disk's own `io_timeout`
+/// (0: wait for ever) and `stall_warn` when its `params` set them.
+pub fn queue_config(defaults: &QueueConfig, spec: &DiskSpec) -> QueueConfig {
+    let mut c = *defaults;
+    if let Some(t) = spec.io_timeout {
+        c.io_timeout = (!t.is_zero()).then_some(t);
+    }
+    if let Some(w) = spec.stall_warn {
+        c.stall_warn = w;
+    }
+    c
+}
+
 /// Opens images; tests and the demo substitute an in-memory image.
 pub trait ImageOpener: Send + Sync {
     /// Opens the image `spec` describes.
@@ -234,6 +248,9 @@ struct Vbd<P: Platform> {
     state: Option<PathBuf>,
     /// What `rbdback status` and the metrics show of this disk.
     status: Arc<DiskStatus>,
+    /// The queues' tunables: the serve defaults with the disk's `io_timeout`/`stall_warn`.
+    queue_cfg: QueueConfig,
+    stall: StallWatch,
 }
 
 fn node(xs: &Xenstore, path: &str) -> Result<String, VbdError> {
@@ -365,11 +382,15 @@ impl<P: Platform> Vbd<P> {
             .image
             .clone()
             .ok_or_else(|| VbdError::MissingNode(format!("{}/params", self.be)))?;
-        let order = u8::try_from(cfg.ring_page_order).unwrap_or(u8::MAX);
         let mut queues = Vec::new();
+        let mut gauges = Vec::new();
         for (index, q) in cfg.queues.iter().enumerate() {
-            match self.start_queue(&image, cfg, index, q, order, resume) {
-                Ok(h) => queues.push(h),
+            let gauge = Arc::new(StallGauge::default());
+            match self.start_queue(&image, cfg, index, q, resume, Arc::clone(&gauge)) {
+                Ok(h) => {
+                    queues.push(h);
+                    gauges.push(gauge);
+                }
                 Err(e) => {
                     // Never leave a half-connected VBD: stop what already runs.
                     for h in queues {
@@ -380,6 +401,7 @@ impl<P: Platform> Vbd<P> {
             }
         }
         self.conn = Some(Connected { queues });
+        self.stall.set_gauges(gauges);
         self.status.connected(Negotiated {
             ring_order: cfg.ring_page_order,
             queues: u32::try_from(cfg.queues.len()).unwrap_or(u32::MAX),
@@ -479,7 +501,7 @@ impl<P: Platform> Vbd<P> {
                 let (mut dp, _) = Dataplane::resume(
                     (cfg.abi, order),
                     self.ring_limits(),
-                    self.opts.queue,
+                    self.queue_cfg,
                     &path,
                     &id,
                     &map.mem(),
@@ -518,9 +540,10 @@ impl<P: Platform> Vbd<P> {
         cfg: &FrontendConfig,
         index: usize,
         q: &super::frontend::QueueRing,
-        order: u8,
         resume: bool,
+        stall: Arc<StallGauge>,
     ) -> Result<QueueHandle, VbdError> {
+        let order = u8::try_from(cfg.ring_page_order).unwrap_or(u8::MAX);
         let ring_map = self.gnttab.map(self.fe_domid, &q.ring_refs, true)?;
         let id = RingIdentity {
             abi: cfg.abi,
@@ -533,7 +556,7 @@ impl<P: Platform> Vbd<P> {
                 let (dp, r) = Dataplane::resume(
                     (cfg.abi, order),
                     self.ring_limits(),
-                    self.opts.queue,
+                    self.queue_cfg,
                     &path,
                     &id,
                     &ring_map.mem(),
@@ -559,7 +582,7 @@ impl<P: Platform> Vbd<P> {
             (false, path) => {
                 let back =
                     BackRing::new(cfg.abi, order).map_err(|e| VbdError::Broken(e.to_string()))?;
-                let dp = Dataplane::new(back, self.ring_limits(), self.opts.queue);
+                let dp = Dataplane::new(back, self.ring_limits(), self.queue_cfg);
                 match path {
                     Some(p) => {
                         let entries = dp.ring().capacity();
@@ -584,12 +607,15 @@ impl<P: Platform> Vbd<P> {
             engine,
             capacity: Arc::clone(&self.capacity),
             persistent: cfg.persistent,
+            stall,
         };
         Ok(QueueHandle::spawn(parts, info_span!("queue", q = index))?)
     }
 
     /// Stops the queues; true when every one drained (nothing left in flight).
     fn disconnect(&mut self, how: StopMode) -> bool {
+        self.stall.set_gauges(Vec::new());
+        self.stall.clear(&self.xs, &format!("{}/stalled", self.be));
         let mut clean = true;
         if let Some(c) = self.conn.take() {
             self.status.disconnected();
@@ -822,6 +848,8 @@ pub fn run_vbd<P: Platform>(
         conn: None,
         state,
         status,
+        queue_cfg: QueueConfig::default(),
+        stall: StallWatch::default(),
     };
     let image_node = |v: &str| {
         if let Err(e) = xs.write(&format!("{be}/{IMAGE_NODE}"), v) {
@@ -875,6 +903,7 @@ pub fn run_vbd<P: Platform>(
             let opened = match DiskSpec::parse(&params) {
                 Err(e) => Err(VbdError::from(e)),
                 Ok(spec) => {
+                    vbd.queue_cfg = queue_config(&vbd.opts.queue, &spec);
                     let mut ispec = image_spec(&spec, vbd.read_only);
                     vbd.status.set_image(
                         match &ispec.pool {
@@ -1036,5 +1065,7 @@ pub fn run_vbd<P: Platform>(
             last_resize = Instant::now();
             vbd.check_resize();
         }
+        vbd.stall
+            .check(&vbd.xs, &format!("{be}/stalled"), vbd.image.as_ref());
     }
 }

@@ -34,6 +34,34 @@ pub(crate) fn cstr(s: &str, what: &str) -> Result<CString, RadosError> {
     CString::new(s).map_err(|_| RadosError::Invalid(format!("{what} contains a NUL byte")))
 }
 
+/// `s` as a JSON string literal (for monitor commands).
+pub(crate) fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The value of top-level field `key` in a flat JSON object the monitors sent: a number, or a
+/// string without escapes (pg ids, OSD ids); `None` if absent.
+pub(crate) fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = json.get(at..)?.trim_start();
+    if let Some(s) = rest.strip_prefix('"') {
+        s.split('"').next()
+    } else {
+        rest.split([',', '}']).next().map(str::trim)
+    }
+}
+
 /// A cluster handle (`rados_t`), shut down on drop.
 #[derive(Debug)]
 pub(crate) struct Cluster {
@@ -237,6 +265,64 @@ impl Cluster {
         })?;
         tracing::info!(addr = %who.addr, client = %who.entity(), "fenced the previous backend's client (blocklisted)");
         Ok(())
+    }
+
+    /// The name of pool `id` (from the client's map).
+    pub(crate) fn pool_name(&self, id: i64) -> Result<String, Errno> {
+        let mut buf = vec![0u8; 256];
+        loop {
+            // SAFETY: valid handle; the buffer and its length are passed.
+            let r = unsafe {
+                sys::rados_pool_reverse_lookup(self.h, id, buf.as_mut_ptr().cast(), buf.len())
+            };
+            if r == -libc::ERANGE && buf.len() < 65536 {
+                buf.resize(buf.len() * 4, 0);
+                continue;
+            }
+            let n = usize::try_from(rc(r)?).unwrap_or(0).min(buf.len());
+            let name = buf[..n].split(|b| *b == 0).next().unwrap_or_default();
+            return Ok(String::from_utf8_lossy(name).into_owned());
+        }
+    }
+
+    /// Sends a command (JSON) to the monitors and returns their output (bounded by
+    /// `rados_mon_op_timeout`).
+    pub(crate) fn mon_command(&self, cmd: &str) -> Result<String, Errno> {
+        let c = name(cmd)?;
+        let cmds = [c.as_ptr()];
+        let (mut out, mut out_len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
+        let (mut st, mut st_len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
+        // SAFETY: valid handle; one command string that outlives the call; out-pointers to
+        // locals; librados allocates the outputs, freed below.
+        let r = unsafe {
+            sys::rados_mon_command(
+                self.h,
+                cmds.as_ptr().cast_mut(),
+                1,
+                std::ptr::null(),
+                0,
+                &mut out,
+                &mut out_len,
+                &mut st,
+                &mut st_len,
+            )
+        };
+        let text = if out.is_null() {
+            String::new()
+        } else {
+            // SAFETY: librados allocated `out_len` bytes at `out`.
+            let v = unsafe { std::slice::from_raw_parts(out.cast::<u8>(), out_len) };
+            let t = String::from_utf8_lossy(v).into_owned();
+            // SAFETY: freed once, as librados asks.
+            unsafe { sys::rados_buffer_free(out) };
+            t
+        };
+        if !st.is_null() {
+            // SAFETY: as above, for the status string.
+            unsafe { sys::rados_buffer_free(st) };
+        }
+        rc(r)?;
+        Ok(text)
     }
 
     /// Blocklists a client address (`ip:port/nonce`) for `secs` seconds (0: the default).
@@ -618,6 +704,13 @@ impl IoCtx {
     }
 }
 
+/// Write operations go out with `LIBRADOS_OPERATION_FULL_TRY`: when the cluster is full, or
+/// the pool's quota reached, the OSD answers `ENOSPC` / `EDQUOT` at once instead of librados
+/// holding the operation until space returns (its default, and what would leave a guest's
+/// writes hanging without a word). Deletes still free space; everything works again by
+/// itself once the pool has room.
+const FULL_TRY: i32 = sys::LIBRADOS_OPERATION_FULL_TRY as i32;
+
 /// A compound write operation (`rados_write_op_t`), released on drop.
 #[derive(Debug)]
 pub(crate) struct WriteOp {
@@ -699,7 +792,7 @@ impl WriteOp {
         let o = name(oid)?;
         // SAFETY: valid op and ioctx; synchronous; NULL mtime = now.
         rc(unsafe {
-            sys::rados_write_op_operate(self.h, io.h, o.as_ptr(), std::ptr::null_mut(), 0)
+            sys::rados_write_op_operate(self.h, io.h, o.as_ptr(), std::ptr::null_mut(), FULL_TRY)
         })
         .map(|_| ())
     }
@@ -724,7 +817,7 @@ impl WriteOp {
                     comp,
                     o.as_ptr(),
                     std::ptr::null_mut(),
-                    0,
+                    FULL_TRY,
                 )
             }
         })
@@ -878,6 +971,17 @@ extern "C" fn on_watch_error(arg: *mut c_void, cookie: u64, err: i32) {
 #[cfg(test)]
 mod tests {
     use super::split_nul;
+
+    #[test]
+    fn monitor_json_is_written_and_read() {
+        use super::{json_field, json_string};
+        assert_eq!(json_string("a\"b\\c\n"), r#""a\"b\\c\u000a""#);
+        let j = r#"{"epoch":19,"pool":"rbd","pgid":"2.2","up":[0],"acting_primary":0}"#;
+        assert_eq!(json_field(j, "pgid"), Some("2.2"));
+        assert_eq!(json_field(j, "acting_primary"), Some("0"));
+        assert_eq!(json_field(j, "epoch"), Some("19"));
+        assert_eq!(json_field(j, "missing"), None);
+    }
 
     #[test]
     fn locker_lists_keep_empty_cookies_aligned() {

@@ -590,6 +590,16 @@ impl Image {
         }
     }
 
+    /// Where the data at byte `offset` lives (the OSD and placement group its object maps
+    /// to), asking the monitors (bounded by `rados_mon_op_timeout`); `None` when the engine
+    /// cannot say (librbd and memory).
+    pub fn locate(&self, offset: u64) -> Result<Option<String>, RadosError> {
+        match &self.engine {
+            Engine::Direct(i) => i.locate(offset).map(Some),
+            Engine::Librbd(_) | Engine::Memory(_) => Ok(None),
+        }
+    }
+
     /// Current size in bytes.
     pub fn size(&self) -> u64 {
         match &self.engine {

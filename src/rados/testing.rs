@@ -2,12 +2,14 @@
 //! and shared by every test process, and uniquely named images.
 //!
 //! Tests that need Ceph call [`cluster`]; it FAILS (panics) when the cluster cannot start, so
-//! a missing cluster never turns into a silently skipped test.
+//! a missing cluster never turns into a silently skipped test. Tests that kill, freeze or
+//! restart daemons use a [`private_cluster`] of their own instead (one per test group, run
+//! one test at a time: see `.config/nextest.toml`), never the shared one.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use std::time::{Duration, Instant};
 
@@ -20,50 +22,149 @@ use super::{BlockOp, Completion, Image, ImageSpec, Queue};
 pub struct TestCluster {
     /// Its ceph.conf (the admin keyring is referenced from it).
     pub conf: PathBuf,
+    /// A private cluster's directory (`RBDBACK_CEPH_DIR`); `None` for the shared one.
+    pub dir: Option<PathBuf>,
 }
 
 fn tool() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/ceph-cluster"))
 }
 
+/// ceph.conf lines of private clusters. Ceph 16's OSD keeps a placement group of a
+/// single-replica pool "laggy" for ever when it was frozen for longer than its read lease
+/// (`osd_heartbeat_grace` × `osd_pool_default_read_lease_ratio` = 16 s by default) with
+/// client operations queued: nothing re-checks a lease no replica acknowledges, and every
+/// client (ours, krbd, the `rados` tool) waits until the PG changes interval (`ceph osd down
+/// 0`). The fault tests measure the backend, not that bug, so their leases outlast a 20 s
+/// freeze (docs/operations.md).
+pub const PRIVATE_CONF: &str = "        osd pool default read lease ratio = 4";
+
+fn cluster_up(dir: Option<&PathBuf>) -> TestCluster {
+    let mut cmd = Command::new(tool());
+    if let Some(d) = dir {
+        cmd.env("RBDBACK_CEPH_DIR", d)
+            .env("CEPHLAB_EXTRA_CONF", PRIVATE_CONF);
+    }
+    let out = cmd
+        .arg("up")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", tool().display()));
+    assert!(
+        out.status.success(),
+        "tools/ceph-cluster up failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let conf = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("export CEPH_CONF="))
+        .map(|v| PathBuf::from(v.trim()))
+        .unwrap_or_else(|| panic!("no CEPH_CONF in tools/ceph-cluster output:\n{text}"));
+    TestCluster {
+        conf,
+        dir: dir.cloned(),
+    }
+}
+
 /// Starts (or joins) the local cluster.
 pub fn cluster() -> &'static TestCluster {
     static C: OnceLock<TestCluster> = OnceLock::new();
-    C.get_or_init(|| {
+    C.get_or_init(|| cluster_up(None))
+}
+
+/// Starts (or joins) private cluster `name` in `target/ceph-<name>`, for tests that inject
+/// faults into its daemons. Daemons a failed test left frozen or stopped are resumed and
+/// started first, so one test's failure does not become the next one's.
+pub fn private_cluster(name: &str) -> &'static TestCluster {
+    static C: Mutex<Vec<(String, &'static TestCluster)>> = Mutex::new(Vec::new());
+    let mut all = C.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, c)) = all.iter().find(|(n, _)| n == name) {
+        return c;
+    }
+    let dir =
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).join(format!("ceph-{name}"));
+    if dir.join("ceph.conf").exists() {
+        let c = TestCluster {
+            conf: dir.join("ceph.conf"),
+            dir: Some(dir.clone()),
+        };
+        c.revive();
+    }
+    let c: &'static TestCluster = Box::leak(Box::new(cluster_up(Some(&dir))));
+    all.push((name.to_owned(), c));
+    c
+}
+
+/// A daemon of a private cluster.
+pub const OSD: &str = "osd.0";
+/// The monitor of a private cluster.
+pub const MON: &str = "mon.a";
+
+impl TestCluster {
+    /// `tools/ceph-cluster daemon <action> <name>` on this private cluster (see `tools/ceph-up`):
+    /// `kill`, `stop` (SIGSTOP), `cont`, `start` (returns once the map has it up), `restart`.
+    /// Panics on the shared cluster, and when the action fails.
+    pub fn daemon(&self, action: &str, name: &str) {
+        let dir = self
+            .dir
+            .as_ref()
+            .unwrap_or_else(|| panic!("daemon {action} {name}: not on the shared cluster"));
         let out = Command::new(tool())
-            .arg("up")
+            .env("RBDBACK_CEPH_DIR", dir)
+            .args(["daemon", action, name])
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", tool().display()));
         assert!(
             out.status.success(),
-            "tools/ceph-cluster up failed:\n{}",
+            "daemon {action} {name} failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let conf = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("export CEPH_CONF="))
-            .map(|v| PathBuf::from(v.trim()))
-            .unwrap_or_else(|| panic!("no CEPH_CONF in tools/ceph-cluster output:\n{text}"));
-        TestCluster { conf }
-    })
-}
+    }
 
-impl TestCluster {
-    /// Runs `rbd -c <conf> args...`, panicking with its stderr on failure.
-    pub fn rbd(&self, args: &[&str]) -> Vec<u8> {
-        let out = Command::new("rbd")
+    /// Resumes and starts every daemon of a private cluster (what a test that injected a
+    /// fault must leave behind, even when it fails).
+    pub fn revive(&self) {
+        let Some(dir) = &self.dir else { return };
+        for (action, name) in [
+            ("cont", OSD),
+            ("start", MON),
+            ("start", OSD),
+            ("start", "mgr.x"),
+        ] {
+            let _ = Command::new(tool())
+                .env("RBDBACK_CEPH_DIR", dir)
+                .args(["daemon", action, name])
+                .output();
+        }
+    }
+
+    /// Runs `<tool> -c <conf> args...` (a Ceph command-line tool, at most 10 minutes) and
+    /// returns its stdout, panicking with its stderr on failure.
+    pub fn tool(&self, tool: &str, args: &[&str]) -> Vec<u8> {
+        let out = Command::new("timeout")
+            .arg("600")
+            .arg(tool)
             .arg("-c")
             .arg(&self.conf)
             .args(args)
             .output()
-            .unwrap_or_else(|e| panic!("cannot run rbd: {e}"));
+            .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
         assert!(
             out.status.success(),
-            "rbd {args:?} failed: {}",
+            "{tool} {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         out.stdout
+    }
+
+    /// Runs `ceph -c <conf> args...` and returns its stdout as text.
+    pub fn ceph(&self, args: &[&str]) -> String {
+        String::from_utf8_lossy(&self.tool("ceph", args)).into_owned()
+    }
+
+    /// Runs `rbd -c <conf> args...`, panicking with its stderr on failure.
+    pub fn rbd(&self, args: &[&str]) -> Vec<u8> {
+        self.tool("rbd", args)
     }
 
     /// Creates a uniquely named image of `size_mib` MiB; `features` as `rbd create

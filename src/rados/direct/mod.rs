@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, info, warn};
 
-use super::client::{AioDone, AioSink, Cluster, IoCtx, WatchEvent, WatchSink};
+use super::client::{
+    json_field, json_string, AioDone, AioSink, Cluster, IoCtx, WatchEvent, WatchSink,
+};
 use super::{lock, EngineKind, Errno, ImageInfo, ImageSpec, RadosError};
 use codec::{notify_op, objstate, ClientId, RBD_LOCK_COOKIE_PREFIX, RBD_LOCK_NAME, RBD_LOCK_TAG};
 use header::{feature, Header};
@@ -275,6 +277,38 @@ impl DirectImage {
     /// Current size.
     pub fn size(&self) -> u64 {
         self.shared.lock_state().header.size
+    }
+
+    /// Where the byte at `offset` lives: the primary OSD of its object's placement group, as
+    /// the monitors map it (`ceph osd map`).
+    pub fn locate(&self, offset: u64) -> Result<String, RadosError> {
+        let h = Arc::clone(&self.shared.lock_state().header);
+        let objno = h.layout.map(offset, 1).first().map_or(0, |p| p.objno);
+        let oid = layout::data_object(&h.prefix, objno);
+        let call = |what| move |errno| RadosError::Call { what, errno };
+        let pool_id = h.data_pool.unwrap_or_else(|| self.shared.meta.pool_id());
+        let pool = self
+            .shared
+            .cluster
+            .pool_name(pool_id)
+            .map_err(call("rados_pool_reverse_lookup"))?;
+        let cmd = format!(
+            r#"{{"prefix":"osd map","pool":{},"object":{},"nspace":{},"format":"json"}}"#,
+            json_string(&pool),
+            json_string(&oid),
+            json_string(&self.shared.meta.namespace())
+        );
+        let out = self
+            .shared
+            .cluster
+            .mon_command(&cmd)
+            .map_err(call("osd map"))?;
+        let field = |k| json_field(&out, k).unwrap_or("?");
+        Ok(format!(
+            "osd.{} (placement group {}, object {oid})",
+            field("acting_primary"),
+            field("pgid")
+        ))
     }
 
     /// `Some(new)` if the size changed since the last call (the control thread refreshes
