@@ -384,6 +384,8 @@ fn run_serve(a: &cli::ServeArgs, run_dir: &Path) -> ExitCode {
             ..Options::default()
         },
     };
+    #[cfg(feature = "test-utils")]
+    rbdback::device::crashpoint::arm_from(&run_dir.join("crash-next"));
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let disks = Arc::new(Disks::default());
     let mut commands = control::Commands::default();

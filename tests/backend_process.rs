@@ -22,14 +22,16 @@ fn params(image: &str) -> String {
 struct Proc {
     child: Child,
     log: PathBuf,
+    sim_dir: PathBuf,
 }
 
 impl Proc {
     fn spawn(xen: &SimXen, args: &[&str], name: &str) -> Proc {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let log = std::env::temp_dir().join(format!(
             "rbdback-{name}-{}-{}.log",
             std::process::id(),
-            Instant::now().elapsed().as_nanos()
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let f = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_rbdback"))
@@ -42,7 +44,11 @@ impl Proc {
             .stderr(f)
             .spawn()
             .unwrap();
-        Proc { child, log }
+        Proc {
+            child,
+            log,
+            sim_dir: xen.dir().to_owned(),
+        }
     }
 
     fn log(&self) -> String {
@@ -67,6 +73,18 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
+        // a supervisor leaves its serve children running: they belong to this test too
+        let _ = Command::new("pkill")
+            .args([
+                "-KILL",
+                "-f",
+                "--",
+                &format!("--sim-dir {}", self.sim_dir.display()),
+            ])
+            .status();
     }
 }
 
@@ -158,4 +176,340 @@ fn serve_exits_cleanly_with_disks_in_every_state() {
     );
     assert!(!log.contains("terminate called"), "log:\n{log}");
     assert!(log.contains("no device left"), "log:\n{log}");
+}
+
+/// A little deterministic PRNG for kill instants.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// The pid of guest `domid`'s `serve`, as the supervisor knows it.
+fn serve_pid(run_dir: &std::path::Path, domid: u16) -> Option<i32> {
+    let st = rbdback::control::call(
+        &run_dir.join(rbdback::device::supervisor::SOCKET),
+        "status",
+        serde_json::Value::Null,
+    )
+    .ok()?;
+    st.get("serve")?
+        .as_array()?
+        .iter()
+        .find(|s| s.get("domid").and_then(serde_json::Value::as_u64) == Some(u64::from(domid)))?
+        .get("pid")?
+        .as_i64()
+        .and_then(|p| i32::try_from(p).ok())
+}
+
+fn wait_new_serve(run_dir: &std::path::Path, domid: u16, old: i32) -> i32 {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(p) = serve_pid(run_dir, domid).filter(|p| *p != old) {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "no new serve after pid {old}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Median and max of `v`.
+fn median_max(v: &mut [Duration]) -> (Duration, Duration) {
+    v.sort_unstable();
+    (
+        v.get(v.len() / 2).copied().unwrap_or_default(),
+        v.last().copied().unwrap_or_default(),
+    )
+}
+
+/// issue 13: `serve` is killed (SIGKILL) at random instants and at chosen points of the
+/// journal protocol (a batch half recorded, a response written and not published, rsp_prod
+/// published and not recorded, a flush in flight, an indirect request admitted) while a
+/// verified workload runs; the supervisor starts the next one at once, which resumes the
+/// ring. The guest sees no error, no mismatch, nothing answered twice, no state change, and
+/// `rbd export` equals what it wrote. Prints the time from each kill to the first request the
+/// next instance answered (`RBDBACK_KILLS=N` sets the number of kills, default 50).
+#[test]
+fn a_backend_killed_at_any_instant_is_resumed_without_the_guest_seeing_an_error() {
+    use rbdback::device::testfront::{BackendStates, Workload};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let kills: usize = std::env::var("RBDBACK_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let c = cluster();
+    let image = c.create_image("kill", 64, None);
+    let xen = SimXen::start().unwrap();
+    let dom0 = xen.platform().xenstore().unwrap();
+    let run_dir = std::env::temp_dir().join(format!("rbdback-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let rd = run_dir.display().to_string();
+    let _sup = Proc::spawn(&xen, &["--run-dir", &rd, "supervise"], "supervise-kill");
+    const GUEST: u16 = 23;
+    let mut spec = AttachSpec::new(&params(&image));
+    spec.queues = 2;
+    spec.ring_order = 1;
+    spec.data_pages = 512;
+    let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
+    let mut front = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
+    let states = BackendStates::watch(front.domain(), &be, &fe).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
+    let writes: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
+    let (s2, a2, w2) = (Arc::clone(&stop), Arc::clone(&answers), Arc::clone(&writes));
+    let worker = std::thread::spawn(move || {
+        let w = Workload {
+            qd: 8,
+            write_pct: 50,
+            span_sectors: 32 << 11,
+            seed: 0x5eed,
+            verify: true,
+            indirect_every: 7,
+            flush_every: 5,
+        };
+        let r = w.run(
+            &mut front,
+            |_| !s2.load(Ordering::Relaxed),
+            |_, d| {
+                a2.lock().unwrap().push(d.answered);
+                if d.write {
+                    w2.lock().unwrap().push(d.answered);
+                }
+            },
+        );
+        (r, front)
+    });
+    let points = ["take", "pushed", "published", "flush", "indirect"];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut pid = wait_new_serve(&run_dir, GUEST, 0);
+    let mut killed_at = Vec::new();
+    let mut by_point = Vec::new();
+    // the guest has seen an answer after `t` (the resumed instance serves)
+    let answered_after = |t: Instant| {
+        let deadline = Instant::now() + T;
+        while !answers.lock().unwrap().iter().rev().any(|a| *a > t) {
+            assert!(Instant::now() < deadline, "no answer after a restart");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    for k in 0..kills {
+        if let Some(t) = killed_at.last() {
+            answered_after(*t);
+        }
+        std::thread::sleep(Duration::from_millis(300 + rng.below(700)));
+        if k % 5 == 4 {
+            // the next serve kills itself at this point of the protocol
+            let point = points[(k / 5) % points.len()];
+            let n = 1 + rng.below(40);
+            std::fs::write(run_dir.join("crash-next"), format!("{point}:{n}")).unwrap();
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)
+                .unwrap();
+            killed_at.push(Instant::now());
+            pid = wait_new_serve(&run_dir, GUEST, pid);
+            // it dies at the point (or, for a point the workload did not reach in 10 s, is
+            // killed here), then the one after it serves normally
+            let t = Instant::now();
+            let armed = pid;
+            let deadline = t + Duration::from_secs(10);
+            loop {
+                if serve_pid(&run_dir, GUEST).is_some_and(|p| p != armed) {
+                    by_point.push((point, true));
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    by_point.push((point, false));
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(armed),
+                        nix::sys::signal::SIGKILL,
+                    );
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            killed_at.push(Instant::now());
+            pid = wait_new_serve(&run_dir, GUEST, armed);
+        } else {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)
+                .unwrap();
+            killed_at.push(Instant::now());
+            pid = wait_new_serve(&run_dir, GUEST, pid);
+        }
+    }
+    // let the last instance answer a while, then stop the guest's workload
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let (report, mut front) = worker.join().unwrap();
+    let report = report.expect("the guest's workload (an unknown or second answer fails it)");
+    assert_eq!(report.errors, 0, "guest-visible errors");
+    assert_eq!(
+        report.mismatches, 0,
+        "reads that did not match what was written"
+    );
+    assert!(report.completed > 1000, "{} requests", report.completed);
+    let seen = states.seen();
+    assert!(
+        seen.iter()
+            .all(|(b, _)| *b == rbdback::device::xenbus::XenbusState::Connected),
+        "the backend state changed: {seen:?}"
+    );
+    assert_eq!(states.violations(), Vec::<String>::new());
+    let hit: Vec<_> = by_point
+        .iter()
+        .filter(|(_, h)| *h)
+        .map(|(p, _)| *p)
+        .collect();
+    for p in points.iter().take(kills / 5) {
+        assert!(
+            hit.contains(p),
+            "crash point {p} never reached: {by_point:?}"
+        );
+    }
+    // time from each kill to the first answer after it
+    let answers = answers.lock().unwrap().clone();
+    let mut gaps: Vec<Duration> = killed_at
+        .iter()
+        .filter_map(|k| answers.iter().find(|a| *a > k).map(|a| *a - *k))
+        .collect();
+    let (med, max) = median_max(&mut gaps);
+    let writes = writes.lock().unwrap().clone();
+    let mut wgaps: Vec<Duration> = killed_at
+        .iter()
+        .filter_map(|k| writes.iter().find(|a| *a > k).map(|a| *a - *k))
+        .collect();
+    let (wmed, wmax) = median_max(&mut wgaps);
+    println!(
+        "kill-to-first-answer over {} kills ({} requests, {} reads verified): median {:.0} ms, max {:.0} ms; first write answered: median {:.0} ms, max {:.0} ms",
+        gaps.len(),
+        report.completed,
+        report.reads_checked,
+        med.as_secs_f64() * 1000.0,
+        max.as_secs_f64() * 1000.0,
+        wmed.as_secs_f64() * 1000.0,
+        wmax.as_secs_f64() * 1000.0
+    );
+    toolstack_detach(&dom0, &be).unwrap();
+    front.close(T).unwrap();
+    drop(front);
+    let export = c.export(&image);
+    let diff = report.diff_image(&export, (32 << 20) / 4096);
+    assert!(diff.is_empty(), "rbd export differs in blocks {diff:?}");
+    let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+/// issue 13: `rbdback upgrade` replaces every running backend (and the supervisor) while a
+/// verified workload runs: the guest sees no error and no state change, the supervisor keeps
+/// the same pid (it re-executes itself) and the serve a new one; prints how long the guest's
+/// disk waited.
+#[test]
+fn a_live_upgrade_is_invisible_to_the_guest() {
+    use rbdback::device::testfront::{BackendStates, Workload};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let c = cluster();
+    let image = c.create_image("upgrade", 64, None);
+    let xen = SimXen::start().unwrap();
+    let dom0 = xen.platform().xenstore().unwrap();
+    let run_dir = std::env::temp_dir().join(format!("rbdback-upgrade-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let rd = run_dir.display().to_string();
+    let mut sup = Proc::spawn(&xen, &["--run-dir", &rd, "supervise"], "supervise-upgrade");
+    const GUEST: u16 = 24;
+    let spec = AttachSpec::new(&params(&image));
+    let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
+    let mut front = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
+    let states = BackendStates::watch(front.domain(), &be, &fe).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
+    let (s2, a2) = (Arc::clone(&stop), Arc::clone(&answers));
+    let worker = std::thread::spawn(move || {
+        let w = Workload {
+            qd: 8,
+            write_pct: 50,
+            span_sectors: 32 << 11,
+            seed: 0xab,
+            verify: true,
+            indirect_every: 0,
+            flush_every: 0,
+        };
+        let r = w.run(
+            &mut front,
+            |_| !s2.load(Ordering::Relaxed),
+            |_, d| a2.lock().unwrap().push(d.answered),
+        );
+        (r, front)
+    });
+    let before = wait_new_serve(&run_dir, GUEST, 0);
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_rbdback"))
+        .args(["--run-dir", &rd, "upgrade", "--json"])
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "upgrade failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let guests = report["guests"].as_array().unwrap();
+    assert_eq!(guests.len(), 1, "{report}");
+    assert_eq!(guests[0]["ok"], serde_json::Value::Bool(true), "{report}");
+    let after = wait_new_serve(&run_dir, GUEST, before);
+    assert_ne!(before, after);
+    // the supervisor re-executed itself: same process, new image, still our child
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        sup.child.try_wait().unwrap().is_none(),
+        "the supervisor exited"
+    );
+    let log = sup.log();
+    assert!(log.contains("re-executing the installed binary"), "{log}");
+    assert!(
+        log.contains("keeping the serve process of the supervisor we replaced"),
+        "{log}"
+    );
+    // the disk keeps working after the upgrade
+    let n = answers.lock().unwrap().len();
+    let deadline = Instant::now() + T;
+    while answers.lock().unwrap().len() < n + 100 {
+        assert!(Instant::now() < deadline, "no answers after the upgrade");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (report, mut front) = worker.join().unwrap();
+    let report = report.expect("the guest's workload");
+    assert_eq!((report.errors, report.mismatches), (0, 0));
+    let seen = states.seen();
+    assert!(
+        seen.iter()
+            .all(|(b, _)| *b == rbdback::device::xenbus::XenbusState::Connected),
+        "the backend state changed: {seen:?}"
+    );
+    // the longest the guest waited for any answer during the upgrade
+    let answers = answers.lock().unwrap().clone();
+    let stall = answers
+        .windows(2)
+        .filter(|w| w[1] > t0 && w[0] < t0 + took)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    println!(
+        "live upgrade: `rbdback upgrade` took {:.0} ms, the handover {:.0} ms; longest gap between answers {:.0} ms",
+        took.as_secs_f64() * 1000.0,
+        guests[0]["seconds"].as_f64().unwrap_or(0.0) * 1000.0,
+        stall.as_secs_f64() * 1000.0
+    );
+    toolstack_detach(&dom0, &be).unwrap();
+    front.close(T).unwrap();
+    drop(front);
+    let export = c.export(&image);
+    assert!(report.diff_image(&export, (32 << 20) / 4096).is_empty());
+    let _ = std::fs::remove_dir_all(&run_dir);
 }

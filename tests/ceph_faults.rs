@@ -165,6 +165,8 @@ fn start_workload_over(mut f: SimBlkfront, seed: u64, span: u64) -> Running {
             span_sectors: span,
             seed,
             verify: true,
+            indirect_every: 0,
+            flush_every: 0,
         };
         let mut log = Vec::new();
         let r = w

@@ -126,6 +126,7 @@ pub fn serve_observed<P: Platform>(
             Ok(d) => d,
             Err(e) => {
                 warn!(error = %e, "cannot list devices");
+                std::thread::sleep(Duration::from_millis(500));
                 continue;
             }
         };

@@ -107,7 +107,7 @@ impl Default for Backoff {
     fn default() -> Self {
         Backoff {
             quick: 0,
-            min_uptime: Duration::from_secs(2),
+            min_uptime: Duration::from_secs(1),
             base: Duration::from_secs(1),
             max: Duration::from_secs(60),
         }
@@ -550,7 +550,7 @@ mod tests {
             Restart::Now
         );
         assert_eq!(
-            b.after(Death::Exited(1), Duration::from_secs(3)),
+            b.after(Death::Exited(1), Duration::from_secs(2)),
             Restart::Now
         );
     }

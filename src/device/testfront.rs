@@ -821,6 +821,8 @@ pub fn run_workload(
     mut progress: impl FnMut(u64, &RunReport),
 ) -> Result<RunReport, FrontTestError> {
     let spec = Workload {
+        indirect_every: 0,
+        flush_every: 0,
         qd,
         write_pct,
         span_sectors,
@@ -875,7 +877,20 @@ pub struct Workload {
     pub seed: u64,
     /// Check reads against the model.
     pub verify: bool,
+    /// Every this many requests, one spans [`INDIRECT_BLOCKS`] blocks through an indirect
+    /// descriptor page (0: never); one such request per queue at a time.
+    pub indirect_every: u64,
+    /// Every this many requests, a write is sent as a flush with data (blkif's
+    /// `BLKIF_OP_FLUSH_DISKCACHE`: write, then flush) (0: never).
+    pub flush_every: u64,
 }
+
+/// The (block, version) of each page a request of a [`Workload`] moves.
+type Moved = Vec<(u64, u64)>;
+
+/// Blocks (4 KiB pages) of a [`Workload`]'s indirect requests: more than blkif's 11 direct
+/// segments.
+pub const INDIRECT_BLOCKS: usize = 16;
 
 /// How long [`Workload::run`] waits for the requests still out once it stops issuing.
 pub const DRAIN_WAIT: Duration = Duration::from_secs(300);
@@ -898,15 +913,29 @@ impl Workload {
         };
         let nq = front.queue_count();
         let slots_per_q = (front.data_pages() / nq.max(1)).saturating_sub(8).max(1);
+        // the last pages of each queue's share: one indirect request's data and descriptor
+        let indirect_pages = if self.indirect_every > 0 {
+            INDIRECT_BLOCKS + 1
+        } else {
+            0
+        };
+        let slots_per_q = slots_per_q.saturating_sub(indirect_pages).max(1);
         let qd = self.qd.min(slots_per_q).max(1);
+        let indirect_base = |q: usize| q * (slots_per_q + indirect_pages) + slots_per_q;
+        let mut indirect_busy = vec![false; nq];
         // The model: version of each 4 KiB block (0 = never written = zeros), and versions of
         // failed writes a block may hold instead.
         let blocks = (self.span_sectors / 8).max(1);
         let mut report = RunReport::default();
         let mut free: Vec<Vec<usize>> = (0..nq)
-            .map(|q| (0..qd).map(|s| q * slots_per_q + s).collect())
+            .map(|q| {
+                (0..qd)
+                    .map(|s| q * (slots_per_q + indirect_pages) + s)
+                    .collect()
+            })
             .collect();
-        let mut outstanding: Vec<HashMap<u64, (Outstanding, u64, u64)>> = vec![HashMap::new(); nq];
+        // per request: what it is, and the (block, version) of each page it moves
+        let mut outstanding: Vec<HashMap<u64, (Outstanding, Moved)>> = vec![HashMap::new(); nq];
         let start = Instant::now();
         let mut version = 0u64;
         let mut buf = vec![0u8; PAGE_SIZE];
@@ -941,12 +970,19 @@ impl Workload {
                         }
                         break;
                     }
-                    let block = next() % blocks;
-                    // Don't overlap an in-flight request on the same block: keeps the model exact.
-                    if outstanding
-                        .iter()
-                        .any(|m| m.values().any(|(_, b, _)| *b == block))
-                    {
+                    let wide = self.indirect_every > 0
+                        && indirect_busy.get(q) == Some(&false)
+                        && (report.issued + 1) % self.indirect_every == 0
+                        && blocks > INDIRECT_BLOCKS as u64;
+                    let span = if wide { INDIRECT_BLOCKS as u64 } else { 1 };
+                    let block = next() % (blocks - span + 1);
+                    // Don't overlap an in-flight request on the same blocks: keeps the model
+                    // exact.
+                    if outstanding.iter().any(|m| {
+                        m.values().any(|(_, bs)| {
+                            bs.iter().any(|(b, _)| (block..block + span).contains(b))
+                        })
+                    }) {
                         if let Some(f) = free.get_mut(q) {
                             f.push(page);
                         }
@@ -954,23 +990,61 @@ impl Workload {
                     }
                     let write = u32::try_from(next() % 100).unwrap_or(0) < self.write_pct;
                     let id = front.next_id();
-                    let seg = front.segments(page, 1, PAGE_SIZE);
-                    let req = if write {
-                        version += 1;
-                        fill_block(&mut buf, block, version);
-                        let _ = front.data_page(page).write(0, &buf);
+                    let (first, pages) = if wide {
+                        // the slot page goes back: the request uses the queue's wide pages
+                        if let Some(f) = free.get_mut(q) {
+                            f.push(page);
+                        }
+                        if let Some(b) = indirect_busy.get_mut(q) {
+                            *b = true;
+                        }
+                        (indirect_base(q), INDIRECT_BLOCKS)
+                    } else {
+                        (page, 1)
+                    };
+                    let mut moved = Vec::with_capacity(pages);
+                    for (i, b) in (block..block + span).enumerate() {
+                        let ver = if write {
+                            version += 1;
+                            fill_block(&mut buf, b, version);
+                            let _ = front.data_page(first + i).write(0, &buf);
+                            version
+                        } else {
+                            0
+                        };
+                        moved.push((b, ver));
+                    }
+                    let seg = front.segments(first, pages, pages * PAGE_SIZE);
+                    let flush = write
+                        && !wide
+                        && self.flush_every > 0
+                        && report.issued % self.flush_every == 0;
+                    let op = if flush {
+                        crate::ring::request::op::FLUSH_DISKCACHE
+                    } else if write {
+                        crate::ring::request::op::WRITE
+                    } else {
+                        crate::ring::request::op::READ
+                    };
+                    let req = if wide {
+                        // the descriptor page is the one after the data pages
+                        let desc = first + pages;
+                        front.indirect_in(op, id, block * 8, &seg, |_| desc)?
+                    } else if flush {
+                        WireRequest::rw(op, id, block * 8, seg)
+                    } else if write {
                         WireRequest::write(id, block * 8, seg)
                     } else {
                         WireRequest::read(id, block * 8, seg)
                     };
                     let o = Outstanding {
                         started: Instant::now(),
-                        first_page: page,
-                        pages: 1,
+                        first_page: first,
+                        pages,
                         read: !write,
                     };
                     if let Some(m) = outstanding.get_mut(q) {
-                        m.insert(id, (o, block, if write { version } else { 0 }));
+                        m.insert(id, (o, moved));
                     }
                     batch.push(req);
                     report.issued += 1;
@@ -986,8 +1060,7 @@ impl Workload {
                     Duration::ZERO
                 };
                 for r in front.responses(q, wait)? {
-                    let Some((o, block, ver)) =
-                        outstanding.get_mut(q).and_then(|m| m.remove(&r.id))
+                    let Some((o, moved)) = outstanding.get_mut(q).and_then(|m| m.remove(&r.id))
                     else {
                         return Err(FrontTestError::UnknownResponse(r.id));
                     };
@@ -997,24 +1070,33 @@ impl Workload {
                     report.completed += 1;
                     report.bytes += (o.pages * PAGE_SIZE) as u64;
                     let mut mismatch = false;
+                    for (i, &(block, ver)) in moved.iter().enumerate() {
+                        if r.status != Status::Okay {
+                            if !o.read {
+                                report.uncertain.entry(block).or_default().push(ver);
+                            }
+                        } else if o.read && self.verify {
+                            let mut got = vec![0u8; PAGE_SIZE];
+                            let _ = front.data_page(o.first_page + i).read(0, &mut got);
+                            if !report.holds(block, &got) {
+                                mismatch = true;
+                            }
+                        } else if !o.read {
+                            report.model.insert(block, ver);
+                            report.uncertain.remove(&block);
+                        }
+                    }
                     if r.status != Status::Okay {
                         report.errors += 1;
-                        if !o.read {
-                            report.uncertain.entry(block).or_default().push(ver);
-                        }
                     } else if o.read && self.verify {
-                        let mut got = vec![0u8; PAGE_SIZE];
-                        let _ = front.data_page(o.first_page).read(0, &mut got);
                         report.reads_checked += 1;
-                        if !report.holds(block, &got) {
-                            report.mismatches += 1;
-                            mismatch = true;
-                        }
-                    } else if !o.read {
-                        report.model.insert(block, ver);
-                        report.uncertain.remove(&block);
+                        report.mismatches += u64::from(mismatch);
                     }
-                    if let Some(f) = free.get_mut(q) {
+                    if o.pages > 1 {
+                        if let Some(b) = indirect_busy.get_mut(q) {
+                            *b = false;
+                        }
+                    } else if let Some(f) = free.get_mut(q) {
                         f.push(o.first_page);
                     }
                     report.elapsed = start.elapsed();
@@ -1023,7 +1105,7 @@ impl Workload {
                         &Done {
                             id: r.id,
                             write: !o.read,
-                            block,
+                            block: moved.first().map_or(0, |m| m.0),
                             issued: o.started,
                             answered,
                             status: r.status,

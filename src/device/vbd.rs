@@ -674,15 +674,22 @@ impl<P: Platform> Vbd<P> {
         Ok(false)
     }
 
-    /// Records this instance's RADOS client in the state directory: if it dies, the next
-    /// instance fences it (blocklists it) before it writes, and breaks its lock at once.
-    fn remember_client(&self, image: &Image) {
+    /// Records this instance's RADOS client in the state directory, after the clients of
+    /// the instances before it, now fenced (its open blocklisted them) or gone cleanly: if it
+    /// dies, the next instance fences it before it writes, and breaks the lock of any of them
+    /// at once. Keeps the last [`CLIENTS_KEPT`].
+    fn remember_client(&self, image: &Image, before: &[rados::ClientIdentity]) {
         let (Some(dir), Some(me)) = (&self.state, image.client()) else {
             return;
         };
-        let r = std::fs::create_dir_all(dir).and_then(|()| {
-            std::fs::write(dir.join(CLIENT_FILE), format!("{} {}\n", me.gid, me.addr))
-        });
+        let mut text = String::new();
+        let skip = before.len().saturating_sub(CLIENTS_KEPT - 1);
+        for p in before.iter().skip(skip) {
+            text.push_str(&format!("{} {} fenced\n", p.gid, p.addr));
+        }
+        text.push_str(&format!("{} {}\n", me.gid, me.addr));
+        let r =
+            std::fs::create_dir_all(dir).and_then(|()| std::fs::write(dir.join(CLIENT_FILE), text));
         if let Err(e) = r {
             warn!(error = %e, dir = %dir.display(), "cannot record the client for a successor");
         }
@@ -694,30 +701,44 @@ impl<P: Platform> Vbd<P> {
         if let Some(dir) = &self.state {
             let f = dir.join(CLIENT_FILE);
             if let Ok(text) = std::fs::read_to_string(&f) {
-                let _ = std::fs::write(&f, format!("{}clean\n", text));
+                let _ = std::fs::write(&f, format!("{text}clean\n"));
             }
         }
     }
 
-    /// What a previous instance recorded about its client: the identity the image open must
-    /// fence (unless it left cleanly) and whose lock it may break at once.
+    /// What previous instances recorded about their clients: the identities the image open
+    /// must fence (unless already fenced, or the last instance left cleanly) and whose lock
+    /// it may break at once.
     fn fence_predecessor(&self, spec: &mut ImageSpec) {
         let Some(dir) = &self.state else { return };
         let Ok(text) = std::fs::read_to_string(dir.join(CLIENT_FILE)) else {
             return;
         };
-        let mut lines = text.lines();
-        let Some((gid, addr)) = lines.next().and_then(|l| l.split_once(' ')) else {
-            return;
-        };
-        let Ok(gid) = gid.parse() else { return };
-        let clean = lines.any(|l| l.trim() == "clean");
-        spec.predecessor = Some(rados::ClientIdentity {
-            addr: addr.trim().to_owned(),
-            gid,
-        });
-        spec.fence_predecessor = !clean;
-        info!(previous = %addr.trim(), fence = !clean, "resuming after a previous backend");
+        let mut clean = false;
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("clean"), None, None) => clean = true,
+                (Some(gid), Some(addr), fenced) => {
+                    if let Ok(gid) = gid.parse() {
+                        spec.predecessors.push(rados::ClientIdentity {
+                            addr: addr.to_owned(),
+                            gid,
+                            fenced: fenced == Some("fenced"),
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        if clean {
+            for p in &mut spec.predecessors {
+                p.fenced = true;
+            }
+        }
+        spec.fence_predecessors = spec.predecessors.iter().any(|p| !p.fenced);
+        let names: Vec<&str> = spec.predecessors.iter().map(|p| p.addr.as_str()).collect();
+        info!(previous = ?names, fence = spec.fence_predecessors, "resuming after a previous backend");
     }
 
     /// Deletes the VBD's state directory (the device is gone for good).
@@ -791,6 +812,9 @@ enum Takeover {
 /// The client of the previous instance that served a VBD, kept in its state directory:
 /// `<address>` and whether it left cleanly.
 const CLIENT_FILE: &str = "client";
+
+/// Clients of previous instances [`CLIENT_FILE`] keeps (one may still hold the lock).
+const CLIENTS_KEPT: usize = 16;
 
 /// Serves one VBD until it is removed or `stop` fires. Never panics on bad input.
 ///
@@ -900,6 +924,7 @@ pub fn run_vbd<P: Platform>(
             } else {
                 info!(?takeover, frontend = %fe_state, "taking over a VBD a previous backend served");
             }
+            let mut predecessors = Vec::new();
             let opened = match DiskSpec::parse(&params) {
                 Err(e) => Err(VbdError::from(e)),
                 Ok(spec) => {
@@ -916,6 +941,7 @@ pub fn run_vbd<P: Platform>(
                     if takeover == Takeover::Resume {
                         vbd.fence_predecessor(&mut ispec);
                     }
+                    predecessors.clone_from(&ispec.predecessors);
                     info!(image = %ispec, engine = ?spec.target.engine, "opening image");
                     match vbd.open_watched(&opener, &ispec, &stop) {
                         Opening::Done(r) => r.map_err(VbdError::Open),
@@ -936,7 +962,7 @@ pub fn run_vbd<P: Platform>(
                     vbd.status.set_last_error(None);
                     vbd.read_only = vbd.read_only || image.info().read_only;
                     vbd.capacity.store(image.size() / 512, Ordering::Relaxed);
-                    vbd.remember_client(&image);
+                    vbd.remember_client(&image, &predecessors);
                     vbd.image = Some(image);
                     usable = true;
                     let _ = xs.rm(&id.error_path());
@@ -980,6 +1006,7 @@ pub fn run_vbd<P: Platform>(
     };
     let watch_be = xs.watch(&be).ok();
     let mut last_resize = Instant::now();
+    let mut last_xs_warn: Option<Instant> = None;
     loop {
         match stop.try_recv() {
             Ok(()) | Err(TryRecvError::Disconnected) => {
@@ -1028,7 +1055,12 @@ pub fn run_vbd<P: Platform>(
         let online = match vbd.online() {
             Ok(o) => o,
             Err(e) => {
-                warn!(error = %e, "xenstore read failed");
+                // the rings go on without xenstore; say so at most every 10 s, and wait
+                if last_xs_warn.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+                    warn!(error = %e, "xenstore read failed");
+                    last_xs_warn = Some(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(200));
                 continue;
             }
         };

@@ -151,9 +151,6 @@ impl Cluster {
         if rc < 0 {
             return Err(fail("rados_connect", rc));
         }
-        if let (Some(who), true) = (&spec.predecessor, spec.fence_predecessor) {
-            c.fence(who)?;
-        }
         Ok(c)
     }
 
@@ -244,7 +241,18 @@ impl Cluster {
         Some(super::ClientIdentity {
             addr,
             gid: self.instance_id(),
+            fenced: false,
         })
+    }
+
+    /// Fences every predecessor of `spec` not fenced yet (see `ImageSpec::predecessors`).
+    pub(crate) fn fence_predecessors(&self, spec: &ImageSpec) -> Result<(), RadosError> {
+        if spec.fence_predecessors {
+            for who in spec.predecessors.iter().filter(|p| !p.fenced) {
+                self.fence(who)?;
+            }
+        }
+        Ok(())
     }
 
     /// Fences a dead predecessor: blocklists its address, then waits for the OSD map that

@@ -74,6 +74,7 @@ impl LibrbdImage {
     /// Connects and opens the image.
     pub fn open(spec: &ImageSpec) -> Result<LibrbdImage, RadosError> {
         let cluster = Cluster::connect(spec)?;
+        cluster.fence_predecessors(spec)?;
         let io = cluster.ioctx(spec)?;
         let name = cstr(&spec.image, "image name")?;
         let snap = spec
@@ -135,8 +136,8 @@ impl LibrbdImage {
             // on failure `me` is dropped, which closes the image
             me.load_encryption(e)?;
         }
-        if let Some(p) = &spec.predecessor {
-            me.break_lock_of(p);
+        if !spec.predecessors.is_empty() {
+            me.break_lock_of(&spec.predecessors);
         }
         me.last_size.store(me.size(), Ordering::Relaxed);
         Ok(me)
@@ -398,7 +399,7 @@ impl LibrbdImage {
     /// Breaks the exclusive lock if `who` (a previous backend that is gone) holds it:
     /// librbd blocklists the owner and breaks the lock at once, instead of waiting for the
     /// dead owner's watch to time out.
-    fn break_lock_of(&self, who: &super::ClientIdentity) {
+    fn break_lock_of(&self, gone: &[super::ClientIdentity]) {
         let mut mode: sys::rbd_lock_mode_t = 0;
         let mut owners: [*mut std::ffi::c_char; 4] = [std::ptr::null_mut(); 4];
         let mut n: usize = owners.len();
@@ -421,8 +422,10 @@ impl LibrbdImage {
             .collect();
         // SAFETY: the array and count librbd filled in, released once.
         unsafe { sys::rbd_lock_get_owners_cleanup(owners.as_mut_ptr(), n) };
-        let entity = who.entity();
-        for owner in listed.iter().filter(|o| **o == entity) {
+        for owner in listed
+            .iter()
+            .filter(|o| gone.iter().any(|g| g.entity() == **o))
+        {
             let Ok(c) = std::ffi::CString::new(owner.as_str()) else {
                 continue;
             };

@@ -79,13 +79,14 @@ pub struct ImageSpec {
     /// How long closing may wait for the cluster (direct engine: releasing the lock, the
     /// watch) before the release is left to a background thread.
     pub close_wait: std::time::Duration,
-    /// The client of a previous rbdback instance that served this image and died (or handed
-    /// over): if it still holds the exclusive lock, the lock is broken at once instead of
+    /// The clients of previous rbdback instances that served this image and died (or handed
+    /// over): if one still holds the exclusive lock, the lock is broken at once instead of
     /// after unanswered lock requests (it cannot answer: it is gone).
-    pub predecessor: Option<ClientIdentity>,
-    /// Blocklist [`Self::predecessor`] before anything else: it may have died with writes in
-    /// flight, and none of them may land after ours (no zombie writer).
-    pub fence_predecessor: bool,
+    pub predecessors: Vec<ClientIdentity>,
+    /// Blocklist the [`Self::predecessors`] not fenced yet before anything else: they may
+    /// have died with writes in flight, and none of them may land after ours (no zombie
+    /// writer).
+    pub fence_predecessors: bool,
 }
 
 /// A RADOS client session: what the cluster knows a client by.
@@ -95,6 +96,8 @@ pub struct ClientIdentity {
     pub addr: String,
     /// Its global id (`client.<gid>` in lock owner lists).
     pub gid: u64,
+    /// Already blocklisted by an earlier successor (or gone cleanly): not fenced again.
+    pub fenced: bool,
 }
 
 impl ClientIdentity {
@@ -161,8 +164,8 @@ impl ImageSpec {
             read_only: false,
             encryption: None,
             close_wait: std::time::Duration::from_secs(30),
-            predecessor: None,
-            fence_predecessor: false,
+            predecessors: Vec::new(),
+            fence_predecessors: false,
         }
     }
 }

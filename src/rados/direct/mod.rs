@@ -113,8 +113,10 @@ pub(crate) struct Shared {
     pub gid: u64,
     pub stop: AtomicBool,
     pub cluster: Cluster,
-    /// A previous rbdback client of this image that is gone (see `ImageSpec::predecessor`).
-    pub(crate) predecessor: Option<super::ClientIdentity>,
+    /// Previous rbdback clients of this image that are gone (`ImageSpec::predecessors`).
+    pub(crate) predecessors: Vec<super::ClientIdentity>,
+    /// Some of them still have to be fenced before this client takes the lock.
+    pub(crate) fence_pending: AtomicBool,
 }
 
 impl Shared {
@@ -197,6 +199,13 @@ impl DirectImage {
                 engine: "direct",
             });
         }
+        // Previous backends that may have died with writes in flight are fenced before any
+        // write of ours: with the exclusive lock that is the control thread's first task
+        // (writes wait for the lock; reads need not wait), without it here and now.
+        let fence_later = !read_only && h.features & feature::EXCLUSIVE_LOCK != 0;
+        if !fence_later {
+            cluster.fence_predecessors(spec)?;
+        }
         if h.flags & header::FLAG_OBJECT_MAP_INVALID != 0 && h.features & feature::OBJECT_MAP != 0 {
             warn!(image = %spec.image, "the image's object map is flagged invalid (rbd object-map rebuild fixes it)");
         }
@@ -230,7 +239,8 @@ impl DirectImage {
             gid,
             stop: AtomicBool::new(false),
             header_oid,
-            predecessor: spec.predecessor.clone(),
+            predecessors: spec.predecessors.clone(),
+            fence_pending: AtomicBool::new(fence_later && spec.fence_predecessors),
             meta,
             cluster,
         });
@@ -379,6 +389,7 @@ impl Control {
     fn run(mut self) {
         let mut events = Vec::new();
         let mut done: Vec<AioDone> = Vec::new();
+        self.fence();
         loop {
             {
                 let mut fds = [
@@ -630,7 +641,29 @@ impl Control {
         }
     }
 
+    /// Blocklists the previous backends that may still write (see `ImageSpec::predecessors`);
+    /// until that is done no lock is taken, so no write of ours goes out. Retried at every
+    /// lock attempt if the monitors refused.
+    fn fence(&mut self) {
+        if !self.s.fence_pending.load(Ordering::Relaxed) {
+            return;
+        }
+        for who in self.s.predecessors.iter().filter(|p| !p.fenced) {
+            if let Err(e) = self.s.cluster.fence(who) {
+                warn!(image = %self.s.name, error = %crate::chain(&e),
+                      "cannot fence a previous backend yet; writes wait");
+                return;
+            }
+        }
+        self.s.fence_pending.store(false, Ordering::Relaxed);
+    }
+
     fn try_acquire(&mut self) {
+        self.fence();
+        if self.s.fence_pending.load(Ordering::Relaxed) {
+            self.retry_at = Instant::now() + Duration::from_secs(1);
+            return;
+        }
         for _ in 0..3 {
             let cookie = self.s.cookie();
             let input = codec::lock_input(RBD_LOCK_NAME, &cookie, RBD_LOCK_TAG);
@@ -657,17 +690,20 @@ impl Control {
             let Some((client, hcookie, _addr)) = lockers.holders.first().cloned() else {
                 continue; // released meanwhile: try again
             };
-            if self
-                .s
-                .predecessor
-                .as_ref()
-                .is_some_and(|p| p.entity() == client)
-            {
+            if self.s.predecessors.iter().any(|p| p.entity() == client) {
                 // the holder is the backend we replace: it is gone and cannot answer a
                 // request (librbd would wait for its watch to time out, ~30 s)
+                // it was fenced (blocklisted) before this image opened, or it stopped with
+                // nothing in flight: breaking its lock is all that is left to do
                 info!(image = %self.s.name, holder = %client,
-                      "the exclusive lock is held by the previous backend; breaking it");
-                self.break_dead_owner();
+                      "the exclusive lock is held by a previous backend that is gone; breaking it");
+                if let Err(e) =
+                    self.s
+                        .meta
+                        .break_lock(&self.s.header_oid, RBD_LOCK_NAME, &client, &hcookie)
+                {
+                    warn!(image = %self.s.name, error = %e, "breaking the lock failed");
+                }
                 continue;
             }
             if lockers.tag != RBD_LOCK_TAG

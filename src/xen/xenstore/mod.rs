@@ -471,13 +471,20 @@ impl std::fmt::Debug for Watch {
 }
 
 impl Watch {
-    /// The next event, waiting up to `d`.
+    /// The next event, waiting up to `d`. A watch whose connection is gone (xenstored died)
+    /// delivers nothing and still waits `d`, so that a caller's loop never spins.
     pub fn recv_timeout(&self, d: Duration) -> Option<WatchEvent> {
-        let ev = self.rx.recv_timeout(d).ok();
-        if ev.is_some() {
-            let _ = self.efd.read();
+        match self.rx.recv_timeout(d) {
+            Ok(ev) => {
+                let _ = self.efd.read();
+                Some(ev)
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(d);
+                None
+            }
         }
-        ev
     }
 
     /// The next queued event, if any.
