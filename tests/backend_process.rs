@@ -513,3 +513,50 @@ fn a_live_upgrade_is_invisible_to_the_guest() {
     assert!(report.diff_image(&export, (32 << 20) / 4096).is_empty());
     let _ = std::fs::remove_dir_all(&run_dir);
 }
+
+/// issue 18.4: the supervisor starts no backend for a domain that is gone (stale backend
+/// directories left behind), none for disks whose frontend is gone, and after a backend that
+/// exited with nothing left none again until a disk appears; each decision is logged.
+#[test]
+fn the_supervisor_does_not_restart_backends_nobody_needs() {
+    let xen = SimXen::start().unwrap();
+    let dom0 = xen.platform().xenstore().unwrap();
+    let run_dir = std::env::temp_dir().join(format!("rbdback-nostart-{}", std::process::id()));
+    let rd = run_dir.display().to_string();
+    // domain 31 is gone: only its backend directory is left (no /local/domain/31)
+    let stale = "/local/domain/0/backend/vbd/31/51712";
+    dom0.write(&format!("{stale}/params"), "rbd:rbd/x").unwrap();
+    dom0.write(&format!("{stale}/frontend"), "/local/domain/31/device/vbd/51712")
+        .unwrap();
+    // domain 32 exists, but its disk's frontend directory is gone
+    let _d32 = xen.frontend(32).unwrap();
+    let orphan = "/local/domain/0/backend/vbd/32/51712";
+    dom0.write(&format!("{orphan}/params"), "rbd:rbd/y").unwrap();
+    dom0.write(&format!("{orphan}/frontend"), "/local/domain/32/device/vbd/51712")
+        .unwrap();
+    let sup = Proc::spawn(&xen, &["--run-dir", &rd, "supervise"], "supervise-nostart");
+    std::thread::sleep(Duration::from_secs(4));
+    let log = sup.log();
+    assert!(!log.contains("started serve process"), "{log}");
+    assert!(log.contains("domid=31") && log.contains("the domain is gone"), "{log}");
+    // a disk that can be served appears for domain 32: a backend starts, serves, and when
+    // the disk goes the backend exits and is not started again
+    let c = cluster();
+    let image = c.create_image("nostart", 8, None);
+    let mut spec = AttachSpec::new(&params(&image));
+    spec.devid = 51728;
+    let (be, fe) = toolstack_attach(&dom0, 0, 32, &spec).unwrap();
+    let mut f = SimBlkfront::connect(xen.frontend(32).unwrap(), &be, &fe, &spec, T).unwrap();
+    toolstack_detach(&dom0, &be).unwrap();
+    f.close(T).unwrap();
+    dom0.rm(&be).unwrap();
+    let deadline = Instant::now() + T;
+    while !sup.log().contains("nothing left to serve") {
+        assert!(Instant::now() < deadline, "{}", sup.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let log = sup.log();
+    assert_eq!(log.matches("started serve process").count(), 1, "{log}");
+    let _ = std::fs::remove_dir_all(&run_dir);
+}

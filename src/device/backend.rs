@@ -145,6 +145,13 @@ pub fn serve_observed<P: Platform>(
             if !is_rbd_params(&params) || kernel_bound(&cfg.kind, cfg.domid, devid) {
                 continue;
             }
+            // libxl writes the backend and frontend directories in one transaction: a backend
+            // directory whose frontend is gone is stale, nobody can be served through it
+            if let Ok(Some(fe)) = xs.read(&format!("{be}/frontend")) {
+                if matches!(xs.read(fe.trim()), Ok(None)) {
+                    continue;
+                }
+            }
             if kernel_driver_registered(&cfg.kind)
                 && xs
                     .read(&format!("{be}/hotplug-status"))
