@@ -526,19 +526,29 @@ fn the_supervisor_does_not_restart_backends_nobody_needs() {
     // domain 31 is gone: only its backend directory is left (no /local/domain/31)
     let stale = "/local/domain/0/backend/vbd/31/51712";
     dom0.write(&format!("{stale}/params"), "rbd:rbd/x").unwrap();
-    dom0.write(&format!("{stale}/frontend"), "/local/domain/31/device/vbd/51712")
-        .unwrap();
+    dom0.write(
+        &format!("{stale}/frontend"),
+        "/local/domain/31/device/vbd/51712",
+    )
+    .unwrap();
     // domain 32 exists, but its disk's frontend directory is gone
     let _d32 = xen.frontend(32).unwrap();
     let orphan = "/local/domain/0/backend/vbd/32/51712";
-    dom0.write(&format!("{orphan}/params"), "rbd:rbd/y").unwrap();
-    dom0.write(&format!("{orphan}/frontend"), "/local/domain/32/device/vbd/51712")
+    dom0.write(&format!("{orphan}/params"), "rbd:rbd/y")
         .unwrap();
+    dom0.write(
+        &format!("{orphan}/frontend"),
+        "/local/domain/32/device/vbd/51712",
+    )
+    .unwrap();
     let sup = Proc::spawn(&xen, &["--run-dir", &rd, "supervise"], "supervise-nostart");
     std::thread::sleep(Duration::from_secs(4));
     let log = sup.log();
     assert!(!log.contains("started serve process"), "{log}");
-    assert!(log.contains("domid=31") && log.contains("the domain is gone"), "{log}");
+    assert!(
+        log.contains("domid=31") && log.contains("the domain is gone"),
+        "{log}"
+    );
     // a disk that can be served appears for domain 32: a backend starts, serves, and when
     // the disk goes the backend exits and is not started again
     let c = cluster();

@@ -234,9 +234,16 @@ fn missing_image_is_reported_and_the_other_disk_works() {
     let err_node = format!("/local/domain/0/error/backend/vbd/{GUEST}/51728/error");
     let msg = wait_node(&dom0, &err_node, "the error node");
     assert!(msg.contains("no-such-image does not exist"), "{msg}");
+    // InitWait, for the toolstack's hotplug script to report it (tests/failed_attach.rs)
     assert_eq!(
         dom0.read(&format!("{bbe}/state")).unwrap().as_deref(),
-        Some("5")
+        Some("2")
+    );
+    assert_eq!(
+        dom0.read(&format!("{bbe}/rbdback-image"))
+            .unwrap()
+            .as_deref(),
+        Some("failed")
     );
     assert_eq!(f.write_sync(0, 0, 0, &[1u8; 4096]).unwrap(), Status::Okay);
     let _ = stop.send(());

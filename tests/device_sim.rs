@@ -294,9 +294,10 @@ fn bad_params_are_reported_and_other_disks_keep_working() {
         msg.contains("pool/image") || msg.contains("params"),
         "{msg}"
     );
+    // InitWait, for the toolstack's hotplug script to report it (tests/failed_attach.rs)
     assert_eq!(
         rig.dom0.read(&format!("{be}/state")).unwrap().as_deref(),
-        Some("5")
+        Some("2")
     );
     assert_eq!(
         good.write_sync(0, 0, 0, &pattern(4096, 8)).unwrap(),

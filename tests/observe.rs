@@ -157,7 +157,13 @@ fn status_json_shows_a_connected_guest_and_a_failed_disk() {
     toolstack_attach(&host.dom0, 0, 6, &bad).unwrap();
     let be6 = "/local/domain/0/backend/vbd/6/51728";
     for _ in 0..100 {
-        if host.dom0.read(&format!("{be6}/state")).unwrap().as_deref() == Some("5") {
+        if host
+            .dom0
+            .read(&format!("{be6}/rbdback-image"))
+            .unwrap()
+            .as_deref()
+            == Some("failed")
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -192,7 +198,8 @@ fn status_json_shows_a_connected_guest_and_a_failed_disk() {
         (b["domid"].as_u64(), b["devid"].as_u64()),
         (Some(6), Some(51728))
     );
-    assert_eq!(b["state"], "Closing");
+    // InitWait: the toolstack's hotplug script reports the failure (tests/failed_attach.rs)
+    assert_eq!(b["state"], "InitWait");
     assert!(b["negotiated"].is_null());
     let e = b["last_error"].as_str().unwrap();
     assert!(e.contains("image rbd/gone does not exist"), "{e}");

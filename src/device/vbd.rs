@@ -122,6 +122,9 @@ pub enum VbdError {
     /// The image could not be opened.
     #[error("cannot open the RBD image")]
     Open(#[source] rados::RadosError),
+    /// A snapshot (read-only by nature) was attached for writing.
+    #[error("snapshot {0} is read-only: attach it read-only (xl disk access=ro, backend mode r)")]
+    WritableSnapshot(String),
     /// Opening the image has gone unanswered for a while (still waiting).
     #[error(
         "opening {image}: no answer from the cluster for {secs} s (are the OSDs of its pool \
@@ -927,6 +930,9 @@ pub fn run_vbd<P: Platform>(
             let mut predecessors = Vec::new();
             let opened = match DiskSpec::parse(&params) {
                 Err(e) => Err(VbdError::from(e)),
+                Ok(spec) if spec.target.snapshot.is_some() && !vbd.read_only => {
+                    Err(VbdError::WritableSnapshot(spec.target.to_string()))
+                }
                 Ok(spec) => {
                     vbd.queue_cfg = queue_config(&vbd.opts.queue, &spec);
                     let mut ispec = image_spec(&spec, vbd.read_only);
@@ -974,8 +980,12 @@ pub fn run_vbd<P: Platform>(
                 }
             }
             match (takeover, usable) {
-                (Takeover::Fresh, true) => {}
-                (Takeover::Fresh, false) => first = vbd.hs.connect_failed(),
+                // A disk that cannot be served stays in InitWait: the toolstack waits for
+                // InitWait (libxl reads the state when its watch fires and would never see a
+                // quick InitWait-then-Closing), then runs the hotplug script, which reports the
+                // reason (rbdback-image = failed, the error node) and has libxl remove the
+                // device; a frontend that tries to connect meanwhile is closed (below).
+                (Takeover::Fresh, _) => {}
                 (Takeover::Adopt(s), _) => vbd.hs = Handshake::adopt(s, fe_state),
                 (Takeover::Resume, true) => match vbd.resume() {
                     Ok(()) => vbd.hs = Handshake::resumed(fe_state),
@@ -1066,16 +1076,19 @@ pub fn run_vbd<P: Platform>(
         };
         let fe_state = vbd.frontend_state();
         let acts = if online {
-            if usable
-                || matches!(
-                    fe_state,
-                    XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown
-                )
-            {
-                // a disk that cannot be served only follows the frontend to Closed
-                vbd.hs.frontend_changed(fe_state, true)
-            } else {
-                Vec::new()
+            match fe_state {
+                _ if usable => vbd.hs.frontend_changed(fe_state, true),
+                // a disk that cannot be served only follows the frontend to Closed...
+                XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown => {
+                    vbd.hs.frontend_changed(fe_state, true)
+                }
+                // ...and closes (xenbus_dev_fatal) a frontend that tries to connect to it
+                XenbusState::Initialised | XenbusState::Connected
+                    if vbd.hs.state() == XenbusState::InitWait =>
+                {
+                    vbd.hs.connect_failed()
+                }
+                _ => Vec::new(),
             }
         } else {
             let mut a = vbd.hs.offline(fe_state);

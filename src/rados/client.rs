@@ -16,7 +16,7 @@ use super::sys;
 use super::{Errno, ImageSpec, PoolRef, RadosError, Sink};
 
 /// Seconds librados waits for the monitors before an open fails (unreachable cluster).
-pub const MOUNT_TIMEOUT_SECS: u32 = 10;
+pub const MOUNT_TIMEOUT_SECS: u32 = 8;
 
 pub(crate) fn rc(rc: i32) -> Result<i32, Errno> {
     if rc < 0 {
@@ -193,6 +193,7 @@ impl Drop for Cluster {
 #[derive(Debug)]
 pub(crate) struct IoCtx {
     pub(crate) h: sys::rados_ioctx_t,
+    /// For messages: the pool's name, and `/<namespace>` when one is set.
     pub(crate) pool: String,
 }
 
@@ -379,6 +380,12 @@ impl IoCtx {
                 errno: Errno(r),
             });
         }
+        // the name errors show: `pool` or `pool/namespace`
+        let pool = if namespace.is_empty() {
+            pool
+        } else {
+            format!("{pool}/{namespace}")
+        };
         let ctx = IoCtx { h: io, pool };
         let ns = cstr(namespace, "namespace")?;
         // SAFETY: valid ioctx; the string is copied by librados.

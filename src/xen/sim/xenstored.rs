@@ -421,9 +421,28 @@ fn fire(st: &State, changed: &[String]) {
 
 fn handle(state: &Mutex<State>, id: usize, out: &Mutex<UnixStream>, msg: Msg) {
     let parts = msg.strings();
-    let path = parts.first().cloned().unwrap_or_default();
+    let mut path = parts.first().cloned().unwrap_or_default();
+    // where a WRITE's value starts in the payload (after the path as sent, and its NUL)
+    let value_at = path.len() + 1;
     let mut st = lock(state);
     let domid = st.conns.get(&id).map_or(0, |c| c.domid);
+    // A relative path is relative to the caller's home, /local/domain/<domid> (how the
+    // hotplug scripts' `xenstore-read backend/vbd/...` reach dom0's nodes).
+    let names_a_path = matches!(
+        msg.ty,
+        ty::READ
+            | ty::WRITE
+            | ty::MKDIR
+            | ty::RM
+            | ty::DIRECTORY
+            | ty::GET_PERMS
+            | ty::SET_PERMS
+            | ty::WATCH
+            | ty::UNWATCH
+    );
+    if names_a_path && !path.is_empty() && !path.starts_with('/') && !path.starts_with('@') {
+        path = format!("/local/domain/{domid}/{path}");
+    }
     match msg.ty {
         ty::CONTROL => {
             if parts.first().map(String::as_str) == Some("sim-domid") {
@@ -550,8 +569,7 @@ fn handle(state: &Mutex<State>, id: usize, out: &Mutex<UnixStream>, msg: Msg) {
                         Some(p)
                     }),
                     ty::WRITE => {
-                        let start = path.len() + 1;
-                        let value = msg.payload.get(start..).unwrap_or(&[]);
+                        let value = msg.payload.get(value_at..).unwrap_or(&[]);
                         view.write(&path, value).map(|()| None)
                     }
                     ty::MKDIR => view.create(&path).map(|()| None),
