@@ -107,7 +107,7 @@ fn chart(
         .iter()
         .flat_map(|s| s.rows.iter().map(move |r| ratio(s, r)))
         .fold(1.0f64, f64::max)
-        * 1.25;
+        * 1.45;
     let n = clients.len() as f64;
     let mut c = ChartBuilder::on(area)
         .caption(
@@ -180,7 +180,7 @@ fn chart(
         }))?;
     }
     c.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK.mix(0.3))
         .label_font(("sans-serif", 13))
