@@ -7,7 +7,8 @@
 //! Trusts: only root reaches the socket (its mode and the directory's); still, every request is
 //! parsed as untrusted input: a bounded line, a JSON object, a known command, or an error
 //! answer. Must never: block a VBD or a dataplane thread (handlers only read snapshots), or
-//! let one bad client stop the server (each connection has a time limit and a size limit).
+//! let one bad client stop the server (every line has a time limit and a size limit, and a
+//! connection is served on the control thread only while it keeps sending).
 //!
 //! Request: `{"cmd": "status", "args": {...}}` (`args` optional). Response: `{"ok": true,
 //! "result": ...}` or `{"ok": false, "error": "..."}`. `serve` registers `status` and

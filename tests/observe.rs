@@ -390,6 +390,28 @@ fn metrics_endpoint_counts_exactly_the_requests_of_every_guest() {
     );
     assert!(m.contains_key(r#"rbdback_process_cpu_seconds_total{role="serve",domid="6"}"#));
 
+    // every metric the Grafana dashboard queries is one this exposition has
+    let dash = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/grafana-dashboard.json"
+    ))
+    .unwrap();
+    let names: std::collections::HashSet<&str> =
+        m.keys().map(|k| k.split('{').next().unwrap()).collect();
+    let mut queried = 0;
+    for (i, _) in dash.match_indices("rbdback_") {
+        let name: String = dash[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        queried += 1;
+        assert!(
+            names.contains(name.as_str()),
+            "the dashboard queries {name}, which is not exported"
+        );
+    }
+    assert!(queried >= 15, "{queried} queries found");
+
     // more requests show on the next scrape
     assert_eq!(a.write_sync(0, 0, 0, &[9u8; 4096]).unwrap(), Status::Okay);
     let m = samples(&exporter::fetch(addr).unwrap());
