@@ -139,6 +139,8 @@ fn run_csi(args: &[String]) -> ExitCode {
         ceph_conf: opt(args, "--ceph-conf").map(str::to_owned),
         clusters: opt(args, "--clusters").map(Into::into),
         open_timeout: std::time::Duration::from_secs(30),
+        stats_wait: std::time::Duration::from_secs(10),
+        stats_deadline: std::time::Duration::from_secs(60),
     };
     if !args.iter().any(|a| a == "--no-supervise") {
         // the guests' backends: the same loop as `rbdback supervise`

@@ -14,7 +14,6 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use rbdback::csi::proto::identity_client::IdentityClient;
 use rbdback::csi::proto::node_client::NodeClient;
 use rbdback::csi::proto::volume_capability::{
@@ -29,7 +28,7 @@ use rbdback::rados::testing::{cluster, TestCluster};
 use rbdback::ring::Status as RingStatus;
 use rbdback::xen::sim::SimXen;
 use rbdback::xen::Platform;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
 
 const T: Duration = Duration::from_secs(60);
@@ -59,6 +58,8 @@ fn start_with(c: &TestCluster, name: &str, tweak: impl FnOnce(&mut Config)) -> P
         ceph_conf: Some(c.conf.display().to_string()),
         clusters: None,
         open_timeout: Duration::from_secs(30),
+        stats_wait: Duration::from_secs(10),
+        stats_deadline: Duration::from_secs(30),
     };
     tweak(&mut cfg);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -84,16 +85,7 @@ fn start_with(c: &TestCluster, name: &str, tweak: impl FnOnce(&mut Config)) -> P
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let p = sock.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-                }
-            }))
-            .await
-            .unwrap()
+        rbdback::csi::client::connect(&sock).await.unwrap()
     });
     Plugin {
         dir,
@@ -179,6 +171,48 @@ impl Plugin {
         };
         self.rt.block_on(n.node_unstage_volume(r)).map(drop)
     }
+    /// NodeGetVolumeStats as kubelet asks it (the publish path and the staging path).
+    fn stats(&mut self, volume_id: &str, path: &Path) -> Result<VolumeUsage, tonic::Status> {
+        let mut n = self.node.clone();
+        let r = NodeGetVolumeStatsRequest {
+            volume_id: volume_id.into(),
+            volume_path: path.display().to_string(),
+            staging_target_path: String::new(),
+        };
+        let mut resp = self.rt.block_on(n.node_get_volume_stats(r))?.into_inner();
+        assert_eq!(resp.usage.len(), 1, "{resp:?}");
+        assert_eq!(
+            resp.volume_condition, None,
+            "VOLUME_CONDITION is not offered"
+        );
+        let u = resp.usage.remove(0);
+        assert_eq!(u.unit, volume_usage::Unit::Bytes as i32);
+        assert_eq!(u.available, u.total - u.used);
+        Ok(u)
+    }
+    fn expand(
+        &mut self,
+        volume_id: &str,
+        path: &Path,
+        required: i64,
+    ) -> Result<i64, tonic::Status> {
+        let mut n = self.node.clone();
+        let r = NodeExpandVolumeRequest {
+            volume_id: volume_id.into(),
+            volume_path: path.display().to_string(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: required,
+                limit_bytes: 0,
+            }),
+            volume_capability: mount(Mode::SingleNodeWriter),
+            ..Default::default()
+        };
+        Ok(self
+            .rt
+            .block_on(n.node_expand_volume(r))?
+            .into_inner()
+            .capacity_bytes)
+    }
 }
 
 #[test]
@@ -211,13 +245,22 @@ fn identity_and_node_describe_the_plugin() {
             .unwrap()
             .into_inner();
     use node_service_capability::{Rpc, RpcType, Type};
+    let rpcs: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .map(|c| match &c.r#type {
+            Some(Type::Rpc(Rpc { r#type })) => *r#type,
+            None => 0,
+        })
+        .collect();
     assert_eq!(
-        caps.capabilities,
-        vec![NodeServiceCapability {
-            r#type: Some(Type::Rpc(Rpc {
-                r#type: RpcType::StageUnstageVolume as i32
-            }))
-        }]
+        rpcs,
+        [
+            RpcType::StageUnstageVolume,
+            RpcType::GetVolumeStats,
+            RpcType::ExpandVolume
+        ]
+        .map(|t| t as i32)
     );
     let info =
         p.rt.block_on(n.node_get_info(NodeGetInfoRequest {}))
@@ -356,31 +399,71 @@ fn bad_requests_get_csi_error_codes() {
     p.unstage("vol-e", &good.staging_target_path).unwrap();
 }
 
-/// Attaches `disk` to a guest over the simulated Xen, writes `data` at 1 MiB, detaches;
-/// returns the disk's size in sectors as the guest saw it.
+/// A guest over the simulated Xen with one disk attached by the toolstack and served by
+/// rbdback, which re-reads the image's size every 300 ms.
+struct Guest {
+    _xen: Arc<SimXen>,
+    dom0: rbdback::xen::xenstore::Xenstore,
+    be: String,
+    front: SimBlkfront,
+    stop: mpsc::Sender<()>,
+    server: std::thread::JoinHandle<()>,
+}
+
+impl Guest {
+    fn attach(disk: &str) -> Guest {
+        let xen = SimXen::start().unwrap();
+        let platform = Arc::new(xen.platform());
+        let cfg = ServeConfig {
+            kind: "vbd".into(),
+            backend_domid: 0,
+            domid: GUEST,
+            exit_when_empty: false,
+            options: Options {
+                resize_poll: Duration::from_millis(300),
+                ..Options::default()
+            },
+        };
+        let (stop, rx) = mpsc::channel();
+        let server =
+            std::thread::spawn(move || serve(platform, Arc::new(RadosOpener), &cfg, &rx).unwrap());
+        let dom0 = xen.platform().xenstore().unwrap();
+        let spec = AttachSpec::new(disk);
+        let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
+        let front = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
+        Guest {
+            _xen: xen,
+            dom0,
+            be,
+            front,
+            stop,
+            server,
+        }
+    }
+
+    fn write(&mut self, sector: u64, data: &[u8]) {
+        assert_eq!(
+            self.front.write_sync(0, sector, 0, data).unwrap(),
+            RingStatus::Okay
+        );
+    }
+
+    fn detach(mut self) {
+        self.front.close(T).unwrap();
+        toolstack_detach(&self.dom0, &self.be).unwrap();
+        let _ = self.stop.send(());
+        self.server.join().unwrap();
+    }
+}
+
+/// Attaches `disk` to a guest, writes `data` at 1 MiB, detaches; returns the disk's size in
+/// sectors as the guest saw it.
 fn guest_writes(disk: &str, data: &[u8]) -> u64 {
-    let xen = SimXen::start().unwrap();
-    let platform = Arc::new(xen.platform());
-    let cfg = ServeConfig {
-        kind: "vbd".into(),
-        backend_domid: 0,
-        domid: GUEST,
-        exit_when_empty: false,
-        options: Options::default(),
-    };
-    let (stop, rx) = mpsc::channel();
-    let server =
-        std::thread::spawn(move || serve(platform, Arc::new(RadosOpener), &cfg, &rx).unwrap());
-    let dom0 = xen.platform().xenstore().unwrap();
-    let spec = AttachSpec::new(disk);
-    let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
-    let mut f = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
-    assert_eq!(f.write_sync(0, 2048, 0, data).unwrap(), RingStatus::Okay);
-    f.close(T).unwrap();
-    toolstack_detach(&dom0, &be).unwrap();
-    let _ = stop.send(());
-    server.join().unwrap();
-    f.sectors
+    let mut g = Guest::attach(disk);
+    g.write(2048, data);
+    let sectors = g.front.sectors;
+    g.detach();
+    sectors
 }
 
 #[test]
@@ -428,4 +511,115 @@ fn ceph_csi_cluster_map_gives_the_monitors() {
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("nowhere"), "{}", e.message());
     let _ = std::fs::remove_file(&map);
+}
+
+const MIB: i64 = 1 << 20;
+
+/// ceph-csi's controller grows the image (`rbd resize`, as ControllerExpandVolume does);
+/// NodeExpandVolume sees the new size, the guest's backend makes the guest see it, and I/O
+/// past the old end works. NodeGetVolumeStats follows: total is the image's size, used bytes
+/// grow with the guest's writes (whole 4 MiB objects, from the object map).
+#[test]
+fn an_expanded_volume_grows_in_the_guest_and_stats_follow_its_writes() {
+    let c = cluster();
+    let image = c.create_image("csi-grow", 8, None);
+    let mut p = start(c, "grow");
+    let stage = stage_req(&p, c, "vol-g", &image);
+    p.stage(stage.clone()).unwrap();
+    let target = p.dir.join("pods/uid-g/volumes/vol-g/mount");
+    p.publish(publish_req(&stage, &target)).unwrap();
+    let u = p.stats("vol-g", &target).unwrap();
+    assert_eq!((u.total, u.used), (8 * MIB, 0), "a new image holds nothing");
+
+    let disk = std::fs::read_to_string(target.join(DISK_FILE)).unwrap();
+    let mut g = Guest::attach(disk.trim());
+    assert_eq!(g.front.sectors, 8 << 11);
+    g.write(2048, &[0x11; 8192]);
+    let u = p.stats("vol-g", &target).unwrap();
+    assert_eq!((u.total, u.used), (8 * MIB, 4 * MIB), "the write's object");
+    // the staging path answers too
+    let staging = PathBuf::from(&stage.staging_target_path);
+    assert_eq!(p.stats("vol-g", &staging).unwrap().used, 4 * MIB);
+
+    // before the controller grew it, the node cannot give 16 MiB
+    let e = p.expand("vol-g", &target, 16 * MIB).unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+    assert!(
+        e.message().contains("ControllerExpandVolume"),
+        "{}",
+        e.message()
+    );
+    c.rbd(&[
+        "resize",
+        "--no-progress",
+        "--size",
+        "16M",
+        &format!("rbd/{image}"),
+    ]);
+    assert_eq!(p.expand("vol-g", &target, 16 * MIB).unwrap(), 16 * MIB);
+    assert_eq!(
+        p.expand("vol-g", &target, 16 * MIB).unwrap(),
+        16 * MIB,
+        "idempotent"
+    );
+    assert_eq!(
+        g.front.wait_resize(T).unwrap(),
+        16 << 11,
+        "the guest sees 16 MiB"
+    );
+    // past the old end
+    let data = vec![0x5a; 4096];
+    g.write(12 << 11, &data);
+    let (st, back) = g.front.read_sync(0, 12 << 11, 1, 4096).unwrap();
+    assert_eq!((st, back), (RingStatus::Okay, data.clone()));
+    let u = p.stats("vol-g", &target).unwrap();
+    assert_eq!((u.total, u.used), (16 * MIB, 8 * MIB));
+    g.detach();
+    assert!(c.export(&image)[12 << 20..][..4096] == data[..]);
+
+    p.unpublish("vol-g", &target).unwrap();
+    p.unstage("vol-g", &stage.staging_target_path).unwrap();
+    let e = p.stats("vol-g", &target).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+}
+
+/// Without an object map the used bytes come from asking for every object, as `rbd du`
+/// does; bad stats and expand requests get the CSI specification's codes.
+#[test]
+fn stats_without_an_object_map_and_bad_requests() {
+    let c = cluster();
+    let image = c.create_image("csi-plain", 8, Some("layering"));
+    let mut p = start(c, "plain");
+    let stage = stage_req(&p, c, "vol-p", &image);
+    p.stage(stage.clone()).unwrap();
+    let staging = PathBuf::from(&stage.staging_target_path);
+    assert_eq!(p.stats("vol-p", &staging).unwrap().used, 0);
+    let target = p.dir.join("target-p");
+    p.publish(publish_req(&stage, &target)).unwrap();
+    let disk = std::fs::read_to_string(target.join(DISK_FILE)).unwrap();
+    guest_writes(disk.trim(), &[0x22; 4096]);
+    let u = p.stats("vol-p", &target).unwrap();
+    assert_eq!((u.total, u.used), (8 * MIB, 4 * MIB));
+
+    let code = |r: Result<VolumeUsage, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(code(p.stats("", &target)), Code::InvalidArgument);
+    assert_eq!(code(p.stats("vol-p", Path::new(""))), Code::InvalidArgument);
+    assert_eq!(
+        code(p.stats("vol-p", Path::new("relative"))),
+        Code::InvalidArgument
+    );
+    assert_eq!(code(p.stats("vol-other", &target)), Code::NotFound);
+    assert_eq!(
+        code(p.stats("vol-p", &p.dir.join("nowhere"))),
+        Code::NotFound
+    );
+    let e = p.expand("vol-p", &target, -1).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    let e = p.expand("vol-other", &target, 0).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    assert_eq!(p.expand("vol-p", &target, 0).unwrap(), 8 * MIB);
+    let e = p.expand("vol-p", &target, 9 * MIB).unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+    p.unpublish("vol-p", &target).unwrap();
+    p.unstage("vol-p", &stage.staging_target_path).unwrap();
 }
