@@ -10,6 +10,8 @@
 //!   checks every status and every byte read, and the throughput is printed.
 //! - `rbdback csi --node-id ID`: the CSI node plugin (gRPC on a unix socket) for volumes that
 //!   ceph-csi's controller provisions; also runs the supervisor unless `--no-supervise`.
+//! - `rbdback csi-call stage|publish|...`: one CSI Node call to a plugin, as kubelet makes it
+//!   (debugging, the real-Xen test bed).
 //! - `rbdback engine-bench`: one storage-engine queue at a fixed depth on an existing image
 //!   (benchmark images only: it writes), without the ring; `tools/bench-engines` runs it
 //!   beside fio.
@@ -44,6 +46,10 @@ const USAGE: &str = "usage:
   rbdback csi --node-id ID [--endpoint unix:///var/lib/kubelet/plugins/rbd.csi.ceph.com/csi.sock]
               [--driver-name rbd.csi.ceph.com] [--state-dir /var/lib/rbdback/csi]
               [--ceph-conf FILE] [--clusters /etc/ceph-csi-config/config.json] [--no-supervise]
+  rbdback csi-call stage|publish|unpublish|unstage|stats|expand --volume-id ID
+              [--endpoint unix:///var/lib/kubelet/plugins/rbd.csi.ceph.com/csi.sock]
+              [--context KEY=VALUE]... [--secret KEY=VALUE]... [--secret-file KEY=FILE]...
+              [--staging-path DIR] [--target-path DIR] [--read-only] [--required-bytes N]
   rbdback engine-bench --image POOL/NAME [--ceph-conf FILE] [--engine direct|librbd]
                [--rw randread|randwrite|read|write] [--bs BYTES] [--qd N] [--seconds N]
                [--span-mib N]";
@@ -62,6 +68,7 @@ fn main() -> ExitCode {
         Some("serve") => run_serve(rest),
         Some("supervise") => run_supervise(rest),
         Some("csi") => run_csi(rest),
+        Some("csi-call") => run_csi_call(rest),
         Some("demo") => run_full_demo(rest),
         Some("ring-demo") => run_demo(rest),
         Some("engine-bench") => run_engine_bench(rest),
@@ -70,6 +77,14 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Every value of a repeated `--name` in `args`.
+fn opts<'a>(args: &'a [String], name: &str) -> Vec<&'a str> {
+    args.windows(2)
+        .filter(|w| w[0] == name)
+        .map(|w| w[1].as_str())
+        .collect()
 }
 
 /// Value of `--name` in `args`.
@@ -192,6 +207,41 @@ fn run_csi(args: &[String]) -> ExitCode {
 
 #[cfg(not(feature = "csi"))]
 fn run_csi(_args: &[String]) -> ExitCode {
+    fail("this rbdback was built without the csi feature")
+}
+
+#[cfg(feature = "csi")]
+fn run_csi_call(args: &[String]) -> ExitCode {
+    use rbdback::csi::client::{number, pairs, run, socket_of, Call, ClientError, Op};
+    let made = (|| -> Result<String, ClientError> {
+        let op: Op = args.first().map_or("", String::as_str).parse()?;
+        let mut secrets = pairs("--secret", &opts(args, "--secret"), false)?;
+        secrets.extend(pairs("--secret-file", &opts(args, "--secret-file"), true)?);
+        let endpoint = opt(args, "--endpoint")
+            .unwrap_or("unix:///var/lib/kubelet/plugins/rbd.csi.ceph.com/csi.sock");
+        let c = Call {
+            socket: socket_of(endpoint)?,
+            volume_id: opt(args, "--volume-id").unwrap_or_default().to_owned(),
+            context: pairs("--context", &opts(args, "--context"), false)?,
+            secrets,
+            staging_path: opt(args, "--staging-path").unwrap_or_default().to_owned(),
+            target_path: opt(args, "--target-path").unwrap_or_default().to_owned(),
+            read_only: args.iter().any(|a| a == "--read-only"),
+            required_bytes: number("--required-bytes", opt(args, "--required-bytes"))?,
+        };
+        run(op, &c)
+    })();
+    match made {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("csi-call: {}", chain(&e))),
+    }
+}
+
+#[cfg(not(feature = "csi"))]
+fn run_csi_call(_args: &[String]) -> ExitCode {
     fail("this rbdback was built without the csi feature")
 }
 
