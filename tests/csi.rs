@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rbdback::csi::proto::identity_client::IdentityClient;
 use rbdback::csi::proto::node_client::NodeClient;
@@ -20,7 +20,7 @@ use rbdback::csi::proto::volume_capability::{
     AccessMode, AccessType, BlockVolume, Mode, MountVolume,
 };
 use rbdback::csi::proto::*;
-use rbdback::csi::{Config, DISK_FILE, STAGE_RECORD, XL_DISK_FILE};
+use rbdback::csi::{Config, DISK_FILE, OPEN_THREAD, STAGE_RECORD, XL_DISK_FILE};
 use rbdback::device::backend::{serve, ServeConfig};
 use rbdback::device::testfront::{toolstack_attach, toolstack_detach, AttachSpec, SimBlkfront};
 use rbdback::device::vbd::{Options, RadosOpener};
@@ -622,4 +622,274 @@ fn stats_without_an_object_map_and_bad_requests() {
     assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
     p.unpublish("vol-p", &target).unwrap();
     p.unstage("vol-p", &stage.staging_target_path).unwrap();
+}
+
+/// The cluster's ceph.conf plus Ceph's own fault injection: every reply from the OSDs comes
+/// up to `max_s` seconds late (the monitors answer as usual).
+fn delayed_conf(c: &TestCluster, name: &str, max_s: &str) -> String {
+    let conf = std::fs::read_to_string(&c.conf).unwrap().replacen(
+        "[global]\n",
+        &format!(
+            "[global]\n\tms inject delay type = osd\n\tms inject delay probability = 1\n\
+             \tms inject delay max = {max_s}\n"
+        ),
+        1,
+    );
+    assert!(conf.contains("ms inject delay max"), "no [global] section");
+    let path = std::env::temp_dir().join(format!("rbdback-csi-{name}-{}.conf", std::process::id()));
+    std::fs::write(&path, conf).unwrap();
+    path.display().to_string()
+}
+
+/// Ids of this process's threads named `name`.
+fn threads_named(name: &str) -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| {
+            let tid = e.ok()?.file_name().into_string().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+            (comm.trim_end() == name).then_some(tid)
+        })
+        .collect()
+}
+
+/// Watches this process's threads named `name` every 10 ms until stopped; then tells the
+/// most that were alive at once and every thread id seen. A thread counts once seen in two
+/// samples in a row: threads that librados starts carry their parent's name until they
+/// name themselves.
+struct ThreadCensus {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    h: std::thread::JoinHandle<(usize, std::collections::HashSet<String>)>,
+}
+
+impl ThreadCensus {
+    fn start(name: &'static str) -> ThreadCensus {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let h = std::thread::spawn(move || {
+            let (mut most, mut seen) = (0, std::collections::HashSet::new());
+            let mut before = Vec::new();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = threads_named(name);
+                let steady: Vec<_> = now.iter().filter(|t| before.contains(*t)).collect();
+                most = most.max(steady.len());
+                seen.extend(steady.into_iter().cloned());
+                before = now;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (most, seen)
+        });
+        ThreadCensus { stop, h }
+    }
+
+    fn finish(self) -> (usize, std::collections::HashSet<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.h.join().unwrap()
+    }
+}
+
+/// A plugin whose cluster's OSDs answer up to `max_s` seconds late, whose calls wait 1 s for
+/// an open; a stage request for a new volume `vol-<name>`; a census of opening threads.
+fn slow_osds(name: &str, max_s: &str) -> (Plugin, NodeStageVolumeRequest, ThreadCensus) {
+    let c = cluster();
+    let image = c.create_image(&format!("csi-{name}"), 8, None);
+    let conf = delayed_conf(c, name, max_s);
+    let p = start_with(c, name, |cfg| {
+        cfg.ceph_conf = Some(conf);
+        cfg.open_timeout = Duration::from_secs(1);
+    });
+    let stage = stage_req(&p, c, &format!("vol-{name}"), &image);
+    (p, stage, ThreadCensus::start(OPEN_THREAD))
+}
+
+/// OSDs that do not answer: the stage's open hangs. kubelet's retries, and calls made all at
+/// once (a CO that lost its state), answer within about the open timeout (UNAVAILABLE) or at
+/// once (ABORTED: another call waits), and only one opening thread ever exists.
+#[test]
+fn a_hanging_open_runs_once_however_often_kubelet_retries() {
+    let (mut p, stage, census) = slow_osds("hang", "600");
+    let prompt = Duration::from_secs(4);
+    for attempt in 0..4 {
+        let t0 = Instant::now();
+        let e = p.stage(stage.clone()).unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+        assert!(
+            e.message().contains("retry takes its result"),
+            "{}",
+            e.message()
+        );
+        assert!(
+            t0.elapsed() < prompt,
+            "attempt {attempt} took {:?}",
+            t0.elapsed()
+        );
+    }
+    let node = p.node.clone();
+    let timed = |r: NodeStageVolumeRequest| {
+        let mut n = node.clone();
+        async move {
+            let t0 = Instant::now();
+            let code = n.node_stage_volume(r).await.unwrap_err().code();
+            (code, t0.elapsed())
+        }
+    };
+    let (a, b, d) = p.rt.block_on(async {
+        tokio::join!(
+            timed(stage.clone()),
+            timed(stage.clone()),
+            timed(stage.clone())
+        )
+    });
+    let mut codes: Vec<_> = [a, b, d].iter().map(|(c, _)| *c).collect();
+    codes.sort_by_key(|c| *c as i32);
+    assert_eq!(codes, [Code::Aborted, Code::Aborted, Code::Unavailable]);
+    for (code, took) in [a, b, d] {
+        let bound = if code == Code::Aborted {
+            Duration::from_millis(500)
+        } else {
+            prompt
+        };
+        assert!(took < bound, "{code:?} took {took:?}");
+    }
+    let (most, seen) = census.finish();
+    assert_eq!((most, seen.len()), (1, 1), "opening threads: {seen:?}");
+    let opener = seen.iter().next().unwrap();
+    assert!(
+        threads_named(OPEN_THREAD).contains(opener),
+        "the open still hangs"
+    );
+    let staging = PathBuf::from(&stage.staging_target_path);
+    assert!(!staging.join(STAGE_RECORD).exists());
+    let keys = std::fs::read_dir(p.dir.join("state/keys")).unwrap().count();
+    assert_eq!(keys, 0, "no keyring left by the failed stages");
+}
+
+/// OSDs that answer late: the open takes longer than a call waits. The retry that comes
+/// after it finished takes its result; no second open is made.
+#[test]
+fn an_open_that_outlives_its_call_serves_the_retry() {
+    let (mut p, stage, census) = slow_osds("late", "0.5");
+    let deadline = Instant::now() + T;
+    let mut waited = 0;
+    loop {
+        match p.stage(stage.clone()) {
+            Ok(()) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+                waited += 1;
+            }
+        }
+        assert!(Instant::now() < deadline, "never staged");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (most, seen) = census.finish();
+    assert!(
+        waited > 0,
+        "the open was quicker than the call's wait: nothing tested"
+    );
+    assert_eq!((most, seen.len()), (1, 1), "opening threads: {seen:?}");
+    assert!(PathBuf::from(&stage.staging_target_path)
+        .join(STAGE_RECORD)
+        .exists());
+    p.unstage("vol-late", &stage.staging_target_path).unwrap();
+}
+
+/// `rbdback csi-call`, the test bed's client, against a plugin: the calls kubelet makes with
+/// a ceph-csi style volume context and secrets (the key from a file), the published xl-disk
+/// line on stdout (a guest's write through it reaches the image), stats and expand; a
+/// refused call exits non-zero naming the gRPC code, and unstage leaves no keyring.
+#[test]
+fn csi_call_makes_the_calls_kubelet_makes() {
+    let c = cluster();
+    let image = c.create_image("csi-call", 8, None);
+    let p = start(c, "call");
+    let endpoint = format!("unix://{}", p.dir.join("csi.sock").display());
+    let key_file = p.dir.join("user-key");
+    std::fs::write(&key_file, format!("{}\n", admin_key(c))).unwrap();
+    let staging = p.dir.join("staging-c").display().to_string();
+    let target = p.dir.join("target-c").display().to_string();
+    let run = |call: &str, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rbdback"))
+            .args([
+                "csi-call",
+                call,
+                "--endpoint",
+                &endpoint,
+                "--volume-id",
+                "vol-c",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).trim_end().to_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let image_ctx = format!("imageName={image}");
+    let key_arg = format!("userKey={}", key_file.display());
+    let stage = |image_ctx: &str| {
+        #[rustfmt::skip]
+        let args = [
+            "--context", "clusterID=test", "--context", "pool=rbd", "--context", image_ctx,
+            "--secret", "userID=admin", "--secret-file", &key_arg, "--staging-path", &staging,
+        ];
+        run("stage", &args)
+    };
+    let (ok, _, err) = stage("imageName=no-such-image");
+    assert!(
+        !ok && err.contains("NotFound") && err.contains("no-such-image"),
+        "{err}"
+    );
+    let (ok, out, err) = stage(&image_ctx);
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("staged vol-c at {staging}"));
+
+    let (ok, xl, err) = run(
+        "publish",
+        &["--staging-path", &staging, "--target-path", &target],
+    );
+    assert!(ok, "{err}");
+    let file = std::fs::read_to_string(Path::new(&target).join(XL_DISK_FILE)).unwrap();
+    assert_eq!(xl, file.trim_end(), "the published xl-disk line");
+    let disk = xl
+        .strip_prefix("access=rw, backendtype=phy, script=block-rbdback, target=")
+        .unwrap_or_else(|| panic!("{xl}"));
+    assert!(!xl.contains(&admin_key(c)), "no secret on stdout");
+    let data = vec![0x77u8; 4096];
+    guest_writes(disk, &data);
+    assert!(c.export(&image)[1 << 20..][..4096] == data[..]);
+
+    let (ok, out, err) = run("stats", &["--target-path", &target]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        format!(
+            "total={} used={} available={} unit=bytes",
+            8 * MIB,
+            4 * MIB,
+            4 * MIB
+        )
+    );
+    c.rbd(&[
+        "resize",
+        "--no-progress",
+        "--size",
+        "12M",
+        &format!("rbd/{image}"),
+    ]);
+    let want = (12 * MIB).to_string();
+    let (ok, out, err) = run(
+        "expand",
+        &["--target-path", &target, "--required-bytes", &want],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("capacity_bytes={want}"));
+
+    let (ok, _, err) = run("unpublish", &["--target-path", &target]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run("unstage", &["--staging-path", &staging]);
+    assert!(ok, "{err}");
+    let keys = std::fs::read_dir(p.dir.join("state/keys")).unwrap().count();
+    assert_eq!(keys, 0, "unstage leaves no keyring");
+    let (ok, _, err) = run("stats", &["--target-path", &target]);
+    assert!(!ok && err.contains("NotFound"), "{err}");
 }
