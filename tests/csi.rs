@@ -893,3 +893,62 @@ fn csi_call_makes_the_calls_kubelet_makes() {
     let (ok, _, err) = run("stats", &["--target-path", &target]);
     assert!(!ok && err.contains("NotFound"), "{err}");
 }
+
+/// A count of used bytes whose cluster stops answering: calls answer within their wait with
+/// the latest count, one counting thread runs for the volume, and once its deadline passed
+/// the next call says so (UNAVAILABLE, naming the time).
+#[test]
+fn stats_of_a_silent_cluster_answer_in_time_with_one_count_running() {
+    let c = cluster();
+    let image = c.create_image("csi-count", 8, None);
+    // the disk string names this file: rewriting it changes what the next connection does
+    let conf = std::env::temp_dir()
+        .join(format!("rbdback-csi-count-{}.conf", std::process::id()))
+        .display()
+        .to_string();
+    std::fs::copy(&c.conf, &conf).unwrap();
+    let cfg_conf = conf.clone();
+    let mut p = start_with(c, "count", move |cfg| {
+        cfg.ceph_conf = Some(cfg_conf);
+        cfg.stats_wait = Duration::from_secs(1);
+        cfg.stats_deadline = Duration::from_secs(3);
+    });
+    let stage = stage_req(&p, c, "vol-n", &image);
+    p.stage(stage.clone()).unwrap();
+    let staging = PathBuf::from(&stage.staging_target_path);
+    assert_eq!(p.stats("vol-n", &staging).unwrap().total, 8 * MIB);
+    std::fs::write(
+        &conf,
+        std::fs::read_to_string(delayed_conf(c, "count-silent", "600")).unwrap(),
+    )
+    .unwrap();
+    let census = ThreadCensus::start(rbdback::csi::COUNT_THREAD);
+    let t0 = Instant::now();
+    let mut answers = 0;
+    let e = loop {
+        let t = Instant::now();
+        let r = p.stats("vol-n", &staging);
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "a stats call took {:?}",
+            t.elapsed()
+        );
+        match r {
+            Ok(u) => {
+                assert_eq!((u.total, u.used), (8 * MIB, 0), "the latest count");
+                answers += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(t0.elapsed() < T, "the count never ended");
+    };
+    assert!(answers >= 2, "{answers} answers from the latest count");
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(
+        e.message().contains("not done within 3 s"),
+        "{}",
+        e.message()
+    );
+    let (most, _) = census.finish();
+    assert_eq!(most, 1, "counting threads at once");
+}
