@@ -999,6 +999,8 @@ fn a_scan_stops_at_its_deadline_and_says_how_far_it_got() {
     let e = rbdback::rados::usage(&c.spec(&name), t0 + Duration::from_secs(2)).unwrap_err();
     let took = t0.elapsed();
     let msg = rbdback::chain(&e);
+    // the scan's rate on this cluster (docs/csi.md quotes it)
+    eprintln!("{msg} ({took:?})");
     assert!(took < Duration::from_secs(5), "took {took:?}: {msg}");
     assert!(matches!(e, RadosError::TimedOut { secs: 2, .. }), "{msg}");
     assert!(msg.contains(" of 16777216 checked"), "{msg}");

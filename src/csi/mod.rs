@@ -3,13 +3,17 @@
 //!
 //! Owns: the gRPC server on its unix socket (Identity and Node services, CSI v1), the keyrings
 //! it writes from the volumes' secrets (`<state dir>/keys/`, mode 0600), the stage record in
-//! each staging path and the disk descriptor in each publish path.
+//! each staging path and the disk descriptor (and a copy of the record) in each publish path,
+//! and the threads that ask the cluster on a call's behalf (`flight.rs`: one per volume and
+//! kind, so a silent cluster and kubelet's retries cannot pile them up).
 //! Trusts: nothing in a request: every field is checked, the disk string it builds goes
 //! through the same parser as a VBD's `params`, and the image is opened once (bounded in time)
 //! before a stage succeeds, so a missing image, a bad key or an unreachable cluster is named
 //! at stage time with the matching gRPC code.
 //! Must never: log a secret, create a dom0 block device (rbdback serves guests, not dom0),
-//! or touch a path the request did not name (apart from its own keyrings).
+//! touch a path the request did not name (apart from its own keyrings), resize an image
+//! (ceph-csi's controller does; NodeExpandVolume only checks the new size is there), or keep
+//! a kubelet call waiting on the cluster longer than its configured wait.
 //!
 //! What a publish gives: volumes are requested with the Filesystem access type (a block
 //! volume would have to be a dom0 block device, which containerd insists on and rbdback does
