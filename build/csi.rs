@@ -1,8 +1,7 @@
 //! tonic service code for the CSI plugin (owned by `src/csi/`): the `csi.v1.Identity` and
 //! `csi.v1.Node` services, described here method by method (no .proto file, no protoc); the
 //! messages are hand-written prost structs in `src/csi/proto.rs`, field numbers as in the CSI
-//! specification. Controller RPCs are ceph-csi's; NodeGetVolumeStats and NodeExpandVolume are
-//! optional and not offered (callers get UNIMPLEMENTED).
+//! specification. Controller RPCs are ceph-csi's.
 
 use tonic_build::manual::{Builder, Method, Service};
 
@@ -46,6 +45,8 @@ pub fn generate() {
             ("node_unstage_volume", "NodeUnstageVolume"),
             ("node_publish_volume", "NodePublishVolume"),
             ("node_unpublish_volume", "NodeUnpublishVolume"),
+            ("node_get_volume_stats", "NodeGetVolumeStats"),
+            ("node_expand_volume", "NodeExpandVolume"),
             ("node_get_capabilities", "NodeGetCapabilities"),
             ("node_get_info", "NodeGetInfo"),
         ],

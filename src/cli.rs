@@ -66,6 +66,7 @@ pub enum Command {
     Serve(ServeArgs),
     Supervise(SuperviseArgs),
     Csi(CsiArgs),
+    CsiCall(CsiCallArgs),
     Status(StatusArgs),
     Upgrade(UpgradeArgs),
     Demo(DemoArgs),
@@ -256,6 +257,48 @@ pub struct CsiArgs {
     pub no_supervise: bool,
     #[command(flatten)]
     pub metrics: MetricsArgs,
+}
+
+/// Make one CSI Node call to a plugin, as kubelet makes it (debugging, the real-Xen test bed).
+///
+/// OP is stage, publish (prints the published xl-disk line), unpublish, unstage, stats or
+/// expand. Errors exit 1 naming the RPC, the gRPC code and its message. See docs/csi.md.
+#[derive(Debug, Args)]
+pub struct CsiCallArgs {
+    /// stage, publish, unpublish, unstage, stats or expand.
+    #[arg(value_name = "OP")]
+    pub op: String,
+    /// The volume handle ceph-csi's controller gave the volume.
+    #[arg(long, value_name = "ID")]
+    pub volume_id: String,
+    /// The plugin's endpoint, `unix:///path`.
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "unix:///var/lib/kubelet/plugins/rbd.csi.ceph.com/csi.sock"
+    )]
+    pub endpoint: String,
+    /// A volume context entry (ceph-csi's clusterID, pool, imageName, ...); repeatable.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub context: Vec<String>,
+    /// A secret (userID, userKey); repeatable. Prefer --secret-file: argv is world-readable.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub secret: Vec<String>,
+    /// A secret read from a file; repeatable.
+    #[arg(long, value_name = "KEY=FILE")]
+    pub secret_file: Vec<String>,
+    /// The staging path (stage, unstage, stats, expand).
+    #[arg(long, value_name = "DIR", default_value = "")]
+    pub staging_path: String,
+    /// The target path (publish, unpublish, stats, expand).
+    #[arg(long, value_name = "DIR", default_value = "")]
+    pub target_path: String,
+    /// Publish read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Expand: the size the volume must have at least (bytes).
+    #[arg(long, value_name = "BYTES")]
+    pub required_bytes: Option<String>,
 }
 
 /// A guest's I/O through the whole stack.

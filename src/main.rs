@@ -80,6 +80,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Csi(a) => run_csi(a, &run_dir),
+        Command::CsiCall(a) => run_csi_call(&a),
         Command::Status(a) => run_status(&a, &run_dir),
         Command::Upgrade(a) => run_upgrade(&a, &run_dir),
         Command::Demo(a) => run_full_demo(a),
@@ -450,6 +451,8 @@ fn run_csi(a: cli::CsiArgs, run_dir: &Path) -> ExitCode {
         ceph_conf: a.ceph_conf,
         clusters: a.clusters,
         open_timeout: std::time::Duration::from_secs(30),
+        stats_wait: std::time::Duration::from_secs(10),
+        stats_deadline: std::time::Duration::from_secs(60),
     };
     let restarts = Arc::new(Restarts::default());
     if let Err(code) = start_metrics(&a.metrics, "csi", run_dir, &restarts) {
@@ -503,6 +506,45 @@ fn run_csi(a: cli::CsiArgs, run_dir: &Path) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("CSI plugin on {socket}: {e}")),
     }
+}
+
+/// `&[String]` as `Vec<&str>`.
+#[cfg(feature = "csi")]
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[cfg(feature = "csi")]
+fn run_csi_call(a: &cli::CsiCallArgs) -> ExitCode {
+    use rbdback::csi::client::{number, pairs, run, socket_of, Call, ClientError, Op};
+    let made = (|| -> Result<String, ClientError> {
+        let op: Op = a.op.parse()?;
+        let mut secrets = pairs("--secret", &refs(&a.secret), false)?;
+        secrets.extend(pairs("--secret-file", &refs(&a.secret_file), true)?);
+        let c = Call {
+            socket: socket_of(&a.endpoint)?,
+            volume_id: a.volume_id.clone(),
+            context: pairs("--context", &refs(&a.context), false)?,
+            secrets,
+            staging_path: a.staging_path.clone(),
+            target_path: a.target_path.clone(),
+            read_only: a.read_only,
+            required_bytes: number("--required-bytes", a.required_bytes.as_deref())?,
+        };
+        run(op, &c)
+    })();
+    match made {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("csi-call: {}", chain(&e))),
+    }
+}
+
+#[cfg(not(feature = "csi"))]
+fn run_csi_call(_a: &cli::CsiCallArgs) -> ExitCode {
+    fail("this rbdback was built without the csi feature")
 }
 
 #[cfg(not(feature = "csi"))]

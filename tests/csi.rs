@@ -12,16 +12,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use rbdback::csi::proto::identity_client::IdentityClient;
 use rbdback::csi::proto::node_client::NodeClient;
 use rbdback::csi::proto::volume_capability::{
     AccessMode, AccessType, BlockVolume, Mode, MountVolume,
 };
 use rbdback::csi::proto::*;
-use rbdback::csi::{Config, DISK_FILE, STAGE_RECORD, XL_DISK_FILE};
+use rbdback::csi::{Config, DISK_FILE, OPEN_THREAD, STAGE_RECORD, XL_DISK_FILE};
 use rbdback::device::backend::{serve, ServeConfig};
 use rbdback::device::testfront::{toolstack_attach, toolstack_detach, AttachSpec, SimBlkfront};
 use rbdback::device::vbd::{Options, RadosOpener};
@@ -29,7 +28,7 @@ use rbdback::rados::testing::{cluster, TestCluster};
 use rbdback::ring::Status as RingStatus;
 use rbdback::xen::sim::SimXen;
 use rbdback::xen::Platform;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
 
 const T: Duration = Duration::from_secs(60);
@@ -59,6 +58,8 @@ fn start_with(c: &TestCluster, name: &str, tweak: impl FnOnce(&mut Config)) -> P
         ceph_conf: Some(c.conf.display().to_string()),
         clusters: None,
         open_timeout: Duration::from_secs(30),
+        stats_wait: Duration::from_secs(10),
+        stats_deadline: Duration::from_secs(30),
     };
     tweak(&mut cfg);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -84,16 +85,7 @@ fn start_with(c: &TestCluster, name: &str, tweak: impl FnOnce(&mut Config)) -> P
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let p = sock.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-                }
-            }))
-            .await
-            .unwrap()
+        rbdback::csi::client::connect(&sock).await.unwrap()
     });
     Plugin {
         dir,
@@ -179,6 +171,48 @@ impl Plugin {
         };
         self.rt.block_on(n.node_unstage_volume(r)).map(drop)
     }
+    /// NodeGetVolumeStats as kubelet asks it (the publish path and the staging path).
+    fn stats(&mut self, volume_id: &str, path: &Path) -> Result<VolumeUsage, tonic::Status> {
+        let mut n = self.node.clone();
+        let r = NodeGetVolumeStatsRequest {
+            volume_id: volume_id.into(),
+            volume_path: path.display().to_string(),
+            staging_target_path: String::new(),
+        };
+        let mut resp = self.rt.block_on(n.node_get_volume_stats(r))?.into_inner();
+        assert_eq!(resp.usage.len(), 1, "{resp:?}");
+        assert_eq!(
+            resp.volume_condition, None,
+            "VOLUME_CONDITION is not offered"
+        );
+        let u = resp.usage.remove(0);
+        assert_eq!(u.unit, volume_usage::Unit::Bytes as i32);
+        assert_eq!(u.available, u.total - u.used);
+        Ok(u)
+    }
+    fn expand(
+        &mut self,
+        volume_id: &str,
+        path: &Path,
+        required: i64,
+    ) -> Result<i64, tonic::Status> {
+        let mut n = self.node.clone();
+        let r = NodeExpandVolumeRequest {
+            volume_id: volume_id.into(),
+            volume_path: path.display().to_string(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: required,
+                limit_bytes: 0,
+            }),
+            volume_capability: mount(Mode::SingleNodeWriter),
+            ..Default::default()
+        };
+        Ok(self
+            .rt
+            .block_on(n.node_expand_volume(r))?
+            .into_inner()
+            .capacity_bytes)
+    }
 }
 
 #[test]
@@ -211,13 +245,22 @@ fn identity_and_node_describe_the_plugin() {
             .unwrap()
             .into_inner();
     use node_service_capability::{Rpc, RpcType, Type};
+    let rpcs: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .map(|c| match &c.r#type {
+            Some(Type::Rpc(Rpc { r#type })) => *r#type,
+            None => 0,
+        })
+        .collect();
     assert_eq!(
-        caps.capabilities,
-        vec![NodeServiceCapability {
-            r#type: Some(Type::Rpc(Rpc {
-                r#type: RpcType::StageUnstageVolume as i32
-            }))
-        }]
+        rpcs,
+        [
+            RpcType::StageUnstageVolume,
+            RpcType::GetVolumeStats,
+            RpcType::ExpandVolume
+        ]
+        .map(|t| t as i32)
     );
     let info =
         p.rt.block_on(n.node_get_info(NodeGetInfoRequest {}))
@@ -356,31 +399,72 @@ fn bad_requests_get_csi_error_codes() {
     p.unstage("vol-e", &good.staging_target_path).unwrap();
 }
 
-/// Attaches `disk` to a guest over the simulated Xen, writes `data` at 1 MiB, detaches;
-/// returns the disk's size in sectors as the guest saw it.
+/// A guest over the simulated Xen with one disk attached by the toolstack and served by
+/// rbdback, which re-reads the image's size every 300 ms.
+struct Guest {
+    _xen: Arc<SimXen>,
+    dom0: rbdback::xen::xenstore::Xenstore,
+    be: String,
+    front: SimBlkfront,
+    stop: mpsc::Sender<()>,
+    server: std::thread::JoinHandle<()>,
+}
+
+impl Guest {
+    fn attach(disk: &str) -> Guest {
+        let xen = SimXen::start().unwrap();
+        let platform = Arc::new(xen.platform());
+        let cfg = ServeConfig {
+            kind: "vbd".into(),
+            backend_domid: 0,
+            domid: GUEST,
+            exit_when_empty: false,
+            options: Options {
+                resize_poll: Duration::from_millis(300),
+                ..Options::default()
+            },
+        };
+        let (stop, rx) = mpsc::channel();
+        let server = std::thread::spawn(move || {
+            serve(platform, Arc::new(RadosOpener), &cfg, &rx).unwrap();
+        });
+        let dom0 = xen.platform().xenstore().unwrap();
+        let spec = AttachSpec::new(disk);
+        let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
+        let front = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
+        Guest {
+            _xen: xen,
+            dom0,
+            be,
+            front,
+            stop,
+            server,
+        }
+    }
+
+    fn write(&mut self, sector: u64, data: &[u8]) {
+        assert_eq!(
+            self.front.write_sync(0, sector, 0, data).unwrap(),
+            RingStatus::Okay
+        );
+    }
+
+    fn detach(mut self) {
+        self.front.close(T).unwrap();
+        toolstack_detach(&self.dom0, &self.be).unwrap();
+        let _ = self.stop.send(());
+        self.server.join().unwrap();
+    }
+}
+
+/// Attaches `disk` to a guest, writes `data` at 1 MiB, detaches; returns the disk's size in
+/// sectors as the guest saw it.
 fn guest_writes(disk: &str, data: &[u8]) -> u64 {
-    let xen = SimXen::start().unwrap();
-    let platform = Arc::new(xen.platform());
-    let cfg = ServeConfig {
-        kind: "vbd".into(),
-        backend_domid: 0,
-        domid: GUEST,
-        exit_when_empty: false,
-        options: Options::default(),
-    };
-    let (stop, rx) = mpsc::channel();
-    let server =
-        std::thread::spawn(move || serve(platform, Arc::new(RadosOpener), &cfg, &rx).unwrap());
-    let dom0 = xen.platform().xenstore().unwrap();
-    let spec = AttachSpec::new(disk);
-    let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
-    let mut f = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
-    assert_eq!(f.write_sync(0, 2048, 0, data).unwrap(), RingStatus::Okay);
-    f.close(T).unwrap();
-    toolstack_detach(&dom0, &be).unwrap();
-    let _ = stop.send(());
-    server.join().unwrap();
-    f.sectors
+    let mut g = Guest::attach(disk);
+    g.write(2048, data);
+    let sectors = g.front.sectors;
+    g.detach();
+    sectors
 }
 
 #[test]
@@ -428,4 +512,444 @@ fn ceph_csi_cluster_map_gives_the_monitors() {
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("nowhere"), "{}", e.message());
     let _ = std::fs::remove_file(&map);
+}
+
+const MIB: i64 = 1 << 20;
+
+/// ceph-csi's controller grows the image (`rbd resize`, as ControllerExpandVolume does);
+/// NodeExpandVolume sees the new size, the guest's backend makes the guest see it, and I/O
+/// past the old end works. NodeGetVolumeStats follows: total is the image's size, used bytes
+/// grow with the guest's writes (whole 4 MiB objects, from the object map).
+#[test]
+fn an_expanded_volume_grows_in_the_guest_and_stats_follow_its_writes() {
+    let c = cluster();
+    let image = c.create_image("csi-grow", 8, None);
+    let mut p = start(c, "grow");
+    let stage = stage_req(&p, c, "vol-g", &image);
+    p.stage(stage.clone()).unwrap();
+    let target = p.dir.join("pods/uid-g/volumes/vol-g/mount");
+    p.publish(publish_req(&stage, &target)).unwrap();
+    let u = p.stats("vol-g", &target).unwrap();
+    assert_eq!((u.total, u.used), (8 * MIB, 0), "a new image holds nothing");
+
+    let disk = std::fs::read_to_string(target.join(DISK_FILE)).unwrap();
+    let mut g = Guest::attach(disk.trim());
+    assert_eq!(g.front.sectors, 8 << 11);
+    g.write(2048, &[0x11; 8192]);
+    let u = p.stats("vol-g", &target).unwrap();
+    assert_eq!((u.total, u.used), (8 * MIB, 4 * MIB), "the write's object");
+    // the staging path answers too
+    let staging = PathBuf::from(&stage.staging_target_path);
+    assert_eq!(p.stats("vol-g", &staging).unwrap().used, 4 * MIB);
+
+    // before the controller grew it, the node cannot give 16 MiB
+    let e = p.expand("vol-g", &target, 16 * MIB).unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+    assert!(
+        e.message().contains("ControllerExpandVolume"),
+        "{}",
+        e.message()
+    );
+    c.rbd(&[
+        "resize",
+        "--no-progress",
+        "--size",
+        "16M",
+        &format!("rbd/{image}"),
+    ]);
+    assert_eq!(p.expand("vol-g", &target, 16 * MIB).unwrap(), 16 * MIB);
+    assert_eq!(
+        p.expand("vol-g", &target, 16 * MIB).unwrap(),
+        16 * MIB,
+        "idempotent"
+    );
+    assert_eq!(
+        g.front.wait_resize(T).unwrap(),
+        16 << 11,
+        "the guest sees 16 MiB"
+    );
+    // past the old end
+    let data = vec![0x5a; 4096];
+    g.write(12 << 11, &data);
+    let (st, back) = g.front.read_sync(0, 12 << 11, 1, 4096).unwrap();
+    assert_eq!((st, back), (RingStatus::Okay, data.clone()));
+    let u = p.stats("vol-g", &target).unwrap();
+    assert_eq!((u.total, u.used), (16 * MIB, 8 * MIB));
+    g.detach();
+    assert!(c.export(&image)[12 << 20..][..4096] == data[..]);
+
+    p.unpublish("vol-g", &target).unwrap();
+    p.unstage("vol-g", &stage.staging_target_path).unwrap();
+    let e = p.stats("vol-g", &target).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+}
+
+/// Without an object map the used bytes come from asking for every object, as `rbd du`
+/// does; bad stats and expand requests get the CSI specification's codes.
+#[test]
+fn stats_without_an_object_map_and_bad_requests() {
+    let c = cluster();
+    let image = c.create_image("csi-plain", 8, Some("layering"));
+    let mut p = start(c, "plain");
+    let stage = stage_req(&p, c, "vol-p", &image);
+    p.stage(stage.clone()).unwrap();
+    let staging = PathBuf::from(&stage.staging_target_path);
+    assert_eq!(p.stats("vol-p", &staging).unwrap().used, 0);
+    let target = p.dir.join("target-p");
+    p.publish(publish_req(&stage, &target)).unwrap();
+    let disk = std::fs::read_to_string(target.join(DISK_FILE)).unwrap();
+    guest_writes(disk.trim(), &[0x22; 4096]);
+    let u = p.stats("vol-p", &target).unwrap();
+    assert_eq!((u.total, u.used), (8 * MIB, 4 * MIB));
+
+    let code = |r: Result<VolumeUsage, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(code(p.stats("", &target)), Code::InvalidArgument);
+    assert_eq!(code(p.stats("vol-p", Path::new(""))), Code::InvalidArgument);
+    assert_eq!(
+        code(p.stats("vol-p", Path::new("relative"))),
+        Code::InvalidArgument
+    );
+    assert_eq!(code(p.stats("vol-other", &target)), Code::NotFound);
+    assert_eq!(
+        code(p.stats("vol-p", &p.dir.join("nowhere"))),
+        Code::NotFound
+    );
+    let e = p.expand("vol-p", &target, -1).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    let e = p.expand("vol-other", &target, 0).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    assert_eq!(p.expand("vol-p", &target, 0).unwrap(), 8 * MIB);
+    let e = p.expand("vol-p", &target, 9 * MIB).unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+    p.unpublish("vol-p", &target).unwrap();
+    p.unstage("vol-p", &stage.staging_target_path).unwrap();
+}
+
+/// The cluster's ceph.conf plus Ceph's own fault injection: every reply from the OSDs comes
+/// up to `max_s` seconds late (the monitors answer as usual).
+fn delayed_conf(c: &TestCluster, name: &str, max_s: &str) -> String {
+    let conf = std::fs::read_to_string(&c.conf).unwrap().replacen(
+        "[global]\n",
+        &format!(
+            "[global]\n\tms inject delay type = osd\n\tms inject delay probability = 1\n\
+             \tms inject delay max = {max_s}\n"
+        ),
+        1,
+    );
+    assert!(conf.contains("ms inject delay max"), "no [global] section");
+    let path = std::env::temp_dir().join(format!("rbdback-csi-{name}-{}.conf", std::process::id()));
+    std::fs::write(&path, conf).unwrap();
+    path.display().to_string()
+}
+
+/// Ids of this process's threads named `name`.
+fn threads_named(name: &str) -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| {
+            let tid = e.ok()?.file_name().into_string().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+            (comm.trim_end() == name).then_some(tid)
+        })
+        .collect()
+}
+
+/// Watches this process's threads named `name` every 10 ms until stopped; then tells the
+/// most that were alive at once and every thread id seen. A thread counts once seen in two
+/// samples in a row: threads that librados starts carry their parent's name until they
+/// name themselves.
+struct ThreadCensus {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    h: std::thread::JoinHandle<(usize, std::collections::HashSet<String>)>,
+}
+
+impl ThreadCensus {
+    fn start(name: &'static str) -> ThreadCensus {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let h = std::thread::spawn(move || {
+            let (mut most, mut seen) = (0, std::collections::HashSet::new());
+            let mut before = Vec::new();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = threads_named(name);
+                let steady: Vec<_> = now.iter().filter(|t| before.contains(*t)).collect();
+                most = most.max(steady.len());
+                seen.extend(steady.into_iter().cloned());
+                before = now;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (most, seen)
+        });
+        ThreadCensus { stop, h }
+    }
+
+    fn finish(self) -> (usize, std::collections::HashSet<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.h.join().unwrap()
+    }
+}
+
+/// A plugin whose cluster's OSDs answer up to `max_s` seconds late, whose calls wait 1 s for
+/// an open; a stage request for a new volume `vol-<name>`; a census of opening threads.
+fn slow_osds(name: &str, max_s: &str) -> (Plugin, NodeStageVolumeRequest, ThreadCensus) {
+    let c = cluster();
+    let image = c.create_image(&format!("csi-{name}"), 8, None);
+    let conf = delayed_conf(c, name, max_s);
+    let p = start_with(c, name, |cfg| {
+        cfg.ceph_conf = Some(conf);
+        cfg.open_timeout = Duration::from_secs(1);
+    });
+    let stage = stage_req(&p, c, &format!("vol-{name}"), &image);
+    (p, stage, ThreadCensus::start(OPEN_THREAD))
+}
+
+/// OSDs that do not answer: the stage's open hangs. kubelet's retries, and calls made all at
+/// once (a CO that lost its state), answer within about the open timeout (UNAVAILABLE) or at
+/// once (ABORTED: another call waits), and only one opening thread ever exists.
+#[test]
+fn a_hanging_open_runs_once_however_often_kubelet_retries() {
+    let (mut p, stage, census) = slow_osds("hang", "600");
+    let prompt = Duration::from_secs(4);
+    for attempt in 0..4 {
+        let t0 = Instant::now();
+        let e = p.stage(stage.clone()).unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+        assert!(
+            e.message().contains("retry takes its result"),
+            "{}",
+            e.message()
+        );
+        assert!(
+            t0.elapsed() < prompt,
+            "attempt {attempt} took {:?}",
+            t0.elapsed()
+        );
+    }
+    let node = p.node.clone();
+    let timed = |r: NodeStageVolumeRequest| {
+        let mut n = node.clone();
+        async move {
+            let t0 = Instant::now();
+            let code = n.node_stage_volume(r).await.unwrap_err().code();
+            (code, t0.elapsed())
+        }
+    };
+    let (a, b, d) = p.rt.block_on(async {
+        tokio::join!(
+            timed(stage.clone()),
+            timed(stage.clone()),
+            timed(stage.clone())
+        )
+    });
+    let mut codes: Vec<_> = [a, b, d].iter().map(|(c, _)| *c).collect();
+    codes.sort_by_key(|c| *c as i32);
+    assert_eq!(codes, [Code::Aborted, Code::Aborted, Code::Unavailable]);
+    for (code, took) in [a, b, d] {
+        let bound = if code == Code::Aborted {
+            Duration::from_millis(500)
+        } else {
+            prompt
+        };
+        assert!(took < bound, "{code:?} took {took:?}");
+    }
+    let (most, seen) = census.finish();
+    assert_eq!((most, seen.len()), (1, 1), "opening threads: {seen:?}");
+    let opener = seen.iter().next().unwrap();
+    assert!(
+        threads_named(OPEN_THREAD).contains(opener),
+        "the open still hangs"
+    );
+    let staging = PathBuf::from(&stage.staging_target_path);
+    assert!(!staging.join(STAGE_RECORD).exists());
+    let keys = std::fs::read_dir(p.dir.join("state/keys")).unwrap().count();
+    assert_eq!(keys, 0, "no keyring left by the failed stages");
+}
+
+/// OSDs that answer late: the open takes longer than a call waits. The retry that comes
+/// after it finished takes its result; no second open is made.
+#[test]
+fn an_open_that_outlives_its_call_serves_the_retry() {
+    let (mut p, stage, census) = slow_osds("late", "0.5");
+    let deadline = Instant::now() + T;
+    let mut waited = 0;
+    loop {
+        match p.stage(stage.clone()) {
+            Ok(()) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+                waited += 1;
+            }
+        }
+        assert!(Instant::now() < deadline, "never staged");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (most, seen) = census.finish();
+    assert!(
+        waited > 0,
+        "the open was quicker than the call's wait: nothing tested"
+    );
+    assert_eq!((most, seen.len()), (1, 1), "opening threads: {seen:?}");
+    assert!(PathBuf::from(&stage.staging_target_path)
+        .join(STAGE_RECORD)
+        .exists());
+    p.unstage("vol-late", &stage.staging_target_path).unwrap();
+}
+
+/// `rbdback csi-call`, the test bed's client, against a plugin: the calls kubelet makes with
+/// a ceph-csi style volume context and secrets (the key from a file), the published xl-disk
+/// line on stdout (a guest's write through it reaches the image), stats and expand; a
+/// refused call exits non-zero naming the gRPC code, and unstage leaves no keyring.
+#[test]
+fn csi_call_makes_the_calls_kubelet_makes() {
+    let c = cluster();
+    let image = c.create_image("csi-call", 8, None);
+    let p = start(c, "call");
+    let endpoint = format!("unix://{}", p.dir.join("csi.sock").display());
+    let key_file = p.dir.join("user-key");
+    std::fs::write(&key_file, format!("{}\n", admin_key(c))).unwrap();
+    let staging = p.dir.join("staging-c").display().to_string();
+    let target = p.dir.join("target-c").display().to_string();
+    let run = |call: &str, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rbdback"))
+            .args([
+                "csi-call",
+                call,
+                "--endpoint",
+                &endpoint,
+                "--volume-id",
+                "vol-c",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).trim_end().to_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let image_ctx = format!("imageName={image}");
+    let key_arg = format!("userKey={}", key_file.display());
+    let stage = |image_ctx: &str| {
+        #[rustfmt::skip]
+        let args = [
+            "--context", "clusterID=test", "--context", "pool=rbd", "--context", image_ctx,
+            "--secret", "userID=admin", "--secret-file", &key_arg, "--staging-path", &staging,
+        ];
+        run("stage", &args)
+    };
+    let (ok, _, err) = stage("imageName=no-such-image");
+    assert!(
+        !ok && err.contains("NotFound") && err.contains("no-such-image"),
+        "{err}"
+    );
+    let (ok, out, err) = stage(&image_ctx);
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("staged vol-c at {staging}"));
+
+    let (ok, xl, err) = run(
+        "publish",
+        &["--staging-path", &staging, "--target-path", &target],
+    );
+    assert!(ok, "{err}");
+    let file = std::fs::read_to_string(Path::new(&target).join(XL_DISK_FILE)).unwrap();
+    assert_eq!(xl, file.trim_end(), "the published xl-disk line");
+    let disk = xl
+        .strip_prefix("access=rw, backendtype=phy, script=block-rbdback, target=")
+        .unwrap_or_else(|| panic!("{xl}"));
+    assert!(!xl.contains(&admin_key(c)), "no secret on stdout");
+    let data = vec![0x77u8; 4096];
+    guest_writes(disk, &data);
+    assert!(c.export(&image)[1 << 20..][..4096] == data[..]);
+
+    let (ok, out, err) = run("stats", &["--target-path", &target]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        format!(
+            "total={} used={} available={} unit=bytes",
+            8 * MIB,
+            4 * MIB,
+            4 * MIB
+        )
+    );
+    c.rbd(&[
+        "resize",
+        "--no-progress",
+        "--size",
+        "12M",
+        &format!("rbd/{image}"),
+    ]);
+    let want = (12 * MIB).to_string();
+    let (ok, out, err) = run(
+        "expand",
+        &["--target-path", &target, "--required-bytes", &want],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("capacity_bytes={want}"));
+
+    let (ok, _, err) = run("unpublish", &["--target-path", &target]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run("unstage", &["--staging-path", &staging]);
+    assert!(ok, "{err}");
+    let keys = std::fs::read_dir(p.dir.join("state/keys")).unwrap().count();
+    assert_eq!(keys, 0, "unstage leaves no keyring");
+    let (ok, _, err) = run("stats", &["--target-path", &target]);
+    assert!(!ok && err.contains("NotFound"), "{err}");
+}
+
+/// A count of used bytes whose cluster stops answering: calls answer within their wait with
+/// the latest count, one counting thread runs for the volume, and once its deadline passed
+/// the next call says so (UNAVAILABLE, naming the time).
+#[test]
+fn stats_of_a_silent_cluster_answer_in_time_with_one_count_running() {
+    let c = cluster();
+    let image = c.create_image("csi-count", 8, None);
+    // the disk string names this file: rewriting it changes what the next connection does
+    let conf = std::env::temp_dir()
+        .join(format!("rbdback-csi-count-{}.conf", std::process::id()))
+        .display()
+        .to_string();
+    std::fs::copy(&c.conf, &conf).unwrap();
+    let cfg_conf = conf.clone();
+    let mut p = start_with(c, "count", move |cfg| {
+        cfg.ceph_conf = Some(cfg_conf);
+        cfg.stats_wait = Duration::from_secs(1);
+        cfg.stats_deadline = Duration::from_secs(3);
+    });
+    let stage = stage_req(&p, c, "vol-n", &image);
+    p.stage(stage.clone()).unwrap();
+    let staging = PathBuf::from(&stage.staging_target_path);
+    assert_eq!(p.stats("vol-n", &staging).unwrap().total, 8 * MIB);
+    std::fs::write(
+        &conf,
+        std::fs::read_to_string(delayed_conf(c, "count-silent", "600")).unwrap(),
+    )
+    .unwrap();
+    let census = ThreadCensus::start(rbdback::csi::COUNT_THREAD);
+    let t0 = Instant::now();
+    let mut answers = 0;
+    let e = loop {
+        let t = Instant::now();
+        let r = p.stats("vol-n", &staging);
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "a stats call took {:?}",
+            t.elapsed()
+        );
+        match r {
+            Ok(u) => {
+                assert_eq!((u.total, u.used), (8 * MIB, 0), "the latest count");
+                answers += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(t0.elapsed() < T, "the count never ended");
+    };
+    assert!(answers >= 2, "{answers} answers from the latest count");
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(
+        e.message().contains("not done within 3 s"),
+        "{}",
+        e.message()
+    );
+    let (most, _) = census.finish();
+    assert_eq!(most, 1, "counting threads at once");
 }

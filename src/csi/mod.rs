@@ -3,13 +3,17 @@
 //!
 //! Owns: the gRPC server on its unix socket (Identity and Node services, CSI v1), the keyrings
 //! it writes from the volumes' secrets (`<state dir>/keys/`, mode 0600), the stage record in
-//! each staging path and the disk descriptor in each publish path.
+//! each staging path and the disk descriptor (and a copy of the record) in each publish path,
+//! and the threads that ask the cluster on a call's behalf (`flight.rs`: one per volume and
+//! kind, so a silent cluster and kubelet's retries cannot pile them up).
 //! Trusts: nothing in a request: every field is checked, the disk string it builds goes
 //! through the same parser as a VBD's `params`, and the image is opened once (bounded in time)
 //! before a stage succeeds, so a missing image, a bad key or an unreachable cluster is named
 //! at stage time with the matching gRPC code.
 //! Must never: log a secret, create a dom0 block device (rbdback serves guests, not dom0),
-//! or touch a path the request did not name (apart from its own keyrings).
+//! touch a path the request did not name (apart from its own keyrings), resize an image
+//! (ceph-csi's controller does; NodeExpandVolume only checks the new size is there), or keep
+//! a kubelet call waiting on the cluster longer than its configured wait.
 //!
 //! What a publish gives: volumes are requested with the Filesystem access type (a block
 //! volume would have to be a dom0 block device, which containerd insists on and rbdback does
@@ -19,14 +23,16 @@
 //! it; the supervisor (`rbdback supervise`, which `rbdback csi` runs unless told not to)
 //! starts the guest's backend.
 
+pub mod client;
+mod flight;
 pub mod proto;
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tonic::{Request, Response, Status};
@@ -34,12 +40,14 @@ use tracing::{info, warn};
 
 use crate::chain;
 use crate::device::params::DiskSpec;
-use crate::rados::{Image, RadosError};
+use crate::rados::{usage, Image, ImageSpec, RadosError, Usage};
+use flight::{Flight, Flights};
 
 use proto::volume_capability::{AccessType, Mode};
 use proto::*;
 
-/// The stage record's file name in a staging directory.
+/// The stage record's file name in a staging directory (a publish directory holds a copy,
+/// so that calls naming either path find the volume).
 pub const STAGE_RECORD: &str = "rbdback-volume";
 /// The publish directory's disk string file.
 pub const DISK_FILE: &str = "disk";
@@ -62,22 +70,54 @@ pub struct Config {
     /// `{"clusterID", "monitors": [...], "rbd": {"radosNamespace"}}`), read at every stage so
     /// that a changed map needs no restart. A volume's `clusterID` picks its monitors there.
     pub clusters: Option<PathBuf>,
-    /// How long the verifying open at stage time may take.
+    /// How long a call that opens the image (the verifying open at stage time, the size
+    /// read at expand time) waits for it. The open itself goes on (one per volume) and a
+    /// retry takes its result.
     pub open_timeout: Duration,
+    /// How long a NodeGetVolumeStats call waits for the count of used bytes.
+    pub stats_wait: Duration,
+    /// How long a count of used bytes may take (it goes on after the call that started it
+    /// stopped waiting, one per volume).
+    pub stats_deadline: Duration,
 }
+
+/// How long a result nobody waited for (an open or a count that outlived its call) stays
+/// usable for the next call: kubelet's retries back off to about two minutes.
+const RESULT_KEEP: Duration = Duration::from_secs(150);
 
 /// The Identity and Node services.
 #[derive(Debug, Clone)]
 pub struct Plugin {
     cfg: Arc<Config>,
+    /// Verifying opens at stage time.
+    opens: Arc<Flights<Result<(), RadosError>>>,
+    /// Size reads at expand time.
+    sizes: Arc<Flights<Result<u64, RadosError>>>,
+    /// Counts of used bytes.
+    counts: Arc<Flights<Result<Usage, RadosError>>>,
+    /// Each volume's latest count, answered while a newer one runs.
+    last_usage: Arc<Mutex<HashMap<String, Usage>>>,
 }
 
 impl Plugin {
     /// A plugin with this configuration.
     pub fn new(cfg: Config) -> Plugin {
-        Plugin { cfg: Arc::new(cfg) }
+        Plugin {
+            cfg: Arc::new(cfg),
+            opens: Arc::new(Flights::new(OPEN_THREAD, RESULT_KEEP)),
+            sizes: Arc::new(Flights::new(SIZE_THREAD, RESULT_KEEP)),
+            counts: Arc::new(Flights::new(COUNT_THREAD, RESULT_KEEP)),
+            last_usage: Arc::new(Mutex::new(HashMap::new())),
+        }
     }
 }
+
+/// The name of the threads that open images at stage time.
+pub const OPEN_THREAD: &str = "csi-open";
+/// The name of the threads that read images' sizes at expand time.
+pub const SIZE_THREAD: &str = "csi-size";
+/// The name of the threads that count used bytes.
+pub const COUNT_THREAD: &str = "csi-count";
 
 /// Serves the plugin on the unix socket `socket` until `shutdown` completes. A stale socket
 /// file is replaced.
@@ -155,17 +195,86 @@ pub enum CsiError {
         #[source]
         source: RadosError,
     },
-    /// The verifying open took too long.
-    #[error("volume {volume}: the cluster did not open the image within {secs} s")]
+    /// The image's open has not finished.
+    #[error(
+        "volume {volume}: the cluster has not opened the image in {secs} s; the open goes on \
+         (one per volume) and a retry takes its result"
+    )]
     OpenTimeout {
         /// Volume id.
         volume: String,
-        /// The bound.
+        /// How long the open has been running.
         secs: u64,
     },
-    /// The opening task died.
-    #[error("volume {0}: the opening task failed")]
-    OpenTask(String),
+    /// The thread for a cluster call could not be started or died.
+    #[error("volume {volume}")]
+    Thread {
+        /// Volume id.
+        volume: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another call for the volume is waiting for the cluster.
+    #[error(
+        "volume {volume}: another {call} of this volume is waiting for the cluster{other}",
+        other = if *.other_parameters { " (with other parameters)" } else { "" }
+    )]
+    Pending {
+        /// Volume id.
+        volume: String,
+        /// The call.
+        call: &'static str,
+        /// The waiting call asked for something else.
+        other_parameters: bool,
+    },
+    /// The used bytes are still being counted and no earlier count is known.
+    #[error(
+        "volume {volume}: its used bytes are still being counted ({secs} s so far, at most \
+         {deadline} s); ask again"
+    )]
+    Counting {
+        /// Volume id.
+        volume: String,
+        /// How long the count has been running.
+        secs: u64,
+        /// Its bound.
+        deadline: u64,
+    },
+    /// Neither path holds the volume.
+    #[error("volume {volume} is neither staged nor published at {path}")]
+    NotHere {
+        /// Volume id.
+        volume: String,
+        /// The path asked about.
+        path: String,
+    },
+    /// A negative capacity.
+    #[error("capacity_range.{0} must not be negative")]
+    NegativeCapacity(&'static str),
+    /// The image is smaller than asked for.
+    #[error(
+        "volume {volume}: image is {size} bytes, less than the {required} bytes asked for; the \
+         node plugin does not grow images (ceph-csi's ControllerExpandVolume runs `rbd resize`)"
+    )]
+    TooSmall {
+        /// Volume id.
+        volume: String,
+        /// The image's size.
+        size: u64,
+        /// `required_bytes`.
+        required: u64,
+    },
+    /// The image is larger than allowed.
+    #[error("volume {volume}: image is {size} bytes, more than the limit of {limit} bytes; images are never shrunk")]
+    TooLarge {
+        /// Volume id.
+        volume: String,
+        /// The image's size.
+        size: u64,
+        /// `limit_bytes`.
+        limit: u64,
+    },
     /// The staging path holds another volume.
     #[error("{path} already stages volume {other}")]
     StagedElsewhere {
@@ -237,12 +346,20 @@ impl CsiError {
                     Code::FailedPrecondition
                 }
                 RadosError::Invalid(_) => Code::InvalidArgument,
+                RadosError::TimedOut { .. } => Code::Unavailable,
+                RadosError::Call { errno, .. } if errno.0 == -libc::ETIMEDOUT => Code::Unavailable,
                 _ => Code::Internal,
             },
-            CsiError::OpenTimeout { .. } => Code::Unavailable,
+            CsiError::OpenTimeout { .. } | CsiError::Counting { .. } => Code::Unavailable,
+            CsiError::Pending { .. } => Code::Aborted,
+            CsiError::NotHere { .. } => Code::NotFound,
+            CsiError::NegativeCapacity(_) => Code::InvalidArgument,
+            CsiError::TooSmall { .. } | CsiError::TooLarge { .. } => Code::OutOfRange,
             CsiError::StagedElsewhere { .. } => Code::AlreadyExists,
             CsiError::NotStaged { .. } | CsiError::Clusters { .. } => Code::FailedPrecondition,
-            CsiError::OpenTask(_) | CsiError::Io { .. } | CsiError::NotARecord(_) => Code::Internal,
+            CsiError::Thread { .. } | CsiError::Io { .. } | CsiError::NotARecord(_) => {
+                Code::Internal
+            }
         }
     }
 }
@@ -502,8 +619,9 @@ impl Plugin {
         let result = self
             .verify_and_record(&r, &volume_id, &staging, read_only)
             .await;
-        if result.is_err() && !staged_before {
-            // a failed first stage leaves no secret behind
+        // a failed first stage leaves no secret behind, unless another call's stage of the
+        // volume is still under way
+        if !staged_before && matches!(&result, Err(e) if !matches!(e, CsiError::Pending { .. })) {
             let _ = remove(&self.keyring_path(&volume_id));
         }
         result
@@ -526,24 +644,22 @@ impl Plugin {
             .target;
         spec.read_only = read_only;
         info!(volume = %volume_id, image = %spec, "staging: checking the image opens");
-        // the image is closed on the blocking thread too (closing may wait for the cluster)
-        let open = tokio::task::spawn_blocking(move || Image::open(&spec).map(drop));
-        match tokio::time::timeout(self.cfg.open_timeout, open).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(source))) => {
+        // the image is closed on the opening thread too (closing may wait for the cluster)
+        let key = format!("{disk} read_only={read_only}");
+        let open = move || Image::open(&spec).map(drop);
+        let flight = self
+            .opens
+            .run(&volume_id, &key, self.cfg.open_timeout, open)
+            .await;
+        match self.landed(&volume_id, "NodeStageVolume", flight)? {
+            Ok(()) => {}
+            Err(source) => {
                 let e = CsiError::Open {
                     volume: volume_id,
                     source,
                 };
                 warn!(error = %chain(&e), "stage refused");
                 return Err(e);
-            }
-            Ok(Err(_)) => return Err(CsiError::OpenTask(volume_id)),
-            Err(_) => {
-                return Err(CsiError::OpenTimeout {
-                    volume: volume_id,
-                    secs: self.cfg.open_timeout.as_secs(),
-                })
             }
         }
         std::fs::create_dir_all(staging).map_err(|e| CsiError::io("cannot create", staging, e))?;
@@ -561,6 +677,10 @@ impl Plugin {
         let staging = need_abs(&r.staging_target_path, "staging_target_path")?;
         remove(&staging.join(STAGE_RECORD))?;
         remove(&self.keyring_path(volume_id))?;
+        self.last_usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(volume_id);
         info!(volume = %volume_id, staging = %staging.display(), "unstaged");
         Ok(())
     }
@@ -584,6 +704,7 @@ impl Plugin {
         );
         write_private(&target.join(DISK_FILE), &format!("{}\n", rec.disk))?;
         write_private(&target.join(XL_DISK_FILE), &format!("{xl}\n"))?;
+        rec.write(&target)?;
         info!(volume = %volume_id, target = %target.display(), access, "published");
         Ok(())
     }
@@ -593,10 +714,154 @@ impl Plugin {
         let target = need_abs(&r.target_path, "target_path")?;
         remove(&target.join(DISK_FILE))?;
         remove(&target.join(XL_DISK_FILE))?;
+        remove(&target.join(STAGE_RECORD))?;
         // the directory goes too when nothing else is in it (kubelet may also remove it)
         let _ = std::fs::remove_dir(&target);
         info!(volume = %volume_id, target = %target.display(), "unpublished");
         Ok(())
+    }
+
+    /// What became of a cluster call made through a [`Flights`]: its result, or the error
+    /// that says it is still running or that another call waits for it.
+    fn landed<T>(
+        &self,
+        volume: &str,
+        call: &'static str,
+        flight: Result<Flight<T>, std::io::Error>,
+    ) -> Result<T, CsiError> {
+        match flight.map_err(|source| CsiError::Thread {
+            volume: volume.to_owned(),
+            source,
+        })? {
+            Flight::Done(v) => Ok(v),
+            Flight::Running(since) => Err(CsiError::OpenTimeout {
+                volume: volume.to_owned(),
+                secs: since.as_secs(),
+            }),
+            f @ (Flight::Busy | Flight::Other) => Err(CsiError::Pending {
+                volume: volume.to_owned(),
+                call,
+                other_parameters: matches!(f, Flight::Other),
+            }),
+        }
+    }
+
+    /// The volume at `path` (a staging or publish directory), or at `staging` when `path`
+    /// holds no record (a publication made before publish directories had one): its image,
+    /// opened read-only.
+    fn volume_at(
+        &self,
+        volume_id: &str,
+        path: &Path,
+        staging: &str,
+    ) -> Result<(String, ImageSpec), CsiError> {
+        let mut rec = Record::read(path)?;
+        if rec.is_none() && !staging.is_empty() {
+            rec = Record::read(&need_abs(staging, "staging_target_path")?)?;
+        }
+        let rec = rec
+            .filter(|r| r.volume_id == volume_id)
+            .ok_or_else(|| CsiError::NotHere {
+                volume: volume_id.to_owned(),
+                path: path.display().to_string(),
+            })?;
+        let mut spec = DiskSpec::parse(&rec.disk)
+            .map_err(|e| CsiError::Disk {
+                volume: volume_id.to_owned(),
+                why: chain(&e),
+            })?
+            .target;
+        spec.read_only = true;
+        Ok((rec.disk, spec))
+    }
+
+    async fn stats(&self, r: &NodeGetVolumeStatsRequest) -> Result<Usage, CsiError> {
+        let volume_id = need(&r.volume_id, "volume_id")?;
+        let path = need_abs(&r.volume_path, "volume_path")?;
+        let (disk, spec) = self.volume_at(volume_id, &path, &r.staging_target_path)?;
+        let deadline = self.cfg.stats_deadline;
+        let count = move || usage(&spec, Instant::now() + deadline);
+        let flight = self
+            .counts
+            .run(volume_id, &disk, self.cfg.stats_wait, count)
+            .await
+            .map_err(|source| CsiError::Thread {
+                volume: volume_id.to_owned(),
+                source,
+            })?;
+        let last = || {
+            self.last_usage
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(volume_id)
+                .copied()
+        };
+        match flight {
+            Flight::Done(Ok(u)) => {
+                self.last_usage
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(volume_id.to_owned(), u);
+                Ok(u)
+            }
+            Flight::Done(Err(source)) => Err(CsiError::Open {
+                volume: volume_id.to_owned(),
+                source,
+            }),
+            // a count is running (for this call or an earlier one): the latest one answers
+            Flight::Running(since) => last().ok_or(CsiError::Counting {
+                volume: volume_id.to_owned(),
+                secs: since.as_secs(),
+                deadline: deadline.as_secs(),
+            }),
+            Flight::Busy | Flight::Other => last().ok_or(CsiError::Pending {
+                volume: volume_id.to_owned(),
+                call: "NodeGetVolumeStats",
+                other_parameters: false,
+            }),
+        }
+    }
+
+    async fn expand(&self, r: &NodeExpandVolumeRequest) -> Result<u64, CsiError> {
+        let volume_id = need(&r.volume_id, "volume_id")?;
+        let path = need_abs(&r.volume_path, "volume_path")?;
+        if r.volume_capability.is_some() {
+            check_capability(r.volume_capability.as_ref())?;
+        }
+        let range = r.capacity_range.clone().unwrap_or_default();
+        let required = u64::try_from(range.required_bytes)
+            .map_err(|_| CsiError::NegativeCapacity("required_bytes"))?;
+        let limit = u64::try_from(range.limit_bytes)
+            .map_err(|_| CsiError::NegativeCapacity("limit_bytes"))?;
+        let (disk, spec) = self.volume_at(volume_id, &path, &r.staging_target_path)?;
+        // a fresh open reads the header as it is now (the controller's `rbd resize` done)
+        let size = move || Image::open(&spec).map(|img| img.size());
+        let flight = self
+            .sizes
+            .run(volume_id, &disk, self.cfg.open_timeout, size)
+            .await;
+        let size = self
+            .landed(volume_id, "NodeExpandVolume", flight)?
+            .map_err(|source| CsiError::Open {
+                volume: volume_id.to_owned(),
+                source,
+            })?;
+        if size < required {
+            return Err(CsiError::TooSmall {
+                volume: volume_id.to_owned(),
+                size,
+                required,
+            });
+        }
+        if limit > 0 && size > limit {
+            return Err(CsiError::TooLarge {
+                volume: volume_id.to_owned(),
+                size,
+                limit,
+            });
+        }
+        info!(volume = %volume_id, bytes = size, "expanded: the guest's backend follows the new size");
+        Ok(size)
     }
 }
 
@@ -671,17 +936,49 @@ impl node_server::Node for Plugin {
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
+    async fn node_get_volume_stats(
+        &self,
+        r: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let u = self.stats(r.get_ref()).await?;
+        let bytes = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        Ok(Response::new(NodeGetVolumeStatsResponse {
+            usage: vec![VolumeUsage {
+                available: bytes(u.size.saturating_sub(u.used)),
+                total: bytes(u.size),
+                used: bytes(u.used),
+                unit: volume_usage::Unit::Bytes as i32,
+            }],
+            volume_condition: None,
+        }))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        r: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        let size = self.expand(r.get_ref()).await?;
+        Ok(Response::new(NodeExpandVolumeResponse {
+            capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
+        }))
+    }
+
     async fn node_get_capabilities(
         &self,
         _r: Request<NodeGetCapabilitiesRequest>,
     ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
         use node_service_capability::{Rpc, RpcType, Type};
         Ok(Response::new(NodeGetCapabilitiesResponse {
-            capabilities: vec![NodeServiceCapability {
-                r#type: Some(Type::Rpc(Rpc {
-                    r#type: RpcType::StageUnstageVolume as i32,
-                })),
-            }],
+            capabilities: [
+                RpcType::StageUnstageVolume,
+                RpcType::GetVolumeStats,
+                RpcType::ExpandVolume,
+            ]
+            .into_iter()
+            .map(|t| NodeServiceCapability {
+                r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })),
+            })
+            .collect(),
         }))
     }
 

@@ -367,6 +367,48 @@ impl SimBlkfront {
         })
     }
 
+    /// Follows an online resize as Linux blkfront does: the backend rewrites `sectors`, then
+    /// its `state` (still Connected); on that state watch blkfront, already connected,
+    /// re-reads `sectors` and sets the new capacity (`blkback_changed` ->
+    /// `blkfront_connect`). Waits for a watch event after which the size differs from the
+    /// one known, at most `timeout`; returns the new size in sectors.
+    pub fn wait_resize(&mut self, timeout: Duration) -> Result<u64, FrontTestError> {
+        let deadline = Instant::now() + timeout;
+        let state = format!("{}/state", self.be);
+        let watch = self.xs.watch(&state)?;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                let got = self
+                    .xs
+                    .read(&state)?
+                    .map_or(XenbusState::Unknown, |s| XenbusState::parse(&s));
+                return Err(FrontTestError::Timeout {
+                    want: XenbusState::Connected,
+                    got,
+                    secs: timeout.as_secs(),
+                });
+            }
+            // only a watch event makes blkfront look (the first fires on registration)
+            if watch.recv_timeout(deadline - now).is_none() {
+                continue;
+            }
+            let connected = self.xs.read(&state)?.as_deref().map(XenbusState::parse)
+                == Some(XenbusState::Connected);
+            let sectors = self
+                .xs
+                .read(&format!("{}/sectors", self.be))?
+                .and_then(|v| v.trim().parse().ok());
+            match sectors {
+                Some(n) if connected && n != self.sectors => {
+                    self.sectors = n;
+                    return Ok(n);
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Number of queues negotiated.
     pub fn queue_count(&self) -> usize {
         self.queues.len()

@@ -696,6 +696,21 @@ impl IoCtx {
         })
     }
 
+    /// Asks whether `oid` exists: 0 (it does) or -errno (`-ENOENT`: it does not) arrives as
+    /// `token`.
+    pub(crate) fn aio_stat(&self, oid: &str, sink: &Arc<AioSink>, token: u64) -> Result<(), Errno> {
+        let o = name(oid)?;
+        submit_aio(sink, token, |comp, ctx| {
+            // SAFETY: `ctx` stays valid until the callback reclaims it, after librados wrote
+            // the size and time out-slots that live inside it.
+            let size = unsafe { &raw mut (*ctx).stat_size };
+            // SAFETY: as above.
+            let mtime = unsafe { &raw mut (*ctx).stat_mtime };
+            // SAFETY: valid ioctx and completion; librados copies the object name.
+            unsafe { sys::rados_aio_stat(self.h, o.as_ptr(), comp, size, mtime) }
+        })
+    }
+
     /// Reads up to `len` bytes at `off` of `oid` into `buf`; the byte count (or -errno)
     /// arrives as `token`.
     ///
@@ -865,6 +880,9 @@ struct AioCtx {
     sink: Arc<AioSink>,
     reply: *mut c_char,
     reply_len: usize,
+    /// A stat's out-slots (librados writes them before the callback runs).
+    stat_size: u64,
+    stat_mtime: libc::time_t,
 }
 
 /// Starts one asynchronous operation whose completion goes to `sink` as `token`: `start`
@@ -881,6 +899,8 @@ fn submit_aio(
         sink: Arc::clone(sink),
         reply: std::ptr::null_mut(),
         reply_len: 0,
+        stat_size: 0,
+        stat_mtime: 0,
     }));
     let mut comp: sys::rados_completion_t = std::ptr::null_mut();
     // SAFETY: `raw` is a leaked box reclaimed exactly once, by the callback or below.

@@ -2,7 +2,8 @@
 //!
 //! Owns: opening images ([`Image::open`]), per-thread queues ([`Queue`]) whose completions
 //! arrive on an eventfd, and the engines behind them — [`librbd`] (rbd_aio_*) and an
-//! in-memory engine for tests of the layers above.
+//! in-memory engine for tests of the layers above; and counting what an image occupies
+//! ([`usage`], engine-agnostic, as `rbd du` does).
 //! Trusts: the cluster's answers only as far as librados/librbd validate them.
 //! Must never: see a grant or a ring, run our logic on librados threads (their callbacks only
 //! queue a completion and signal the eventfd), or free a buffer the cluster may still write:
@@ -23,6 +24,9 @@ pub mod librbd;
 mod sys;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+mod usage;
+
+pub use usage::{usage, Counted, Usage};
 
 /// How the pool is named.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -299,6 +303,14 @@ pub enum RadosError {
         offset: u64,
         /// The error.
         errno: Errno,
+    },
+    /// The cluster did not finish something in time.
+    #[error("{what}: not done within {secs} s")]
+    TimedOut {
+        /// What was being done, and how far it got.
+        what: String,
+        /// The time it had.
+        secs: u64,
     },
     /// Out of range or malformed request to the engine.
     #[error("invalid request: {0}")]

@@ -1204,7 +1204,7 @@ fn shift(d: Dst, by: usize) -> Dst {
 }
 
 /// Keeps the parts of `extents` (in increasing image order) below `overlap`.
-fn clip(extents: Vec<(u64, u64)>, overlap: u64) -> Vec<(u64, u64)> {
+pub(crate) fn clip(extents: Vec<(u64, u64)>, overlap: u64) -> Vec<(u64, u64)> {
     extents
         .into_iter()
         .filter(|(off, _)| *off < overlap)
