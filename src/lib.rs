@@ -13,6 +13,7 @@ pub mod control;
 pub mod csi;
 pub mod device;
 pub mod exporter;
+pub mod fdmsg;
 pub mod rados;
 pub mod ring;
 pub mod shm;

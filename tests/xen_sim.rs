@@ -252,6 +252,37 @@ fn a_dead_backends_ports_can_be_bound_by_the_next_one() {
     assert_eq!(&b, b"before");
 }
 
+/// issue 15: an event channel handle a privileged process opened for a sandboxed backend,
+/// restricted to the backend's guest (`IOCTL_EVTCHN_RESTRICT_DOMID`), passed as descriptors:
+/// it binds and delivers that guest's ports like any handle, and cannot bind another guest's.
+#[test]
+fn an_exported_handle_reaches_only_its_guest() {
+    let (xen, guest) = setup();
+    let other = xen.frontend(GUEST + 1).unwrap();
+    let broker = RemotePlatform::new(xen.dir());
+    let backend = RemotePlatform::new(xen.dir());
+    let fds = broker.evtchn_export(GUEST).unwrap();
+    let mut ev = backend.evtchn_import(fds).unwrap();
+    let theirs = other.alloc_unbound(0).unwrap();
+    match ev.bind_interdomain(GUEST + 1, theirs) {
+        Err(XenError::Evtchn { source, .. }) => {
+            assert_eq!(source.raw_os_error(), Some(libc::EACCES))
+        }
+        r => panic!("bound another guest's port: {r:?}"),
+    }
+    let gport = guest.alloc_unbound(0).unwrap();
+    let local = ev.bind_interdomain(GUEST, gport).unwrap();
+    guest.notify(gport).unwrap();
+    assert!(readable(&ev, 1000));
+    assert_eq!(ev.pending().unwrap(), Some(local));
+    ev.unmask(local).unwrap();
+    ev.notify(local).unwrap();
+    assert!(guest.wait(gport, Duration::from_secs(1)).unwrap());
+    // a handle is restricted once, and never to dom0
+    assert!(broker.evtchn_export(0).is_err());
+    assert!(backend.evtchn_import(Vec::new()).is_err());
+}
+
 #[test]
 fn xenstore_read_write_directory_perms_watch_transaction() {
     let (xen, guest) = setup();

@@ -12,7 +12,7 @@
 //! views), unmap a mapping twice or while a view of it is alive (the view borrows the
 //! mapping), or block a caller on another caller's xenstore request.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
 use thiserror::Error;
@@ -133,6 +133,23 @@ pub trait Platform: Send + Sync + 'static {
     fn evtchn(&self) -> Result<Self::Evtchn, XenError>;
     /// A new xenstore connection.
     fn xenstore(&self) -> Result<xenstore::Xenstore, XenError>;
+    /// A new event channel handle that can bind only ports of `domid` (Linux's
+    /// `IOCTL_EVTCHN_RESTRICT_DOMID`, what `xenevtchn_restrict` and QEMU's `dm_restrict` use),
+    /// as descriptors: a privileged process opens it for a sandboxed backend that cannot open
+    /// `/dev/xen/evtchn` itself ([`Platform::evtchn_import`] on the other side).
+    fn evtchn_export(&self, domid: DomId) -> Result<Vec<OwnedFd>, XenError> {
+        let _ = domid;
+        Err(XenError::Invalid(
+            "this platform cannot hand event channel handles to another process".into(),
+        ))
+    }
+    /// The event channel handle [`Platform::evtchn_export`] made, from its descriptors.
+    fn evtchn_import(&self, fds: Vec<OwnedFd>) -> Result<Self::Evtchn, XenError> {
+        drop(fds);
+        Err(XenError::Invalid(
+            "this platform cannot take event channel handles from another process".into(),
+        ))
+    }
 }
 
 /// Grant-table access to other domains' pages.

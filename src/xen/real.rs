@@ -1,12 +1,13 @@
-//! The real Xen: libxengnttab and libxenevtchn through bindgen, xenstore over
-//! `/dev/xen/xenbus` or xenstored's socket.
+//! The real Xen: libxengnttab through bindgen, `/dev/xen/evtchn` through its ioctls (as
+//! libxenevtchn's Linux backend drives it, so a handle can be passed between processes as one
+//! descriptor), xenstore over `/dev/xen/xenbus` or xenstored's socket.
 //!
 //! Owns: the C handles and every `unsafe` call into Xen's libraries.
 //! Trusts: the libraries' contracts (documented in `xengnttab.h`, `xenevtchn.h`).
 //! Must never: unmap a mapping twice or while a view of it lives (the view borrows the
 //! [`RealMapping`]), or leave a bound port behind (handles unbind on drop).
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
@@ -73,6 +74,20 @@ impl Platform for RealPlatform {
 
     fn evtchn(&self) -> Result<RealEvtchn, XenError> {
         RealEvtchn::open()
+    }
+
+    fn evtchn_export(&self, domid: DomId) -> Result<Vec<OwnedFd>, XenError> {
+        export_evtchn(domid)
+    }
+
+    fn evtchn_import(&self, fds: Vec<OwnedFd>) -> Result<RealEvtchn, XenError> {
+        match <[OwnedFd; 1]>::try_from(fds) {
+            Ok([fd]) => RealEvtchn::from_fd(fd),
+            Err(v) => Err(XenError::Invalid(format!(
+                "an event channel handle is one descriptor, not {}",
+                v.len()
+            ))),
+        }
     }
 
     fn xenstore(&self) -> Result<Xenstore, XenError> {
@@ -263,50 +278,104 @@ impl GrantTable for RealGnttab {
     }
 }
 
-/// A libxenevtchn handle (non-blocking fd).
-#[derive(Debug)]
-pub struct RealEvtchn {
-    h: NonNull<ffi::xenevtchn_handle>,
-    bound: Vec<Port>,
+/// `_IOC(_IOC_NONE, 'E', nr, size)` of `xen/sys/evtchn.h`.
+const fn evtchn_ioc(nr: u32, size: usize) -> u64 {
+    ((size as u64) << 16) | ((b'E' as u64) << 8) | nr as u64
 }
 
-// SAFETY: the handle wraps a file descriptor; it is used by one thread at a time (&mut for
-// binding, and the queue thread owns it).
-unsafe impl Send for RealEvtchn {}
+/// The `/dev/xen/evtchn` ioctls (`xen/sys/evtchn.h`; checked against the C header in
+/// `tests::ioctl_numbers_match_the_c_header`). The sandbox's system-call filter allows
+/// `ioctl` with these numbers only.
+pub mod evtchn_ioctl {
+    use super::evtchn_ioc;
+    /// `IOCTL_EVTCHN_BIND_INTERDOMAIN` (`{remote_domain, remote_port}`).
+    pub const BIND_INTERDOMAIN: u64 = evtchn_ioc(1, 8);
+    /// `IOCTL_EVTCHN_UNBIND` (`{port}`).
+    pub const UNBIND: u64 = evtchn_ioc(3, 4);
+    /// `IOCTL_EVTCHN_NOTIFY` (`{port}`).
+    pub const NOTIFY: u64 = evtchn_ioc(4, 4);
+    /// `IOCTL_EVTCHN_RESTRICT_DOMID` (`{domid_t domid}`).
+    pub const RESTRICT_DOMID: u64 = evtchn_ioc(6, 2);
+}
+
+/// An event channel handle: an open `/dev/xen/evtchn` (non-blocking), driven with the
+/// device's ioctls, `read` (the next pending port) and `write` (unmask), exactly as
+/// libxenevtchn's Linux backend does. Built from a descriptor, so that a sandboxed backend
+/// can use a handle its broker opened and restricted ([`Platform::evtchn_export`]).
+#[derive(Debug)]
+pub struct RealEvtchn {
+    fd: OwnedFd,
+    bound: Vec<Port>,
+}
 
 impl RealEvtchn {
     /// Opens `/dev/xen/evtchn`.
     pub fn open() -> Result<RealEvtchn, XenError> {
-        if let Some(e) = missing(EVTCHN) {
-            return Err(e);
-        }
-        // SAFETY: NULL logger, flags 0; NULL with errno on failure.
-        let h = unsafe { ffi::xenevtchn_open(std::ptr::null_mut(), 0) };
-        let h = NonNull::new(h).ok_or_else(|| XenError::Open {
-            node: PathBuf::from(EVTCHN),
-            source: std::io::Error::last_os_error(),
-        })?;
-        let ev = RealEvtchn {
-            h,
-            bound: Vec::new(),
-        };
-        let fd = ev.as_fd();
-        let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+        RealEvtchn::from_fd(open_evtchn()?)
+    }
+
+    /// A handle over an open `/dev/xen/evtchn` descriptor (made non-blocking here).
+    pub fn from_fd(fd: OwnedFd) -> Result<RealEvtchn, XenError> {
+        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)
             .map_err(|e| XenError::io("evtchn fcntl", e.into()))?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))
             .map_err(|e| XenError::io("evtchn fcntl", e.into()))?;
-        Ok(ev)
+        Ok(RealEvtchn {
+            fd,
+            bound: Vec::new(),
+        })
     }
+
+    fn ioctl<T>(
+        &self,
+        what: &'static str,
+        port: Port,
+        req: u64,
+        arg: &mut T,
+    ) -> Result<i32, XenError> {
+        evtchn_ioctl_on(self.fd.as_fd(), what, port, req, arg)
+    }
+}
+
+/// `ioctl(fd, req, &arg)` on an evtchn descriptor: the result, or the errno as an
+/// [`XenError::Evtchn`].
+fn evtchn_ioctl_on<T>(
+    fd: BorrowedFd<'_>,
+    what: &'static str,
+    port: Port,
+    req: u64,
+    arg: &mut T,
+) -> Result<i32, XenError> {
+    // SAFETY: `req` is one of the evtchn ioctls whose argument is exactly a `T` (the structs
+    // of xen/sys/evtchn.h, all plain integers), valid for the call's duration; the kernel
+    // reads or writes only those bytes.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, std::ptr::from_mut(arg)) };
+    if rc < 0 {
+        return Err(ev_err(what, port));
+    }
+    Ok(rc)
+}
+
+/// Opens `/dev/xen/evtchn` read-write, close-on-exec (as `xenevtchn_open`).
+fn open_evtchn() -> Result<OwnedFd, XenError> {
+    if let Some(e) = missing(EVTCHN) {
+        return Err(e);
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(EVTCHN)
+        .map(OwnedFd::from)
+        .map_err(|source| XenError::Open {
+            node: PathBuf::from(EVTCHN),
+            source,
+        })
 }
 
 impl AsFd for RealEvtchn {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the handle is valid for self's lifetime.
-        let fd = unsafe { ffi::xenevtchn_fd(self.h.as_ptr()) };
-        // SAFETY: xenevtchn_fd returns the handle's open descriptor, which stays open until
-        // xenevtchn_close in Drop; the borrow is tied to self.
-        unsafe { BorrowedFd::borrow_raw(fd) }
+        self.fd.as_fd()
     }
 }
 
@@ -320,74 +389,108 @@ fn ev_err(what: &'static str, port: Port) -> XenError {
 
 impl EventChannels for RealEvtchn {
     fn bind_interdomain(&mut self, domid: DomId, remote: Port) -> Result<Port, XenError> {
-        // SAFETY: valid handle; returns the local port or -1 with errno.
-        let p =
-            unsafe { ffi::xenevtchn_bind_interdomain(self.h.as_ptr(), u32::from(domid), remote) };
+        // struct ioctl_evtchn_bind_interdomain { unsigned int remote_domain, remote_port; }
+        let mut arg: [u32; 2] = [u32::from(domid), remote];
+        let p = self.ioctl(
+            "bind_interdomain",
+            remote,
+            evtchn_ioctl::BIND_INTERDOMAIN,
+            &mut arg,
+        )?;
         let port = Port::try_from(p).map_err(|_| ev_err("bind_interdomain", remote))?;
         self.bound.push(port);
         Ok(port)
     }
 
     fn unbind(&mut self, port: Port) -> Result<(), XenError> {
-        // SAFETY: valid handle; an unknown port is an error return, not UB.
-        if unsafe { ffi::xenevtchn_unbind(self.h.as_ptr(), port) } < 0 {
-            return Err(ev_err("unbind", port));
-        }
+        let mut arg: u32 = port;
+        self.ioctl("unbind", port, evtchn_ioctl::UNBIND, &mut arg)?;
         self.bound.retain(|&p| p != port);
         Ok(())
     }
 
     fn notify(&self, port: Port) -> Result<(), XenError> {
-        // SAFETY: valid handle.
-        if unsafe { ffi::xenevtchn_notify(self.h.as_ptr(), port) } < 0 {
-            return Err(ev_err("notify", port));
-        }
-        Ok(())
+        let mut arg: u32 = port;
+        self.ioctl("notify", port, evtchn_ioctl::NOTIFY, &mut arg)
+            .map(drop)
     }
 
     fn unmask(&self, port: Port) -> Result<(), XenError> {
-        // SAFETY: valid handle.
-        if unsafe { ffi::xenevtchn_unmask(self.h.as_ptr(), port) } < 0 {
-            return Err(ev_err("unmask", port));
+        // the device unmasks every port written to it
+        match nix::unistd::write(&self.fd, &port.to_ne_bytes()) {
+            Ok(4) => Ok(()),
+            Ok(_) => Err(XenError::Evtchn {
+                what: "unmask",
+                port,
+                source: std::io::Error::from(std::io::ErrorKind::WriteZero),
+            }),
+            Err(e) => Err(XenError::Evtchn {
+                what: "unmask",
+                port,
+                source: e.into(),
+            }),
         }
-        Ok(())
     }
 
     fn pending(&self) -> Result<Option<Port>, XenError> {
-        // SAFETY: valid handle; the fd is non-blocking, so this returns -1/EAGAIN when idle.
-        let p = unsafe { ffi::xenevtchn_pending(self.h.as_ptr()) };
-        match Port::try_from(p) {
-            Ok(port) => Ok(Some(port)),
-            Err(_) => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::WouldBlock {
-                    Ok(None)
-                } else {
-                    Err(XenError::Evtchn {
-                        what: "pending",
-                        port: 0,
-                        source: e,
-                    })
-                }
-            }
+        // the device reads out pending ports, 4 bytes each; non-blocking: EAGAIN when idle
+        let mut b = [0u8; 4];
+        match nix::unistd::read(&self.fd, &mut b) {
+            Ok(4) => Ok(Some(Port::from_ne_bytes(b))),
+            Ok(_) => Err(XenError::Evtchn {
+                what: "pending",
+                port: 0,
+                source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            }),
+            Err(nix::errno::Errno::EAGAIN) => Ok(None),
+            Err(e) => Err(XenError::Evtchn {
+                what: "pending",
+                port: 0,
+                source: e.into(),
+            }),
         }
     }
 }
 
 impl Drop for RealEvtchn {
     fn drop(&mut self) {
-        for p in self.bound.drain(..) {
-            // SAFETY: valid handle; each bound port is unbound once.
-            unsafe { ffi::xenevtchn_unbind(self.h.as_ptr(), p) };
+        for p in std::mem::take(&mut self.bound) {
+            // each bound port is unbound once (closing the device would unbind them too)
+            let mut arg: u32 = p;
+            let _ = self.ioctl("unbind", p, evtchn_ioctl::UNBIND, &mut arg);
         }
-        // SAFETY: closed once, here.
-        unsafe { ffi::xenevtchn_close(self.h.as_ptr()) };
     }
+}
+
+/// Opens `/dev/xen/evtchn` and restricts it to `domid` (`IOCTL_EVTCHN_RESTRICT_DOMID`): the
+/// handle can then bind interdomain ports of that domain only, never a VIRQ or an unbound
+/// port (Linux's `evtchn.c`).
+fn export_evtchn(domid: DomId) -> Result<Vec<OwnedFd>, XenError> {
+    let fd = open_evtchn()?;
+    // struct ioctl_evtchn_restrict_domid { domid_t domid; }
+    let mut arg: u16 = domid;
+    evtchn_ioctl_on(
+        fd.as_fd(),
+        "restrict to its guest",
+        0,
+        evtchn_ioctl::RESTRICT_DOMID,
+        &mut arg,
+    )?;
+    Ok(vec![fd])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_c_header() {
+        // printed by a C program including <xen/sys/evtchn.h> (libxen-dev 4.17)
+        assert_eq!(evtchn_ioctl::BIND_INTERDOMAIN, 0x84501);
+        assert_eq!(evtchn_ioctl::UNBIND, 0x44503);
+        assert_eq!(evtchn_ioctl::NOTIFY, 0x44504);
+        assert_eq!(evtchn_ioctl::RESTRICT_DOMID, 0x24506);
+    }
 
     #[test]
     fn without_xen_opening_names_the_missing_node() {

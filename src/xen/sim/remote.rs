@@ -12,16 +12,14 @@
 //! the guest's ends become unbound again and may be bound by the next backend
 //! (`evtchn_close` in Xen's `event_channel.c`) — and its mappings vanish with its address space.
 
-use std::io::{IoSlice, IoSliceMut, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
-
 use super::super::xenstore::Xenstore;
 use super::{copy_seg, lock, map_pages, Handle, Hypervisor, SimMapping};
+use crate::fdmsg::{recv, send, Msg, MAX_FDS};
 use crate::xen::{
     CopyDir, CopySeg, DomId, EventChannels, GrantRef, GrantTable, Platform, Port, XenError,
     GNTST_BAD_GNTREF, GNTST_GENERAL_ERROR,
@@ -32,12 +30,8 @@ pub const HYPERVISOR_SOCKET: &str = "hypervisor.sock";
 /// The xenstored socket's name in the simulated Xen's directory.
 pub const XENSTORED_SOCKET: &str = "xenstored.sock";
 
-/// At most this many descriptors travel in one message (the kernel's `SCM_MAX_FD` is 253).
-const MAX_FDS: usize = 250;
 /// Grant copies are sent in chunks of this many segments (one page each at most).
 const COPY_CHUNK: usize = 32;
-/// A message larger than this is a protocol error.
-const MAX_MSG: usize = 4 << 20;
 
 mod op {
     pub const HELLO: u8 = 1;
@@ -49,128 +43,9 @@ mod op {
     pub const NOTIFY: u8 = 7;
     pub const UNMASK: u8 = 8;
     pub const PENDING: u8 = 9;
+    pub const RESTRICT: u8 = 10;
     pub const OK: u8 = 100;
     pub const ERR: u8 = 101;
-}
-
-/// One message: an operation, some integers and bytes.
-#[derive(Debug, Default)]
-struct Msg {
-    op: u8,
-    ints: Vec<u64>,
-    data: Vec<u8>,
-}
-
-impl Msg {
-    fn new(op: u8, ints: Vec<u64>) -> Msg {
-        Msg {
-            op,
-            ints,
-            data: Vec::new(),
-        }
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        let len = 1 + 4 + 8 * self.ints.len() + self.data.len();
-        let mut b = Vec::with_capacity(4 + len);
-        b.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
-        b.push(self.op);
-        b.extend_from_slice(
-            &u32::try_from(self.ints.len())
-                .unwrap_or(u32::MAX)
-                .to_le_bytes(),
-        );
-        for i in &self.ints {
-            b.extend_from_slice(&i.to_le_bytes());
-        }
-        b.extend_from_slice(&self.data);
-        b
-    }
-
-    fn decode(b: &[u8]) -> std::io::Result<Msg> {
-        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed message");
-        let (&op, rest) = b.split_first().ok_or_else(bad)?;
-        let n = rest
-            .get(..4)
-            .and_then(|x| x.try_into().ok())
-            .map(u32::from_le_bytes)
-            .ok_or_else(bad)? as usize;
-        let ints_end = 4 + n.checked_mul(8).ok_or_else(bad)?;
-        let ints = rest
-            .get(4..ints_end)
-            .ok_or_else(bad)?
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
-        Ok(Msg {
-            op,
-            ints,
-            data: rest.get(ints_end..).unwrap_or(&[]).to_vec(),
-        })
-    }
-
-    fn int(&self, i: usize) -> u64 {
-        self.ints.get(i).copied().unwrap_or(u64::MAX)
-    }
-}
-
-/// Sends `msg` with `fds` attached, in one `sendmsg`.
-fn send(stream: &UnixStream, msg: &Msg, fds: &[RawFd]) -> std::io::Result<()> {
-    let bytes = msg.encode();
-    let cmsg = [ControlMessage::ScmRights(fds)];
-    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
-    let sent = sendmsg::<()>(
-        stream.as_raw_fd(),
-        &[IoSlice::new(&bytes)],
-        cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .map_err(std::io::Error::from)?;
-    let mut w: &UnixStream = stream;
-    w.write_all(bytes.get(sent..).unwrap_or(&[]))
-}
-
-/// Receives one message and the descriptors sent with it; `None` at end of stream.
-fn recv(stream: &UnixStream) -> std::io::Result<Option<(Msg, Vec<OwnedFd>)>> {
-    let mut hdr = [0u8; 4];
-    let mut got = 0;
-    let mut fds = Vec::new();
-    while got < hdr.len() {
-        let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
-        let mut iov = [IoSliceMut::new(hdr.get_mut(got..).unwrap_or(&mut []))];
-        let r = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(std::io::Error::from)?;
-        for c in r.cmsgs().map_err(std::io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                for fd in raw {
-                    // SAFETY: the kernel just installed this descriptor in our table for us
-                    // (SCM_RIGHTS); nothing else owns it.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-        }
-        if r.bytes == 0 {
-            return Ok(None);
-        }
-        got += r.bytes;
-    }
-    let len = u32::from_le_bytes(hdr) as usize;
-    if len > MAX_MSG {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "message too large",
-        ));
-    }
-    let mut body = vec![0u8; len];
-    let mut r: &UnixStream = stream;
-    r.read_exact(&mut body)?;
-    Ok(Some((Msg::decode(&body)?, fds)))
 }
 
 fn errno_of(e: &XenError) -> u64 {
@@ -203,6 +78,8 @@ struct ConnState {
     domid: DomId,
     handle: Option<Arc<Handle>>,
     bound: Vec<Port>,
+    /// The only domain this handle may bind to (`IOCTL_EVTCHN_RESTRICT_DOMID`).
+    restrict: Option<DomId>,
 }
 
 fn serve_conn(stream: &UnixStream, hv: &Mutex<Hypervisor>) {
@@ -210,6 +87,7 @@ fn serve_conn(stream: &UnixStream, hv: &Mutex<Hypervisor>) {
         domid: 0,
         handle: None,
         bound: Vec::new(),
+        restrict: None,
     };
     while let Ok(Some((msg, _fds))) = recv(stream) {
         let (reply, fds) = handle(hv, &mut st, &msg);
@@ -255,6 +133,9 @@ fn handle(hv: &Mutex<Hypervisor>, st: &mut ConnState, msg: &Msg) -> (Msg, Vec<Ow
                 DomId::try_from(msg.int(0)).unwrap_or(DomId::MAX),
                 Port::try_from(msg.int(1)).unwrap_or(0),
             );
+            if st.restrict.is_some_and(|r| r != domid) {
+                return err(vec![libc::EACCES as u64]);
+            }
             match lock(hv).bind(st.domid, h, domid, remote) {
                 Ok(local) => {
                     st.bound.push(local);
@@ -262,6 +143,18 @@ fn handle(hv: &Mutex<Hypervisor>, st: &mut ConnState, msg: &Msg) -> (Msg, Vec<Ow
                 }
                 Err(e) => err(vec![errno_of(&e)]),
             }
+        }
+        // Linux's evtchn.c: once, to a guest's domain (not 0 or a reserved id)
+        op::RESTRICT => {
+            let domid = DomId::try_from(msg.int(0)).unwrap_or(DomId::MAX);
+            if st.restrict.is_some() {
+                return err(vec![libc::EACCES as u64]);
+            }
+            if domid == 0 || domid >= 0x7ff0 {
+                return err(vec![libc::EINVAL as u64]);
+            }
+            st.restrict = Some(domid);
+            ok(vec![])
         }
         op::UNBIND => {
             let p = port();
@@ -471,6 +364,34 @@ impl Platform for RemotePlatform {
 
     fn xenstore(&self) -> Result<Xenstore, XenError> {
         Ok(Xenstore::connect(&self.dir.join(XENSTORED_SOCKET))?)
+    }
+
+    /// The handle's connection and its eventfd.
+    fn evtchn_export(&self, domid: DomId) -> Result<Vec<OwnedFd>, XenError> {
+        let ev = self.evtchn()?;
+        let msg = Msg::new(op::RESTRICT, vec![u64::from(domid)]);
+        lock(&ev.conn).evtchn_call("restrict to its guest", 0, &msg)?;
+        let RemoteEvtchn { conn, efd, .. } = ev;
+        let conn = conn
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(vec![OwnedFd::from(conn.stream), efd])
+    }
+
+    fn evtchn_import(&self, fds: Vec<OwnedFd>) -> Result<RemoteEvtchn, XenError> {
+        match <[OwnedFd; 2]>::try_from(fds) {
+            Ok([conn, efd]) => Ok(RemoteEvtchn {
+                conn: Mutex::new(Conn {
+                    stream: UnixStream::from(conn),
+                }),
+                efd,
+                bound: Vec::new(),
+            }),
+            Err(v) => Err(XenError::Invalid(format!(
+                "a simulated event channel handle is two descriptors, not {}",
+                v.len()
+            ))),
+        }
     }
 }
 

@@ -189,15 +189,26 @@ impl Xenstore {
             use std::os::unix::fs::FileTypeExt;
             m.file_type().is_socket()
         })?;
-        let mut shutdown = None;
-        let (r, w): (Box<dyn Read + Send>, Box<dyn Write + Send>) = if is_socket {
-            let s = UnixStream::connect(path)?;
-            shutdown = Some(s.try_clone()?);
-            (Box::new(s.try_clone()?), Box::new(s))
-        } else {
-            let f = OpenOptions::new().read(true).write(true).open(path)?;
-            (Box::new(f.try_clone()?), Box::new(f))
-        };
+        if is_socket {
+            return Self::from_stream(UnixStream::connect(path)?, path);
+        }
+        let f = OpenOptions::new().read(true).write(true).open(path)?;
+        Self::start(Box::new(f.try_clone()?), Box::new(f), None, path)
+    }
+
+    /// A client over a connected stream that speaks `xs_wire.h` (a socket pair whose other
+    /// end a sandboxed backend's broker forwards to xenstored); `label` names it in errors.
+    pub fn from_stream(s: UnixStream, label: &Path) -> Result<Xenstore, XsError> {
+        let shutdown = Some(s.try_clone()?);
+        Self::start(Box::new(s.try_clone()?), Box::new(s), shutdown, label)
+    }
+
+    fn start(
+        r: Box<dyn Read + Send>,
+        w: Box<dyn Write + Send>,
+        shutdown: Option<UnixStream>,
+        path: &Path,
+    ) -> Result<Xenstore, XsError> {
         let inner = Arc::new(Inner {
             writer: Mutex::new(w),
             pending: Mutex::new(HashMap::new()),
