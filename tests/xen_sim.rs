@@ -283,6 +283,74 @@ fn an_exported_handle_reaches_only_its_guest() {
     assert!(backend.evtchn_import(Vec::new()).is_err());
 }
 
+/// issue 15: a sandboxed backend's xenstore connection goes through a filtering proxy: what
+/// the policy allows works as on a direct connection (reads, writes in a transaction,
+/// watches), everything else is answered EACCES and never reaches xenstored.
+#[test]
+fn the_xenstore_proxy_lets_through_only_what_its_policy_allows() {
+    use rbdback::xen::xenstore::proxy::{self, Access};
+    use rbdback::xen::xenstore::Xenstore;
+    let (xen, _guest) = setup();
+    let dom0 = xen.platform().xenstore().unwrap();
+    dom0.write("/local/domain/0/backend/vbd/3/1/params", "rbd:p/mine")
+        .unwrap();
+    dom0.write(
+        "/local/domain/0/backend/vbd/4/1/params",
+        "rbd:p/theirs:key=SECRET",
+    )
+    .unwrap();
+    let mine = std::os::unix::net::UnixStream::pair().unwrap();
+    let policy: proxy::Policy = Arc::new(|a, p: &str| {
+        let under = |pre: &str| p == pre || p.starts_with(&format!("{pre}/"));
+        under("/local/domain/0/backend/vbd/3") && (a == Access::Read || p.ends_with("/state"))
+    });
+    proxy::spawn(mine.1, xen.xenstore_path(), "/local/domain/0", policy).unwrap();
+    let xs = Xenstore::from_stream(mine.0, std::path::Path::new("proxy")).unwrap();
+    assert_eq!(
+        xs.read("/local/domain/0/backend/vbd/3/1/params")
+            .unwrap()
+            .as_deref(),
+        Some("rbd:p/mine")
+    );
+    let denied = |r: Result<_, rbdback::xen::xenstore::XsError>| {
+        assert_eq!(
+            r.err()
+                .and_then(|e| e.errno().map(str::to_owned))
+                .as_deref(),
+            Some("EACCES")
+        )
+    };
+    denied(xs.read("/local/domain/0/backend/vbd/4/1/params").map(drop));
+    denied(xs.read("backend/vbd/4/1/params").map(drop));
+    denied(xs.directory("/local/domain/0/backend/vbd").map(drop));
+    denied(
+        xs.write("/local/domain/0/backend/vbd/3/1/params", "rbd:p/theirs")
+            .map(drop),
+    );
+    denied(xs.watch("/local/domain/0/backend/vbd/4").map(drop));
+    let w = xs.watch("/local/domain/0/backend/vbd/3/1").unwrap();
+    while w.recv_timeout(Duration::from_millis(100)).is_some() {}
+    xs.transaction(|tx| tx.write("/local/domain/0/backend/vbd/3/1/state", "2"))
+        .unwrap();
+    assert!(
+        w.recv_timeout(Duration::from_secs(2)).is_some(),
+        "watch event"
+    );
+    assert_eq!(
+        dom0.read("/local/domain/0/backend/vbd/3/1/state")
+            .unwrap()
+            .as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        dom0.read("/local/domain/0/backend/vbd/3/1/params")
+            .unwrap()
+            .as_deref(),
+        Some("rbd:p/mine"),
+        "a refused write changed nothing"
+    );
+}
+
 #[test]
 fn xenstore_read_write_directory_perms_watch_transaction() {
     let (xen, guest) = setup();

@@ -133,6 +133,10 @@ pub trait Platform: Send + Sync + 'static {
     fn evtchn(&self) -> Result<Self::Evtchn, XenError>;
     /// A new xenstore connection.
     fn xenstore(&self) -> Result<xenstore::Xenstore, XenError>;
+    /// Where [`Platform::xenstore`] connects (xenstored's socket or `/dev/xen/xenbus`): a
+    /// sandboxed backend's broker forwards its connection there
+    /// ([`xenstore::proxy`]).
+    fn xenstore_path(&self) -> PathBuf;
     /// A new event channel handle that can bind only ports of `domid` (Linux's
     /// `IOCTL_EVTCHN_RESTRICT_DOMID`, what `xenevtchn_restrict` and QEMU's `dm_restrict` use),
     /// as descriptors: a privileged process opens it for a sandboxed backend that cannot open

@@ -90,6 +90,10 @@ impl Platform for RealPlatform {
         }
     }
 
+    fn xenstore_path(&self) -> PathBuf {
+        super::xenstore::default_path()
+    }
+
     fn xenstore(&self) -> Result<Xenstore, XenError> {
         Xenstore::open_default().map_err(|e| match e {
             super::xenstore::XsError::Io(source) => XenError::Open {

@@ -444,6 +444,10 @@ impl Platform for SimPlatform {
     fn xenstore(&self) -> Result<Xenstore, XenError> {
         Ok(Xenstore::connect(&self.xen.sock)?)
     }
+
+    fn xenstore_path(&self) -> PathBuf {
+        self.xen.sock.clone()
+    }
 }
 
 /// The simulated grant table (backend side).

@@ -366,6 +366,10 @@ impl Platform for RemotePlatform {
         Ok(Xenstore::connect(&self.dir.join(XENSTORED_SOCKET))?)
     }
 
+    fn xenstore_path(&self) -> PathBuf {
+        self.dir.join(XENSTORED_SOCKET)
+    }
+
     /// The handle's connection and its eventfd.
     fn evtchn_export(&self, domid: DomId) -> Result<Vec<OwnedFd>, XenError> {
         let ev = self.evtchn()?;

@@ -22,6 +22,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use thiserror::Error;
 use tracing::debug;
 
+pub mod proxy;
 pub mod wire;
 
 pub use wire::Perm;
@@ -126,29 +127,40 @@ impl std::fmt::Debug for Xenstore {
     }
 }
 
-fn reader_loop(inner: &Inner, mut r: Box<dyn Read + Send>) {
+/// Reads whole messages from `r` and hands each to `f` until the stream ends, breaks the
+/// framing or `f` says stop (returns false).
+pub(crate) fn for_each_msg(mut r: impl Read, mut f: impl FnMut(Msg) -> bool) {
     let mut buf: Vec<u8> = Vec::with_capacity(2 * (wire::HEADER_LEN + wire::PAYLOAD_MAX));
     let mut chunk = vec![0u8; wire::HEADER_LEN + wire::PAYLOAD_MAX];
     loop {
         match Msg::decode(&buf) {
             Ok(Some((msg, used))) => {
                 buf.drain(..used);
-                dispatch(inner, msg);
+                if !f(msg) {
+                    return;
+                }
                 continue;
             }
             Ok(None) => {}
             Err(e) => {
                 debug!(error = %e, "xenstore stream corrupt; closing");
-                break;
+                return;
             }
         }
         match r.read(&mut chunk) {
-            Ok(0) => break,
+            Ok(0) => return,
             Ok(n) => buf.extend_from_slice(chunk.get(..n).unwrap_or(&[])),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
+            Err(_) => return,
         }
     }
+}
+
+fn reader_loop(inner: &Inner, r: Box<dyn Read + Send>) {
+    for_each_msg(r, |msg| {
+        dispatch(inner, msg);
+        true
+    });
     inner.closed.store(true, Ordering::Release);
     // Wake every waiter: dropping the senders makes their recv fail with Disconnected.
     lock(&inner.pending).clear();
@@ -182,18 +194,46 @@ fn dispatch(inner: &Inner, msg: Msg) {
     }
 }
 
+/// Where [`Xenstore::open_default`] connects: `$XENSTORED_PATH`, else
+/// `/run/xenstored/socket` if it exists, else `/dev/xen/xenbus`.
+pub fn default_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("XENSTORED_PATH") {
+        return PathBuf::from(p);
+    }
+    let sock = Path::new("/run/xenstored/socket");
+    if sock.exists() {
+        return sock.to_owned();
+    }
+    PathBuf::from("/dev/xen/xenbus")
+}
+
+/// The halves of a byte stream to xenstored, and a handle that shuts it down (sockets only).
+pub(crate) type RawConn = (
+    Box<dyn Read + Send>,
+    Box<dyn Write + Send>,
+    Option<UnixStream>,
+);
+
+/// Connects to xenstored's unix socket, or opens the `/dev/xen/xenbus` character device: the
+/// byte stream, no client on it.
+pub(crate) fn open_raw(path: &Path) -> Result<RawConn, XsError> {
+    let is_socket = std::fs::metadata(path).map(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_socket()
+    })?;
+    if is_socket {
+        let s = UnixStream::connect(path)?;
+        return Ok((Box::new(s.try_clone()?), Box::new(s.try_clone()?), Some(s)));
+    }
+    let f = OpenOptions::new().read(true).write(true).open(path)?;
+    Ok((Box::new(f.try_clone()?), Box::new(f), None))
+}
+
 impl Xenstore {
     /// Connects to xenstored's unix socket, or opens the `/dev/xen/xenbus` character device.
     pub fn connect(path: &Path) -> Result<Xenstore, XsError> {
-        let is_socket = std::fs::metadata(path).map(|m| {
-            use std::os::unix::fs::FileTypeExt;
-            m.file_type().is_socket()
-        })?;
-        if is_socket {
-            return Self::from_stream(UnixStream::connect(path)?, path);
-        }
-        let f = OpenOptions::new().read(true).write(true).open(path)?;
-        Self::start(Box::new(f.try_clone()?), Box::new(f), None, path)
+        let (r, w, shutdown) = open_raw(path)?;
+        Self::start(r, w, shutdown, path)
     }
 
     /// A client over a connected stream that speaks `xs_wire.h` (a socket pair whose other
@@ -229,14 +269,7 @@ impl Xenstore {
 
     /// `$XENSTORED_PATH`, else `/run/xenstored/socket`, else `/dev/xen/xenbus`.
     pub fn open_default() -> Result<Xenstore, XsError> {
-        if let Some(p) = std::env::var_os("XENSTORED_PATH") {
-            return Self::connect(Path::new(&p));
-        }
-        let sock = Path::new("/run/xenstored/socket");
-        if sock.exists() {
-            return Self::connect(sock);
-        }
-        Self::connect(Path::new("/dev/xen/xenbus"))
+        Self::connect(&default_path())
     }
 
     /// The path this client connected to.
