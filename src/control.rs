@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -155,13 +156,29 @@ pub fn serve_sockets(run_dir: &Path) -> Result<Vec<(u16, PathBuf)>, ControlError
 pub struct Server {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// The listening socket, to wake the accept with `shutdown` (a sandboxed process may not
+    /// be able to connect to its own socket's path).
+    wake: Option<UnixListener>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// A control socket bound and listening, not served yet: a sandboxed `serve` binds it as root,
+/// before it drops, and serves it after ([`Bound::serve`]).
+#[derive(Debug)]
+pub struct Bound {
+    path: PathBuf,
+    listener: UnixListener,
 }
 
 impl Server {
     /// Creates `run_dir` (0700) if needed and serves `commands` on `run_dir/name` (0600). A
     /// socket left behind by a process that is gone is replaced.
     pub fn start(run_dir: &Path, name: &str, commands: Commands) -> Result<Server, ControlError> {
+        Server::bind(run_dir, name)?.serve(commands)
+    }
+
+    /// [`Server::start`]'s first half: the directory and the listening socket.
+    pub fn bind(run_dir: &Path, name: &str) -> Result<Bound, ControlError> {
         let io = |what, path: &Path| {
             let path = path.to_owned();
             move |source| ControlError::Io { what, path, source }
@@ -184,6 +201,21 @@ impl Server {
         let listener = UnixListener::bind(&path).map_err(io("cannot listen on", &path))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(io("cannot set the mode of", &path))?;
+        Ok(Bound { path, listener })
+    }
+}
+
+impl Bound {
+    /// Serves `commands` on a thread of its own.
+    pub fn serve(self, commands: Commands) -> Result<Server, ControlError> {
+        let Bound { path, listener } = self;
+        let io = |what, path: &Path| {
+            let path = path.to_owned();
+            move |source| ControlError::Io { what, path, source }
+        };
+        let wake = listener
+            .try_clone()
+            .map_err(io("cannot use the socket", &path))?;
         let stop = Arc::new(AtomicBool::new(false));
         let (stop2, p2) = (Arc::clone(&stop), path.clone());
         let thread = std::thread::Builder::new()
@@ -194,10 +226,13 @@ impl Server {
         Ok(Server {
             path,
             stop,
+            wake: Some(wake),
             thread: Some(thread),
         })
     }
+}
 
+impl Server {
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -207,8 +242,10 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        // wake the accept
-        let _ = UnixStream::connect(&self.path);
+        // wake the accept: shutting the listening socket down makes it fail at once (Linux)
+        if let Some(l) = self.wake.take() {
+            let _ = nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -215,6 +215,13 @@ pub fn queue_config(defaults: &QueueConfig, spec: &DiskSpec) -> QueueConfig {
 pub trait ImageOpener: Send + Sync {
     /// Opens the image `spec` describes.
     fn open(&self, spec: &ImageSpec) -> Result<Arc<Image>, rados::RadosError>;
+    /// Opens the image of disk `id` (its `params` parsed into `spec`): a sandboxed backend's
+    /// opener first gets the disk's Ceph files from its broker
+    /// ([`crate::sandbox::broker::ConfinedOpener`]).
+    fn open_disk(&self, id: &VbdId, spec: &ImageSpec) -> Result<Arc<Image>, rados::RadosError> {
+        let _ = id;
+        self.open(spec)
+    }
 }
 
 /// The production opener: [`Image::open`].
@@ -288,16 +295,16 @@ impl<P: Platform> Vbd<P> {
         stop: &Receiver<()>,
     ) -> Opening {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let (o, sp) = (Arc::clone(opener), spec.clone());
+        let (o, sp, id) = (Arc::clone(opener), spec.clone(), self.id.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("rbdback-open-{}", self.id.devid))
             .spawn(move || {
                 // the receiver is gone when the VBD gave up: the image is dropped (closed)
-                let _ = tx.send(o.open(&sp));
+                let _ = tx.send(o.open_disk(&id, &sp));
             });
         if let Err(e) = spawned {
             warn!(error = %e, "cannot start the opening thread; opening inline");
-            return Opening::Done(opener.open(spec));
+            return Opening::Done(opener.open_disk(&self.id, spec));
         }
         let t0 = Instant::now();
         let mut reported = false;

@@ -76,6 +76,22 @@ unsafe impl Sync for Cluster {}
 impl Cluster {
     /// Connects as `client.<id>` with the spec's configuration, bounded by the mount timeout.
     pub(crate) fn connect(spec: &ImageSpec) -> Result<Cluster, RadosError> {
+        let c = Cluster::configure(spec)?;
+        // SAFETY: valid, configured handle; blocks at most the mount timeout.
+        let rc = unsafe { sys::rados_connect(c.h) };
+        if rc < 0 {
+            return Err(RadosError::Connect {
+                client: spec.client_id.clone(),
+                what: "rados_connect".to_owned(),
+                errno: Errno(rc),
+            });
+        }
+        Ok(c)
+    }
+
+    /// A handle configured as [`Cluster::connect`] configures it (the spec's ceph.conf,
+    /// `$CEPH_ARGS`, our options, the spec's options), not connected.
+    fn configure(spec: &ImageSpec) -> Result<Cluster, RadosError> {
         let client = spec.client_id.clone();
         let fail = |what: &str, rc: i32| RadosError::Connect {
             client: client.clone(),
@@ -146,12 +162,22 @@ impl Cluster {
             c.set(k, v)
                 .map_err(|rc| fail(&format!("setting {k}"), rc))?;
         }
-        // SAFETY: valid, configured handle; blocks at most the mount timeout.
-        let rc = unsafe { sys::rados_connect(c.h) };
-        if rc < 0 {
-            return Err(fail("rados_connect", rc));
-        }
         Ok(c)
+    }
+
+    /// The value of configuration option `key` (metavariables such as `$cluster` and `$name`
+    /// expanded).
+    pub(crate) fn get(&self, key: &str) -> Result<String, Errno> {
+        let k = name(key)?;
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: valid handle; `buf` is writable for its length, which is passed; librados
+        // writes a NUL-terminated string or fails with -ENAMETOOLONG.
+        let rc =
+            unsafe { sys::rados_conf_get(self.h, k.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        self::rc(rc)?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        buf.truncate(end);
+        Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 
     pub(crate) fn set(&self, key: &str, value: &str) -> Result<(), i32> {
@@ -187,6 +213,80 @@ impl Drop for Cluster {
         // are fields declared before the cluster in LibrbdImage).
         unsafe { sys::rados_shutdown(self.h) };
     }
+}
+
+/// The files librados reads to reach a disk's cluster: what a sandboxed backend, which can
+/// open none of them itself, gets from its broker ([`crate::sandbox::broker`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigFiles {
+    /// The ceph.conf read (the spec's `conf`, else the first of librados' default search
+    /// that exists); `None` when there is none.
+    pub conf: Option<std::path::PathBuf>,
+    /// The keyring: the spec's `keyring`, else the first existing file of the `keyring`
+    /// option's search list as the configuration sets it (librados'
+    /// `ceph_resolve_file_search`).
+    pub keyring: Option<std::path::PathBuf>,
+    /// The `keyfile` option's file (a bare key), if set.
+    pub keyfile: Option<std::path::PathBuf>,
+}
+
+/// librados' default search for a ceph.conf when none is named: `$CEPH_CONF`, else
+/// `/etc/ceph/ceph.conf`, `~/.ceph/ceph.conf`, `./ceph.conf` (Ceph's
+/// `CEPH_CONF_FILE_DEFAULT` for a client, cluster `ceph`).
+fn default_conf() -> Option<std::path::PathBuf> {
+    if let Some(c) = std::env::var_os("CEPH_CONF") {
+        return Some(c.into());
+    }
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    [
+        Some(std::path::PathBuf::from("/etc/ceph/ceph.conf")),
+        home.map(|h| h.join(".ceph/ceph.conf")),
+        Some(std::path::PathBuf::from("ceph.conf")),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.is_file())
+}
+
+/// The first existing file of a search list (`,`, `;` or blanks between entries).
+fn first_file(list: &str) -> Option<std::path::PathBuf> {
+    list.split([',', ';', ' ', '\t'])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// Which files opening `spec` would read, found as librados finds them: the configuration is
+/// read (no connection is made) and the `keyring` and `keyfile` options asked for.
+pub fn config_files(spec: &ImageSpec) -> Result<ConfigFiles, RadosError> {
+    let conf = spec
+        .conf
+        .as_ref()
+        .map(std::path::PathBuf::from)
+        .or_else(default_conf);
+    let mut s = spec.clone();
+    s.conf = conf.as_ref().map(|p| p.display().to_string());
+    let c = Cluster::configure(&s)?;
+    let get = |key: &str| {
+        c.get(key).map_err(|errno| RadosError::Connect {
+            client: spec.client_id.clone(),
+            what: format!("reading option {key}"),
+            errno,
+        })
+    };
+    let keyring = match &spec.keyring {
+        Some(k) => Some(std::path::PathBuf::from(k)),
+        None => first_file(&get("keyring")?),
+    };
+    let keyfile = Some(get("keyfile")?)
+        .filter(|k| !k.trim().is_empty())
+        .map(|k| std::path::PathBuf::from(k.trim()));
+    Ok(ConfigFiles {
+        conf,
+        keyring,
+        keyfile,
+    })
 }
 
 /// A pool context (`rados_ioctx_t`).

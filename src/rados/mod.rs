@@ -26,6 +26,7 @@ mod sys;
 pub mod testing;
 mod usage;
 
+pub use client::{config_files, ConfigFiles};
 pub use usage::{usage, Counted, Usage};
 
 /// How the pool is named.
