@@ -5,7 +5,8 @@
 //! `ceph.rs` (librados, librbd) run bindgen against the system headers installed by
 //! `tools/install-deps` (libxen-dev, librados-dev, librbd-dev, libclang-dev); `csi.rs`
 //! (feature `csi`) describes the CSI services to tonic-build, no protoc needed; `docs.rs` renders
-//! the command line of `src/cli.rs` as man pages and shell completions.
+//! the command line of `src/cli.rs` as man pages and shell completions; `syscalls.rs` the
+//! system call names the sandbox uses to name a refused call.
 
 #[path = "build/ceph.rs"]
 mod ceph;
@@ -14,6 +15,8 @@ mod ceph;
 mod csi;
 #[path = "build/docs.rs"]
 mod docs;
+#[path = "build/syscalls.rs"]
+mod syscalls;
 #[path = "build/xen.rs"]
 mod xen;
 
@@ -23,6 +26,7 @@ fn main() {
     xen::generate();
     ceph::generate();
     docs::generate();
+    syscalls::generate();
     #[cfg(feature = "csi")]
     csi::generate();
 }

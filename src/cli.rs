@@ -64,6 +64,8 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Serve(ServeArgs),
+    #[command(hide = true)]
+    ServeBroker(ServeBrokerArgs),
     Supervise(SuperviseArgs),
     Csi(CsiArgs),
     CsiCall(CsiCallArgs),
@@ -114,7 +116,13 @@ impl BackendArgs {
 /// requests from RADOS: one control thread per VBD and one dataplane thread per ring queue. Disks
 /// whose `params` is not an RBD target are never touched. Exits when the guest has no RBD disk
 /// left (unless --stay). `rbdback supervise` starts it with exactly `serve --domid N --kind KIND
-/// --backend-domid B`.
+/// --backend-domid B` and its sandbox options.
+///
+/// Sandboxed by default: once its grant table, control socket and broker are open it runs as an
+/// unprivileged user (--sandbox-uid-base + the guest's domid, or --sandbox-user), with no
+/// capabilities, no-new-privileges, a Landlock ruleset (its state directory and the system's
+/// libraries only) and a seccomp filter; a privileged broker (`serve-broker`, root) hands it
+/// what hot-plugged disks need. See docs/sandbox.md.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// The guest's domain id.
@@ -127,6 +135,64 @@ pub struct ServeArgs {
     pub stay: bool,
     #[command(flatten)]
     pub queue: QueueArgs,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+/// Who a `serve` runs as, and whether it is sandboxed at all.
+#[derive(Debug, Clone, Args)]
+pub struct SandboxArgs {
+    /// Debugging only: run as root with every capability and system call (the log says so
+    /// at start, loudly).
+    #[arg(long)]
+    pub no_sandbox: bool,
+    /// Run every guest's backend as this user, UID[:GID] (numbers; default: a user per
+    /// guest, see --sandbox-uid-base).
+    #[arg(long, value_name = "UID[:GID]", conflicts_with = "no_sandbox")]
+    pub sandbox_user: Option<String>,
+    /// A user per guest: guest N's backend runs as uid and gid BASE+N (default 1879048192,
+    /// 0x70000000: above systemd's container range; no passwd entries needed).
+    #[arg(long, value_name = "BASE", default_value_t = 1_879_048_192)]
+    pub sandbox_uid_base: u32,
+    /// Deriving the system-call allowlist: a call the filter does not allow is logged and
+    /// goes on instead of killing the backend.
+    #[arg(long, hide = true, conflicts_with = "no_sandbox")]
+    pub sandbox_learn: bool,
+}
+
+impl SandboxArgs {
+    /// The same options, for a `serve` child.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.no_sandbox {
+            v.push("--no-sandbox".to_owned());
+        }
+        if let Some(u) = &self.sandbox_user {
+            v.extend(["--sandbox-user".to_owned(), u.clone()]);
+        }
+        v.extend([
+            "--sandbox-uid-base".to_owned(),
+            self.sandbox_uid_base.to_string(),
+        ]);
+        if self.sandbox_learn {
+            v.push("--sandbox-learn".to_owned());
+        }
+        v
+    }
+}
+
+/// The privileged half of a sandboxed `serve` (started by it; its standard input is the
+/// socket to it). Not for operators.
+#[derive(Debug, Args)]
+pub struct ServeBrokerArgs {
+    /// The guest's domain id.
+    #[arg(long, value_name = "N")]
+    pub domid: u16,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Let forbidden system calls go on, logging them.
+    #[arg(long)]
+    pub learn: bool,
 }
 
 /// The disks' default timeout policy (a disk's `params` may override both).
@@ -161,14 +227,17 @@ impl QueueArgs {
 ///
 /// Watches /local/domain/<backend domid>/backend/<kind> and keeps one `rbdback serve --domid N`
 /// child for every guest that has at least one disk whose `params` is an RBD target (`rbd:` or
-/// `csi:`); a child that dies is started again. Start it after xenstored (the Debian package's
-/// rbdback-supervise.service does).
+/// `csi:`); a child that dies is started again (a death by SIGSYS is logged with the system call
+/// the sandbox refused). Start it after xenstored (the Debian package's
+/// rbdback-supervise.service does). The sandbox options are passed to every `serve`.
 #[derive(Debug, Args)]
 pub struct SuperviseArgs {
     #[command(flatten)]
     pub backend: BackendArgs,
     #[command(flatten)]
     pub queue: QueueArgs,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
 }

@@ -5,6 +5,8 @@
 //! - [`xen`]: grant tables, event channels and xenstore (real bindings and a simulated Xen).
 //! - [`rados`]: storage engines over librados/librbd; never sees a grant or a ring.
 //! - [`shm`]: the only code that touches guest-shared memory (volatile/atomic, bounds checked).
+//! - [`sandbox`]: least privilege for `serve` (the drop, Landlock, seccomp) and the broker that
+//!   stays privileged on its behalf.
 //! - [`control`] and [`exporter`]: what operators ask a running process (the control socket of
 //!   each `serve`, `rbdback status`) and the Prometheus endpoint over all of them.
 
@@ -16,6 +18,7 @@ pub mod exporter;
 pub mod fdmsg;
 pub mod rados;
 pub mod ring;
+pub mod sandbox;
 pub mod shm;
 pub mod xen;
 

@@ -69,11 +69,16 @@ fn main() -> ExitCode {
     let run_dir = cli.run_dir;
     let code = match cli.command {
         Command::Serve(a) => run_serve(&a, &run_dir),
+        Command::ServeBroker(a) => run_serve_broker(&a, &run_dir),
         Command::Supervise(a) => {
             let restarts = Arc::new(Restarts::default());
             match start_metrics(&a.metrics, "supervise", &run_dir, &restarts) {
                 Ok(()) => match queue_defaults(&a.queue) {
-                    Ok(_) => run_supervise(&a.backend, &a.queue.to_args(), &restarts, &run_dir),
+                    Ok(_) => {
+                        let mut child_args = a.queue.to_args();
+                        child_args.extend(a.sandbox.to_args());
+                        run_supervise(&a.backend, &child_args, &restarts, &run_dir)
+                    }
                     Err(e) => fail(&e),
                 },
                 Err(code) => code,
@@ -370,14 +375,15 @@ fn run_serve(a: &cli::ServeArgs, run_dir: &Path) -> ExitCode {
     if let Err(e) = signals.thread_block() {
         tracing::warn!(error = %e, "cannot block SIGTERM: it will end the process without a handover");
     }
+    // the guest's own state directory: its rings' journals, its disks' Ceph files (tmpfs: /run)
+    let state_dir = sandbox_state_dir(run_dir, a.domid);
     let cfg = ServeConfig {
         kind: a.backend.kind.clone(),
         backend_domid: a.backend.backend_domid,
         domid: a.domid,
         exit_when_empty: !a.stay,
         options: Options {
-            // the rings' journals live beside the control socket (tmpfs: /run)
-            state_dir: Some(run_dir.join("state")),
+            state_dir: Some(state_dir),
             queue: match queue_defaults(&a.queue) {
                 Ok(q) => q,
                 Err(e) => return fail(&e),
@@ -387,51 +393,270 @@ fn run_serve(a: &cli::ServeArgs, run_dir: &Path) -> ExitCode {
     };
     #[cfg(feature = "test-utils")]
     rbdback::device::crashpoint::arm_from(&run_dir.join("crash-next"));
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let disks = Arc::new(Disks::default());
-    let mut commands = control::Commands::default();
-    rbdback::exporter::register_commands(&mut commands, &disks);
-    // `handover`: leave the rings (journals kept, exclusive locks released) to the next
-    // instance and exit with status 75; the supervisor starts that one at once.
-    let tx = std::sync::Mutex::new(stop_tx.clone());
-    commands.add("handover", move |_| {
-        let _ = tx.lock().map(|t| t.send(()));
-        Ok(serde_json::json!({"pid": std::process::id()}))
-    });
-    let sig_tx = stop_tx;
-    let _ = std::thread::Builder::new()
-        .name("rbdback-signals".into())
-        .spawn(move || {
-            if let Ok(sig) = signals.wait() {
-                tracing::info!(signal = %sig, "stopping: handing the rings over");
-                let _ = sig_tx.send(());
-            }
-        });
-    // the disks are served without it: status and metrics are for operators
-    let _control = control::Server::start(run_dir, &format!("serve-{}.sock", a.domid), commands)
+    // bound now, served once the process is confined (root owns the run directory)
+    let control = control::Server::bind(run_dir, &format!("serve-{}.sock", a.domid))
         .map_err(|e| tracing::warn!(error = %chain(&e), "no control socket: `rbdback status` and metrics will not see this guest"))
         .ok();
+    let run = ServeRun {
+        a,
+        run_dir,
+        cfg,
+        control,
+        signals,
+    };
     let res = match a.backend.sim_dir() {
         #[cfg(feature = "test-utils")]
-        Some(dir) => serve_observed(
-            Arc::new(rbdback::xen::sim::remote::RemotePlatform::new(dir)),
-            Arc::new(RadosOpener),
-            &cfg,
-            &stop_rx,
-            &disks,
-        ),
-        _ => serve_observed(
-            Arc::new(RealPlatform::new()),
-            Arc::new(RadosOpener),
-            &cfg,
-            &stop_rx,
-            &disks,
-        ),
+        Some(dir) => run.on(rbdback::xen::sim::remote::RemotePlatform::new(dir)),
+        _ => run.on(RealPlatform::new()),
     };
     match res {
         Ok(ServeEnd::Empty) => ExitCode::SUCCESS,
         Ok(ServeEnd::HandedOver) => ExitCode::from(HANDOVER_EXIT),
-        Err(e) => fail(&chain(&e)),
+        Err(e) => fail(&e),
+    }
+}
+
+/// Guest `domid`'s state directory in `run_dir`: `state/guest-<domid>`.
+fn sandbox_state_dir(run_dir: &Path, domid: u16) -> std::path::PathBuf {
+    run_dir.join("state").join(format!("guest-{domid}"))
+}
+
+/// Makes guest `domid`'s state directory, owned by `user` (0700) and reachable by it (the run
+/// directory and `state` 0711: it can pass through, not list); moves in the VBD directories a
+/// previous version kept directly under `state` (`<kind>-<domid>-<devid>`), so their journals
+/// resume.
+fn prepare_state_dir(
+    run_dir: &Path,
+    kind: &str,
+    domid: u16,
+    user: Option<rbdback::sandbox::User>,
+) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = sandbox_state_dir(run_dir, domid);
+    let state = run_dir.join("state");
+    let err = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| err("cannot create", &dir, e))?;
+    if user.is_some() {
+        for d in [run_dir, state.as_path()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| err("cannot set the mode of", d, e))?;
+        }
+    }
+    let old = format!("{kind}-{domid}-");
+    if let Ok(entries) = std::fs::read_dir(&state) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if name.to_str().is_some_and(|n| n.starts_with(&old)) {
+                let to = dir.join(&name);
+                if let Err(e) = std::fs::rename(e.path(), &to) {
+                    tracing::warn!(error = %e, to = %to.display(), "cannot move a VBD's state into the guest's directory");
+                }
+            }
+        }
+    }
+    if let Some(u) = user {
+        chown_tree(&dir, u).map_err(|e| err("cannot give to the sandbox user", &dir, e))?;
+    }
+    Ok(dir)
+}
+
+/// `chown -R` without following symbolic links.
+fn chown_tree(p: &Path, u: rbdback::sandbox::User) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(p, Some(u.uid), Some(u.gid))?;
+    if std::fs::symlink_metadata(p)?.is_dir() {
+        for e in std::fs::read_dir(p)? {
+            chown_tree(&e?.path(), u)?;
+        }
+    }
+    Ok(())
+}
+
+/// What a `serve` run holds until it has a platform.
+struct ServeRun<'a> {
+    a: &'a cli::ServeArgs,
+    run_dir: &'a Path,
+    cfg: ServeConfig,
+    control: Option<control::Bound>,
+    signals: nix::sys::signal::SigSet,
+}
+
+impl ServeRun<'_> {
+    /// Confines the process (unless --no-sandbox), then serves on `platform`.
+    fn on<P: Platform>(self, platform: P) -> Result<ServeEnd, String>
+    where
+        P::Gnttab: std::fmt::Debug,
+    {
+        use rbdback::sandbox::{self, broker, User};
+        let s = &self.a.sandbox;
+        if s.no_sandbox {
+            tracing::warn!(
+                "!!! SANDBOX OFF (--no-sandbox): this backend runs as root with every capability                  and every system call; a guest that finds a bug in it owns dom0. Debugging only. !!!"
+            );
+            prepare_state_dir(self.run_dir, &self.cfg.kind, self.cfg.domid, None)?;
+            return self.serve(Arc::new(platform), Arc::new(RadosOpener));
+        }
+        let user = match &s.sandbox_user {
+            Some(u) => User::parse(u).map_err(|e| format!("--sandbox-user: {e}"))?,
+            None => User::per_guest(s.sandbox_uid_base, self.cfg.domid).ok_or_else(|| {
+                format!(
+                    "--sandbox-uid-base {} + domid {} is not a uid",
+                    s.sandbox_uid_base, self.cfg.domid
+                )
+            })?,
+        };
+        let state = prepare_state_dir(self.run_dir, &self.cfg.kind, self.cfg.domid, Some(user))?;
+        let mut cmd = std::process::Command::new("/proc/self/exe");
+        std::os::unix::process::CommandExt::arg0(&mut cmd, "rbdback");
+        cmd.arg("serve-broker")
+            .arg("--domid")
+            .arg(self.cfg.domid.to_string())
+            .arg("--kind")
+            .arg(&self.cfg.kind)
+            .arg("--backend-domid")
+            .arg(self.cfg.backend_domid.to_string());
+        if let Some(d) = self.a.backend.sim_dir() {
+            cmd.arg("--sim-dir").arg(d);
+        }
+        if s.sandbox_learn {
+            cmd.arg("--learn");
+        }
+        let broker = Arc::new(broker::Broker::spawn(cmd).map_err(|e| chain(&e))?);
+        let gnttab = platform
+            .gnttab()
+            .map_err(|e| format!("before the sandbox: {}", chain(&e)))?;
+        let entered = sandbox::enter(&sandbox::Confinement {
+            user,
+            state_dir: state.clone(),
+        })
+        .map_err(|e| format!("cannot enter the sandbox: {}", chain(&e)))?;
+        broker
+            .hand_listener(entered.listener)
+            .map_err(|e| format!("the sandbox's broker: {e}"))?;
+        tracing::info!(
+            uid = user.uid,
+            gid = user.gid,
+            landlock = %entered.landlock,
+            "sandboxed: no capabilities, no new privileges, seccomp filter on"
+        );
+        if s.sandbox_learn {
+            tracing::warn!("sandbox LEARNING mode: forbidden system calls are logged and allowed");
+        }
+        let opener = broker::ConfinedOpener::new(RadosOpener, Arc::clone(&broker), &state);
+        let platform = broker::Brokered::new(platform, gnttab, broker);
+        self.serve(Arc::new(platform), Arc::new(opener))
+    }
+
+    /// Starts the control socket and the signal thread, and serves.
+    fn serve<P: Platform>(
+        self,
+        platform: Arc<P>,
+        opener: Arc<dyn rbdback::device::vbd::ImageOpener>,
+    ) -> Result<ServeEnd, String> {
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let disks = Arc::new(Disks::default());
+        let mut commands = control::Commands::default();
+        rbdback::exporter::register_commands(&mut commands, &disks);
+        // `handover`: leave the rings (journals kept, exclusive locks released) to the next
+        // instance and exit with status 75; the supervisor starts that one at once.
+        let tx = std::sync::Mutex::new(stop_tx.clone());
+        commands.add("handover", move |_| {
+            let _ = tx.lock().map(|t| t.send(()));
+            Ok(serde_json::json!({"pid": std::process::id()}))
+        });
+        #[cfg(feature = "test-utils")]
+        commands.add("test-forbidden-syscall", test_forbidden_syscall);
+        let signals = self.signals;
+        let sig_tx = stop_tx;
+        let _ = std::thread::Builder::new()
+            .name("rbdback-signals".into())
+            .spawn(move || {
+                if let Ok(sig) = signals.wait() {
+                    tracing::info!(signal = %sig, "stopping: handing the rings over");
+                    let _ = sig_tx.send(());
+                }
+            });
+        // the disks are served without it: status and metrics are for operators
+        let _control = self.control.and_then(|b| {
+            b.serve(commands)
+                .map_err(|e| tracing::warn!(error = %chain(&e), "no control socket: `rbdback status` and metrics will not see this guest"))
+                .ok()
+        });
+        serve_observed(platform, opener, &self.cfg, &stop_rx, &disks).map_err(|e| chain(&e))
+    }
+}
+
+/// Test builds: makes a system call the sandbox forbids (`syslog`, reading the size of the
+/// kernel's log: a view of the host), on a thread of its own that blocks every signal, as
+/// librados' threads do; `{"thread": false}` makes it on the control thread.
+#[cfg(feature = "test-utils")]
+fn test_forbidden_syscall(args: &serde_json::Value) -> Result<serde_json::Value, String> {
+    let call = || {
+        // SAFETY: SYSLOG_ACTION_SIZE_BUFFER (10) takes no buffer; the kernel only returns
+        // the log's size (or an error).
+        unsafe {
+            libc::syscall(
+                libc::SYS_syslog,
+                10,
+                std::ptr::null_mut::<libc::c_char>(),
+                0,
+            )
+        }
+    };
+    let rc = if args.get("thread").and_then(serde_json::Value::as_bool) == Some(false) {
+        call()
+    } else {
+        std::thread::Builder::new()
+            .name("forbidden".into())
+            .spawn(move || {
+                let _ = nix::sys::signal::SigSet::all().thread_block();
+                call()
+            })
+            .map_err(|e| e.to_string())?
+            .join()
+            .map_err(|_| "the thread panicked".to_owned())?
+    };
+    Ok(serde_json::json!({ "rc": rc }))
+}
+
+/// `rbdback serve-broker`: the privileged half of a sandboxed `serve`, on its standard input.
+fn run_serve_broker(a: &cli::ServeBrokerArgs, run_dir: &Path) -> ExitCode {
+    use rbdback::sandbox::broker::{self, BrokerConfig};
+    use std::os::fd::AsFd;
+    // it ends when its backend does, not when a terminal's Ctrl-C reaches the process group
+    for sig in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        // SAFETY: SIG_IGN installs no handler code.
+        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) };
+    }
+    let sock = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => std::os::unix::net::UnixStream::from(fd),
+        Err(e) => return fail(&format!("serve-broker: no socket on standard input: {e}")),
+    };
+    let cfg = BrokerConfig {
+        domid: a.domid,
+        backend_domid: a.backend.backend_domid,
+        kind: a.backend.kind.clone(),
+        run_dir: run_dir.to_owned(),
+        learn: a.learn,
+    };
+    let res = match a.backend.sim_dir() {
+        #[cfg(feature = "test-utils")]
+        Some(dir) => broker::run(
+            &rbdback::xen::sim::remote::RemotePlatform::new(dir),
+            &cfg,
+            &sock,
+        ),
+        _ => broker::run(&RealPlatform::new(), &cfg, &sock),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("serve-broker: {}", chain(&e))),
     }
 }
 

@@ -133,9 +133,9 @@ fn serve_exits_cleanly_with_disks_in_every_state() {
         connected.write_sync(0, 0, 0, &[7u8; 4096]).unwrap(),
         rbdback::ring::Status::Okay
     );
-    // open failed
+    // open failed (the disk stays in InitWait, rbdback-image=failed: see failed_attach.rs)
     let (_, bad_be, _) = attach(51728, "rbd:rbd/no-such-image-here");
-    wait_for(&dom0, &format!("{bad_be}/state"), "5");
+    wait_for(&dom0, &format!("{bad_be}/rbdback-image"), "failed");
     // frontend closing
     let (spec3, be3, fe3) = attach(51744, &params(&good2));
     let closing =
@@ -176,6 +176,32 @@ fn serve_exits_cleanly_with_disks_in_every_state() {
     );
     assert!(!log.contains("terminate called"), "log:\n{log}");
     assert!(log.contains("no device left"), "log:\n{log}");
+}
+
+/// A simulated Xen, its dom0 xenstore, a fresh run directory and a supervisor on them.
+fn supervised(name: &str) -> (std::sync::Arc<SimXen>, Xenstore, PathBuf, Proc) {
+    let xen = SimXen::start().unwrap();
+    let dom0 = xen.platform().xenstore().unwrap();
+    let run_dir = std::env::temp_dir().join(format!("rbdback-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let rd = run_dir.display().to_string();
+    let sup = Proc::spawn(
+        &xen,
+        &["--run-dir", &rd, "supervise"],
+        &format!("supervise-{name}"),
+    );
+    (xen, dom0, run_dir, sup)
+}
+
+/// The guest saw its backend Connected all along, and no protocol violation.
+fn assert_stayed_connected(states: &rbdback::device::testfront::BackendStates) {
+    let seen = states.seen();
+    assert!(
+        seen.iter()
+            .all(|(b, _)| *b == rbdback::device::xenbus::XenbusState::Connected),
+        "the backend state changed: {seen:?}"
+    );
+    assert_eq!(states.violations(), Vec::<String>::new());
 }
 
 /// A little deterministic PRNG for kill instants.
@@ -244,12 +270,7 @@ fn a_backend_killed_at_any_instant_is_resumed_without_the_guest_seeing_an_error(
         .unwrap_or(50);
     let c = cluster();
     let image = c.create_image("kill", 64, None);
-    let xen = SimXen::start().unwrap();
-    let dom0 = xen.platform().xenstore().unwrap();
-    let run_dir = std::env::temp_dir().join(format!("rbdback-kill-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&run_dir);
-    let rd = run_dir.display().to_string();
-    let _sup = Proc::spawn(&xen, &["--run-dir", &rd, "supervise"], "supervise-kill");
+    let (xen, dom0, run_dir, _sup) = supervised("kill");
     const GUEST: u16 = 23;
     let mut spec = AttachSpec::new(&params(&image));
     spec.queues = 2;
@@ -351,13 +372,7 @@ fn a_backend_killed_at_any_instant_is_resumed_without_the_guest_seeing_an_error(
         "reads that did not match what was written"
     );
     assert!(report.completed > 1000, "{} requests", report.completed);
-    let seen = states.seen();
-    assert!(
-        seen.iter()
-            .all(|(b, _)| *b == rbdback::device::xenbus::XenbusState::Connected),
-        "the backend state changed: {seen:?}"
-    );
-    assert_eq!(states.violations(), Vec::<String>::new());
+    assert_stayed_connected(&states);
     let hit: Vec<_> = by_point
         .iter()
         .filter(|(_, h)| *h)
@@ -412,12 +427,7 @@ fn a_live_upgrade_is_invisible_to_the_guest() {
     use std::sync::{Arc, Mutex};
     let c = cluster();
     let image = c.create_image("upgrade", 64, None);
-    let xen = SimXen::start().unwrap();
-    let dom0 = xen.platform().xenstore().unwrap();
-    let run_dir = std::env::temp_dir().join(format!("rbdback-upgrade-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&run_dir);
-    let rd = run_dir.display().to_string();
-    let mut sup = Proc::spawn(&xen, &["--run-dir", &rd, "supervise"], "supervise-upgrade");
+    let (xen, dom0, run_dir, mut sup) = supervised("upgrade");
     const GUEST: u16 = 24;
     let spec = AttachSpec::new(&params(&image));
     let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
@@ -447,7 +457,9 @@ fn a_live_upgrade_is_invisible_to_the_guest() {
     std::thread::sleep(Duration::from_secs(2));
     let t0 = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_rbdback"))
-        .args(["--run-dir", &rd, "upgrade", "--json"])
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .args(["upgrade", "--json"])
         .output()
         .unwrap();
     let took = t0.elapsed();
@@ -486,12 +498,7 @@ fn a_live_upgrade_is_invisible_to_the_guest() {
     let (report, mut front) = worker.join().unwrap();
     let report = report.expect("the guest's workload");
     assert_eq!((report.errors, report.mismatches), (0, 0));
-    let seen = states.seen();
-    assert!(
-        seen.iter()
-            .all(|(b, _)| *b == rbdback::device::xenbus::XenbusState::Connected),
-        "the backend state changed: {seen:?}"
-    );
+    assert_stayed_connected(&states);
     // the longest the guest waited for any answer during the upgrade
     let answers = answers.lock().unwrap().clone();
     let stall = answers
@@ -568,5 +575,150 @@ fn the_supervisor_does_not_restart_backends_nobody_needs() {
     std::thread::sleep(Duration::from_secs(3));
     let log = sup.log();
     assert_eq!(log.matches("started serve process").count(), 1, "{log}");
+    let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+/// The fields of `/proc/<pid>/status` the sandbox sets: the uids, CapEff, Seccomp, NoNewPrivs.
+fn proc_status(pid: i32) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// issue 15: the supervisor's backends run sandboxed (a user per guest, no capabilities,
+/// no-new-privileges, seccomp). One that makes a system call its filter forbids (a test-only
+/// control command calls `syslog` on a thread that blocks every signal, as librados' threads
+/// do) dies by SIGSYS; the supervisor's log names the signal and the call (number and name);
+/// the next backend resumes both of the guest's disks (one on the direct engine, one on
+/// librbd) from their journals, and the guest's verified workloads on both see no error and
+/// no state change.
+#[test]
+fn a_forbidden_system_call_kills_the_backend_and_the_next_one_resumes_every_disk() {
+    use rbdback::device::testfront::{BackendStates, Workload};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let c = cluster();
+    let direct = c.create_image("sigsys", 64, None);
+    // librbd without exclusive-lock: a dead client's lock would hold the next open ~30 s
+    let librbd = c.create_image("sigsys", 64, Some("layering"));
+    let (xen, dom0, run_dir, sup) = supervised("sigsys");
+    const GUEST: u16 = 25;
+    let disks = [
+        (51712, params(&direct)),
+        (51728, format!("{}:engine=librbd", params(&librbd))),
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    let mut states = Vec::new();
+    for (devid, p) in &disks {
+        let mut spec = AttachSpec::new(p);
+        spec.devid = *devid;
+        spec.data_pages = 256;
+        let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
+        let mut front =
+            SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
+        states.push(BackendStates::watch(front.domain(), &be, &fe).unwrap());
+        let (s2, a2, d) = (Arc::clone(&stop), Arc::clone(&answers), *devid);
+        workers.push(std::thread::spawn(move || {
+            let w = Workload {
+                qd: 8,
+                write_pct: 50,
+                span_sectors: 32 << 11,
+                seed: u64::from(d),
+                verify: true,
+                indirect_every: 7,
+                flush_every: 5,
+            };
+            w.run(
+                &mut front,
+                |_| !s2.load(Ordering::Relaxed),
+                |_, r| a2.lock().unwrap().push((d, r.answered)),
+            )
+        }));
+    }
+    let pid = wait_new_serve(&run_dir, GUEST, 0);
+    let answered_by_both_after = |t: Instant| {
+        let deadline = Instant::now() + T;
+        loop {
+            let a = answers.lock().unwrap();
+            if disks
+                .iter()
+                .all(|(d, _)| a.iter().any(|(x, at)| x == d && *at > t))
+            {
+                return;
+            }
+            drop(a);
+            assert!(
+                Instant::now() < deadline,
+                "a disk got no answer after {t:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    answered_by_both_after(Instant::now());
+    // what the real Xen bed checks from dom0: the guest's own uid, no capabilities, a seccomp
+    // filter, no new privileges
+    let st = proc_status(pid);
+    let uid = (0x7000_0000u32 + u32::from(GUEST)).to_string();
+    assert_eq!(
+        st.get("Uid")
+            .map(|u| u.split_whitespace().all(|x| x == uid)),
+        Some(true),
+        "{st:?}"
+    );
+    assert_eq!(
+        st.get("CapEff").map(String::as_str),
+        Some("0000000000000000")
+    );
+    assert_eq!(
+        st.get("CapBnd").map(String::as_str),
+        Some("0000000000000000")
+    );
+    assert_eq!(st.get("Seccomp").map(String::as_str), Some("2"));
+    assert_eq!(st.get("NoNewPrivs").map(String::as_str), Some("1"));
+    // the forbidden call: the connection dies with the process
+    let sock = rbdback::control::socket_path(&run_dir, GUEST);
+    let t0 = Instant::now();
+    assert!(
+        rbdback::control::call(&sock, "test-forbidden-syscall", serde_json::json!({})).is_err(),
+        "the backend answered after a forbidden system call"
+    );
+    let next = wait_new_serve(&run_dir, GUEST, pid);
+    answered_by_both_after(Instant::now());
+    let log = sup.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("killed by SIGSYS"))
+        .unwrap_or_else(|| panic!("no SIGSYS line in the supervisor's log:\n{log}"));
+    assert!(
+        line.contains(&format!("system call {} (syslog)", libc::SYS_syslog))
+            && line.contains("thread")
+            && line.contains(&format!("pid={pid}")),
+        "{line}"
+    );
+    assert!(
+        log.contains("was killed by signal 31 (SIGSYS): a system call its sandbox forbids"),
+        "{log}"
+    );
+    assert_eq!(
+        proc_status(next).get("Seccomp").map(String::as_str),
+        Some("2")
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    for (w, s) in workers.into_iter().zip(&states) {
+        let r = w.join().unwrap().expect("the guest's workload");
+        assert_eq!((r.errors, r.mismatches), (0, 0), "guest-visible errors");
+        assert!(r.completed > 100, "{} requests", r.completed);
+        assert_stayed_connected(s);
+    }
+    println!(
+        "forbidden call to the next backend answering both disks: {:.0} ms",
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
     let _ = std::fs::remove_dir_all(&run_dir);
 }

@@ -8,7 +8,9 @@
 //! adoption of `serve` processes a previous supervisor left running (they are asked to hand
 //! their rings over, then started again as our children), and the live upgrade
 //! (`rbdback upgrade`: every `serve` hands over to one started from the binary now installed,
-//! then the supervisor re-executes itself, keeping its children).
+//! then the supervisor re-executes itself, keeping its children); after a death, the dead
+//! backend's control socket, and for a death by SIGSYS the log line naming the system call
+//! its sandbox refused (the record its broker wrote, [`crate::sandbox::broker`]).
 //! Trusts: xenstore's backend directories only to tell which guests have disks.
 //! Must never: kill a `serve` (a stopping supervisor leaves them serving; an upgrade asks them
 //! to hand over), restart in a tight loop, or start a backend for a domain that is gone.
@@ -68,7 +70,7 @@ impl std::fmt::Display for Death {
                 let name = Signal::try_from(s).map_or("unknown", Signal::as_str);
                 write!(f, "was killed by signal {s} ({name})")?;
                 if s == libc::SIGSYS {
-                    write!(f, ": a system call its seccomp filter forbids (the kernel's audit log names it)")?;
+                    write!(f, ": a system call its sandbox forbids")?;
                 }
                 Ok(())
             }
@@ -280,6 +282,25 @@ fn take_over_orphans(run_dir: &Path, ours: &HashMap<DomId, Pid>) {
     }
 }
 
+/// After a `serve` died: its control socket is removed (a sandboxed one cannot remove it
+/// itself), and for a death by SIGSYS the record its broker wrote of the forbidden call
+/// (`serve-<domid>.sigsys`) is read, removed and returned.
+fn after_death(run_dir: Option<&Path>, domid: DomId, death: Death) -> Option<String> {
+    let run_dir = run_dir?;
+    let _ = std::fs::remove_file(control::socket_path(run_dir, domid));
+    let record = crate::sandbox::broker::record_path(run_dir, domid);
+    let text = std::fs::read_to_string(&record).ok();
+    let _ = std::fs::remove_file(&record);
+    match death {
+        Death::Signaled(s) if s == libc::SIGSYS => Some(
+            text.map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| "no record of the call (was the broker gone?)".into()),
+        ),
+        _ => None,
+    }
+}
+
 /// Reports a backend that keeps dying in the `error` node of each of the guest's disks.
 fn report_dying(xs: &Xenstore, backend_domid: DomId, kind: &str, domid: DomId, msg: &str) {
     let Ok(devs) = xs.directory(&format!(
@@ -392,6 +413,20 @@ pub fn supervise(
             g.pid = None;
             lock(&pids).remove(&domid);
             let uptime = g.started.map_or(Duration::ZERO, |t| t.elapsed());
+            // the forbidden call, for a backend its sandbox killed
+            let call = after_death(cfg.run_dir.as_deref(), domid, death);
+            if let Some(c) = &call {
+                warn!(
+                    domid,
+                    pid = pid.as_raw(),
+                    signal = libc::SIGSYS,
+                    "serve process killed by SIGSYS: forbidden {c}"
+                );
+            }
+            let death_text = match &call {
+                Some(c) => format!("{death}: {c}"),
+                None => death.to_string(),
+            };
             match g.backoff.after(death, uptime) {
                 Restart::WhenNeeded => {
                     info!(domid, "serve process exited: nothing left to serve");
@@ -404,7 +439,7 @@ pub fn supervise(
                             domid,
                             pid = pid.as_raw(),
                             uptime_s = uptime.as_secs(),
-                            "serve process {death}; starting it again now"
+                            "serve process {death_text}; starting it again now"
                         );
                     } else {
                         info!(
@@ -418,7 +453,7 @@ pub fn supervise(
                 Restart::After(wait) => {
                     restarts.restarted(domid);
                     let msg = format!(
-                        "rbdback serve for domain {domid} {death} {} times in a row within {} s of starting; next start in {} s",
+                        "rbdback serve for domain {domid} {death_text} {} times in a row within {} s of starting; next start in {} s",
                         g.backoff.quick_deaths(),
                         g.backoff.min_uptime.as_secs(),
                         wait.as_secs()
@@ -603,7 +638,7 @@ mod tests {
             Death::Signaled(9).to_string(),
             "was killed by signal 9 (SIGKILL)"
         );
-        assert!(Death::Signaled(31).to_string().contains("seccomp"));
+        assert!(Death::Signaled(31).to_string().contains("sandbox forbids"));
         assert_eq!(Death::Exited(3).to_string(), "exited with status 3");
     }
 }
