@@ -36,7 +36,8 @@ pub struct Cli {
     pub log_format: LogFormat,
 
     /// The directory of the `serve` processes' control sockets (`serve-<domid>.sock`, mode
-    /// 0600; the directory is created 0700). Children of the supervisor inherit it.
+    /// 0600; the directory is created 0700, made 0711 by sandboxed backends, whose state is in
+    /// its `state/guest-<domid>`). Children of the supervisor inherit it.
     #[arg(
         long,
         value_name = "DIR",
@@ -373,7 +374,8 @@ pub struct CsiCallArgs {
 /// A guest's I/O through the whole stack.
 ///
 /// A simulated blkfront (simulated Xen: memfd grants, eventfd event channels, a real xenstore
-/// protocol server) drives one VBD served by the real device layer over the local Ceph cluster
+/// protocol server) drives one VBD served by `rbdback serve` (a sandboxed child process, unless
+/// --in-process) over the local Ceph cluster
 /// (started on first use) or --ceph-conf's; every read is verified and the image is compared with
 /// `rbd export` at the end. With --bench-image it runs on an existing image without verification
 /// (benchmark mode; it writes). Needs a build with the `test-utils` feature.
@@ -406,6 +408,13 @@ pub struct DemoArgs {
     /// Benchmark mode: sequential instead of random offsets.
     #[arg(long, requires = "bench_image")]
     pub seq: bool,
+    /// Run the backend on a thread of the demo (not sandboxed; the simulated event channels
+    /// are then calls, not messages to another process: what tools/bench-e2e measures).
+    #[arg(long)]
+    pub in_process: bool,
+    /// Run the `serve` child without its sandbox (what the sandbox costs, by comparison).
+    #[arg(long, conflicts_with = "in_process")]
+    pub no_sandbox: bool,
 }
 
 /// The ring layer alone.

@@ -1,10 +1,12 @@
 //! The local control socket of a `serve` process: one JSON request per line in, one JSON
 //! response per line out, over a unix socket `<run dir>/serve-<domid>.sock`.
 //!
-//! Owns: the socket (created 0600 in a 0700 run directory, removed when the server is
-//! dropped), the line protocol and the dispatch of commands to handlers ([`Commands`]); the
+//! Owns: the socket (created 0600 in a 0700 run directory, which a sandboxed `serve` makes
+//! 0711 to reach its state; removed when the server is dropped, except by a sandboxed `serve`,
+//! which may not: its supervisor removes it), the line protocol and the dispatch of commands to handlers ([`Commands`]); the
 //! client side ([`call`], [`serve_sockets`]) that `rbdback status` and the metrics exporter use.
-//! Trusts: only root reaches the socket (its mode and the directory's); still, every request is
+//! Trusts: only root reaches the socket (its mode: root's, bound before a sandboxed `serve`
+//! drops); still, every request is
 //! parsed as untrusted input: a bounded line, a JSON object, a known command, or an error
 //! answer. Must never: block a VBD or a dataplane thread (handlers only read snapshots), or
 //! let one bad client stop the server (every line has a time limit and a size limit, and a

@@ -1,11 +1,17 @@
 //! `rbdback demo`: a guest's I/O through the whole stack, on the embedded default.
 //!
 //! A local Ceph cluster (started by `tools/ceph-cluster` unless one is given), the simulated
-//! Xen, the real backend (`device::backend::serve`, the same code `rbdback serve` runs) and a
-//! simulated guest whose blkfront-like frontend runs a verified mixed workload through the
-//! ring. Prints progress, IOPS, latency and the verification result, then cleans up.
+//! Xen, the real backend and a simulated guest whose blkfront-like frontend runs a verified
+//! mixed workload through the ring. Prints progress, IOPS, latency and the verification
+//! result, then cleans up.
 //!
-//! Must never: leave the image or the cluster behind after it started them.
+//! The backend is `rbdback serve` itself, as dom0 runs it: a child process, sandboxed (unless
+//! the demo does not run as root), reaching the simulated Xen through `--sim-dir`
+//! (`xen::sim::remote`). `--in-process` runs `device::backend::serve` on a thread of the demo
+//! instead, as `tools/bench-e2e` does: there the simulated event channels are function calls,
+//! not messages to another process, so the figures are the backend's, not the simulator's.
+//!
+//! Must never: leave the image, the cluster or a backend process behind after it started them.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -50,6 +56,10 @@ pub struct DemoOptions {
     pub bs_kib: usize,
     /// Benchmark mode: sequential instead of random offsets.
     pub seq: bool,
+    /// Run the backend on a thread of the demo, not as a sandboxed `serve` child.
+    pub in_process: bool,
+    /// Run the `serve` child without its sandbox (measuring what the sandbox costs).
+    pub no_sandbox: bool,
 }
 
 impl Default for DemoOptions {
@@ -66,6 +76,8 @@ impl Default for DemoOptions {
             span_mib: 64,
             bs_kib: 4,
             seq: false,
+            in_process: false,
+            no_sandbox: false,
         }
     }
 }
@@ -91,6 +103,9 @@ pub enum DemoError {
     /// Requests failed.
     #[error("{0} requests failed")]
     Errors(u64),
+    /// The backend process.
+    #[error("backend: {0}")]
+    Backend(String),
 }
 
 fn tools_dir() -> PathBuf {
@@ -194,20 +209,105 @@ pub fn run(o: &DemoOptions) -> Result<(), DemoError> {
     result
 }
 
+/// The demo's backend: a `serve` child process or a thread of the demo.
+enum Backend {
+    Child {
+        child: std::process::Child,
+        run_dir: PathBuf,
+    },
+    Thread {
+        stop: mpsc::Sender<()>,
+        thread: std::thread::JoinHandle<Result<crate::device::backend::ServeEnd, XenError>>,
+    },
+}
+
+impl Backend {
+    /// Starts guest `domid`'s backend on `xen`.
+    fn start(xen: &Arc<SimXen>, domid: u16, o: &DemoOptions) -> Result<Backend, DemoError> {
+        if o.in_process {
+            let cfg = ServeConfig {
+                kind: "vbd".into(),
+                backend_domid: 0,
+                domid,
+                exit_when_empty: true,
+                options: Options::default(),
+            };
+            let (stop, stop_rx) = mpsc::channel();
+            let p = Arc::new(xen.platform());
+            let thread =
+                std::thread::spawn(move || serve(p, Arc::new(RadosOpener), &cfg, &stop_rx));
+            println!("demo: backend on a thread of the demo (--in-process: not sandboxed)");
+            return Ok(Backend::Thread { stop, thread });
+        }
+        let exe = std::env::current_exe()
+            .map_err(|e| DemoError::Backend(format!("cannot find our executable: {e}")))?;
+        let run_dir = std::env::temp_dir().join(format!("rbdback-demo-run-{}", std::process::id()));
+        let mut cmd = Command::new(exe);
+        cmd.arg("--run-dir")
+            .arg(&run_dir)
+            .args(["serve", "--domid", &domid.to_string(), "--sim-dir"])
+            .arg(xen.dir())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        let sandboxed = nix::unistd::geteuid().is_root() && !o.no_sandbox;
+        if !sandboxed {
+            cmd.arg("--no-sandbox");
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| DemoError::Backend(format!("cannot start `rbdback serve`: {e}")))?;
+        println!(
+            "demo: backend `rbdback serve --domid {domid}` is process {} ({})",
+            child.id(),
+            if sandboxed {
+                "sandboxed: its own uid, no capabilities, seccomp, Landlock"
+            } else if o.no_sandbox {
+                "NOT sandboxed: --no-sandbox"
+            } else {
+                "NOT sandboxed: the demo does not run as root"
+            }
+        );
+        Ok(Backend::Child { child, run_dir })
+    }
+
+    /// The backend's CPU seconds so far, when it is a process of its own.
+    fn cpu(&self) -> f64 {
+        match self {
+            Backend::Child { child, .. } => {
+                crate::exporter::ProcessSample::of(&child.id().to_string()).cpu_seconds
+            }
+            Backend::Thread { .. } => 0.0,
+        }
+    }
+
+    /// Waits for the backend to end (its guest has no disk left), at most 30 s.
+    fn finish(self) {
+        match self {
+            Backend::Thread { stop, thread } => {
+                let _ = stop.send(());
+                let _ = thread.join();
+            }
+            Backend::Child { mut child, run_dir } => {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if matches!(child.try_wait(), Ok(None)) {
+                    eprintln!("demo: the backend did not exit; killing it");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                let _ = std::fs::remove_dir_all(run_dir);
+            }
+        }
+    }
+}
+
 fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), DemoError> {
     let xen = SimXen::start()?;
     let platform = Arc::new(xen.platform());
     let guest_domid = 7;
-    let cfg = ServeConfig {
-        kind: "vbd".into(),
-        backend_domid: 0,
-        domid: guest_domid,
-        exit_when_empty: true,
-        options: Options::default(),
-    };
-    let (stop_tx, stop_rx) = mpsc::channel();
-    let p2 = Arc::clone(&platform);
-    let server = std::thread::spawn(move || serve(p2, Arc::new(RadosOpener), &cfg, &stop_rx));
+    let backend = Backend::start(&xen, guest_domid, o)?;
 
     let params = format!("rbd:rbd/{image}:conf={}", conf.display());
     let mut spec = AttachSpec::new(&params);
@@ -232,7 +332,7 @@ fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), De
     );
     let span = front.sectors.min(o.span_mib * 2048);
     let verify = o.bench_image.is_none();
-    let cpu0 = process_cpu();
+    let cpu0 = process_cpu() + backend.cpu();
     let show = |total: u64, r: &RunReport| {
         let secs = r.elapsed.as_secs_f64().max(1e-9);
         eprint!(
@@ -269,7 +369,7 @@ fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), De
         )?
     };
     eprintln!();
-    let cpu = process_cpu() - cpu0;
+    let cpu = process_cpu() + backend.cpu() - cpu0;
     let secs = report.elapsed.as_secs_f64().max(1e-9);
     println!(
         "demo: {} x {} KiB requests ({}% writes{}) at queue depth {} per queue in {:.2}s",
@@ -306,8 +406,9 @@ fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), De
     );
     front.close(Duration::from_secs(30))?;
     toolstack_detach(&dom0, &be).map_err(XenError::from)?;
-    let _ = stop_tx.send(());
-    let _ = server.join();
+    // the guest has no disk left: a `serve` exits by itself
+    dom0.rm(&be).map_err(XenError::from)?;
+    backend.finish();
     if !verify {
         return if report.errors > 0 {
             Err(DemoError::Errors(report.errors))

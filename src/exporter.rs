@@ -43,7 +43,13 @@ pub struct ProcessSample {
 impl ProcessSample {
     /// This process, from `/proc/self/stat` (zeros where it cannot be read).
     pub fn current() -> ProcessSample {
-        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        ProcessSample::of("self")
+    }
+
+    /// Process `pid` (a number, or `self`), from `/proc/<pid>/stat` (zeros where it cannot
+    /// be read).
+    pub fn of(pid: &str) -> ProcessSample {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             return ProcessSample::default();
         };
         // the command name (field 2) may hold spaces: fields are counted after its ')'

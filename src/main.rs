@@ -832,6 +832,8 @@ fn run_full_demo(a: cli::DemoArgs) -> ExitCode {
         ceph_conf: a.ceph_conf,
         bench_image: a.bench_image,
         seq: a.seq,
+        in_process: a.in_process,
+        no_sandbox: a.no_sandbox,
         ..Default::default()
     };
     o.requests = a.requests.unwrap_or(o.requests);

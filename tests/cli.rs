@@ -25,11 +25,28 @@ fn stderr(o: &Output) -> String {
 const HELP: &[(&str, &[&str])] = &[
     (
         "serve",
-        &["--domid", "--kind", "--backend-domid", "--stay", "blkfront"],
+        &[
+            "--domid",
+            "--kind",
+            "--backend-domid",
+            "--stay",
+            "blkfront",
+            "--no-sandbox",
+            "--sandbox-user",
+            "--sandbox-uid-base",
+            "Landlock",
+        ],
     ),
     (
         "supervise",
-        &["--kind", "--backend-domid", "rbdback serve --domid N"],
+        &[
+            "--kind",
+            "--backend-domid",
+            "rbdback serve --domid N",
+            "--no-sandbox",
+            "--sandbox-uid-base",
+            "SIGSYS",
+        ],
     ),
     (
         "csi",
@@ -57,6 +74,8 @@ const HELP: &[(&str, &[&str])] = &[
             "--bench-image",
             "--bs-kib",
             "--seq",
+            "--in-process",
+            "--no-sandbox",
         ],
     ),
     (
@@ -106,6 +125,41 @@ fn top_level_help_lists_every_subcommand() {
             "--help lacks {sub}:\n{text}"
         );
     }
+}
+
+/// issue 15: the broker is no operator's command (no help line, no man page); a sandbox
+/// user of root is refused by name.
+#[test]
+fn the_sandbox_options_are_checked_and_the_broker_is_hidden() {
+    let o = rbdback(&["--help"]);
+    assert!(!stdout(&o).contains("serve-broker"), "{}", stdout(&o));
+    let o = rbdback(&["man", "serve-broker"]);
+    assert_eq!(o.status.code(), Some(2));
+    let dir = std::env::temp_dir().join(format!("rbdback-cli-sandbox-{}", std::process::id()));
+    for (user, why) in [("0", "cannot be root"), ("x", "\"x\" is not a number")] {
+        let o = rbdback(&[
+            "--run-dir",
+            dir.to_str().unwrap(),
+            "serve",
+            "--domid",
+            "3",
+            "--sandbox-user",
+            user,
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{o:?}");
+        let err = stderr(&o);
+        assert!(err.contains("--sandbox-user") && err.contains(why), "{err}");
+    }
+    let o = rbdback(&[
+        "serve",
+        "--domid",
+        "3",
+        "--no-sandbox",
+        "--sandbox-user",
+        "5",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -132,8 +132,9 @@ pub struct Entered {
 
 /// Paths a backend reads after the drop, whatever its disks: the C libraries' data (glibc's
 /// name service and locale files, OpenSSL's configuration that librados' crypto reads at its
-/// first use), `/dev/urandom` and `/dev/null`, its own `/proc/self` (thread names, memory
-/// statistics), and the CPU topology librados and Rust read to size their thread pools.
+/// first use), `/dev/urandom` and `/dev/null`, its own `/proc/self` (its CPU and memory for
+/// the `metrics` command), the CPU topology librados and Rust read to size their thread
+/// pools, and whether a kernel backend has bound one of its devices (`/sys/bus/xen-backend`).
 pub const READ_ONLY: &[&str] = &[
     "/usr/lib",
     "/usr/share/zoneinfo",
@@ -153,6 +154,7 @@ pub const READ_ONLY: &[&str] = &[
     "/proc/self",
     "/sys/devices/system/cpu",
     "/sys/fs/cgroup",
+    "/sys/bus/xen-backend",
 ];
 
 /// Number of threads of this process.
