@@ -422,7 +422,8 @@ fn sandbox_state_dir(run_dir: &Path, domid: u16) -> std::path::PathBuf {
 }
 
 /// Makes guest `domid`'s state directory, owned by `user` (0700) and reachable by it (the run
-/// directory and `state` 0711: it can pass through, not list); moves in the VBD directories a
+/// directory and `state` get search permission for others, 0700 becoming 0711: it can pass
+/// through, not list); moves in the VBD directories a
 /// previous version kept directly under `state` (`<kind>-<domid>-<devid>`), so their journals
 /// resume.
 fn prepare_state_dir(
@@ -441,9 +442,16 @@ fn prepare_state_dir(
         .create(&dir)
         .map_err(|e| err("cannot create", &dir, e))?;
     if user.is_some() {
+        // search permission for others, nothing more (a shared directory keeps its mode)
         for d in [run_dir, state.as_path()] {
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))
-                .map_err(|e| err("cannot set the mode of", d, e))?;
+            let mode = std::fs::metadata(d)
+                .map_err(|e| err("cannot stat", d, e))?
+                .permissions()
+                .mode();
+            if mode & 0o011 != 0o011 {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o011))
+                    .map_err(|e| err("cannot set the mode of", d, e))?;
+            }
         }
     }
     let old = format!("{kind}-{domid}-");
