@@ -127,7 +127,7 @@ pub fn record_path(run_dir: &Path, domid: DomId) -> PathBuf {
 /// The nodes of a VBD's backend directory a backend writes (`src/device/vbd.rs`,
 /// `stall.rs`); the toolstack's nodes (`params`, `mode`, `frontend`, `online`, ...) are
 /// never among them.
-const WRITABLE_NODES: &[&str] = &[
+pub const WRITABLE_NODES: &[&str] = &[
     "state",
     "multi-queue-max-queues",
     "max-ring-page-order",

@@ -224,12 +224,12 @@ pub const IOCTLS: &[(&str, u64)] = &[
 
 /// The `prctl` options allowed: naming a thread (Rust and librados name every thread they
 /// start).
-const PRCTLS: &[u64] = &[libc::PR_SET_NAME as u64];
+pub const PRCTLS: &[u64] = &[libc::PR_SET_NAME as u64];
 
 /// The socket families allowed: TCP to the cluster's monitors and OSDs (IPv4, and IPv6 for
 /// clusters on it). No unix sockets: the backend's are all made before the drop, so a
 /// compromised one cannot reach another local daemon's socket.
-const FAMILIES: &[u64] = &[libc::AF_INET as u64, libc::AF_INET6 as u64];
+pub const FAMILIES: &[u64] = &[libc::AF_INET as u64, libc::AF_INET6 as u64];
 
 /// The allowlist of a process whose pid is `pid`: every call of [`groups`], and the calls
 /// whose arguments are checked: `ioctl` ([`IOCTLS`]), `prctl` ([`PRCTLS`]), `socket`
