@@ -337,6 +337,10 @@ pub struct DemoArgs {
     /// Benchmark mode: sequential instead of random offsets.
     #[arg(long, requires = "bench_image")]
     pub seq: bool,
+    /// Benchmarks only: keep no crash-recovery journal (serve always keeps one), to measure
+    /// its cost (tools/bench-e2e's BENCH_BASE_FLAGS=--no-journal).
+    #[arg(long)]
+    pub no_journal: bool,
 }
 
 /// The ring layer alone.

@@ -50,6 +50,9 @@ pub struct DemoOptions {
     pub bs_kib: usize,
     /// Benchmark mode: sequential instead of random offsets.
     pub seq: bool,
+    /// Keep the crash-recovery journal of every ring (as `serve` does); off only to measure
+    /// what it costs.
+    pub journal: bool,
 }
 
 impl Default for DemoOptions {
@@ -66,6 +69,7 @@ impl Default for DemoOptions {
             span_mib: 64,
             bs_kib: 4,
             seq: false,
+            journal: true,
         }
     }
 }
@@ -198,12 +202,17 @@ fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), De
     let xen = SimXen::start()?;
     let platform = Arc::new(xen.platform());
     let guest_domid = 7;
+    // the rings' journals, as serve keeps them under its run directory
+    let state = std::env::temp_dir().join(format!("rbdback-demo-state-{}", std::process::id()));
     let cfg = ServeConfig {
         kind: "vbd".into(),
         backend_domid: 0,
         domid: guest_domid,
         exit_when_empty: true,
-        options: Options::default(),
+        options: Options {
+            state_dir: o.journal.then(|| state.clone()),
+            ..Options::default()
+        },
     };
     let (stop_tx, stop_rx) = mpsc::channel();
     let p2 = Arc::clone(&platform);
@@ -308,6 +317,7 @@ fn run_on(o: &DemoOptions, conf: &std::path::Path, image: &str) -> Result<(), De
     toolstack_detach(&dom0, &be).map_err(XenError::from)?;
     let _ = stop_tx.send(());
     let _ = server.join();
+    let _ = std::fs::remove_dir_all(&state);
     if !verify {
         return if report.errors > 0 {
             Err(DemoError::Errors(report.errors))

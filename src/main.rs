@@ -607,6 +607,7 @@ fn run_full_demo(a: cli::DemoArgs) -> ExitCode {
         ceph_conf: a.ceph_conf,
         bench_image: a.bench_image,
         seq: a.seq,
+        journal: !a.no_journal,
         ..Default::default()
     };
     o.requests = a.requests.unwrap_or(o.requests);
