@@ -456,11 +456,7 @@ fn the_supervisor_counts_restarts_of_a_dying_backend_only() {
     sup.join().unwrap();
     // a stopping supervisor leaves its children serving: this test's fake ones go now
     let _ = std::process::Command::new("pkill")
-        .args([
-            "-f",
-            "--",
-            &host.run_dir.join("fake-serve").display().to_string(),
-        ])
+        .args(["-P", &std::process::id().to_string()])
         .status();
     let counts = restarts.counts();
     assert_eq!(counts.len(), 1, "guest 6's backend never died: {counts:?}");
