@@ -135,7 +135,7 @@ fn serve_exits_cleanly_with_disks_in_every_state() {
     );
     // open failed
     let (_, bad_be, _) = attach(51728, "rbd:rbd/no-such-image-here");
-    wait_for(&dom0, &format!("{bad_be}/state"), "5");
+    wait_for(&dom0, &format!("{bad_be}/rbdback-image"), "failed");
     // frontend closing
     let (spec3, be3, fe3) = attach(51744, &params(&good2));
     let closing =
