@@ -475,3 +475,86 @@ fn pool_quota_reached_then_raised() {
     assert_eq!(r.mismatches, 0);
     rig.finish(f, &r);
 }
+
+/// The address of the image's watcher (our client), as `rbd status` shows it.
+fn watcher(c: &TestCluster, pool: &str, image: &str) -> String {
+    let st = String::from_utf8_lossy(&c.rbd(&["status", &format!("{pool}/{image}")])).into_owned();
+    st.split_whitespace()
+        .find_map(|w| w.strip_prefix("watcher="))
+        .unwrap_or_else(|| panic!("no watcher: {st}"))
+        .to_owned()
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Instant {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Instant::now()
+}
+
+/// An operator blocklists our client (`ceph osd blocklist add`): requests fail naming the
+/// fence, the error node says how to recover, and writing `<backend>/reopen` re-opens the
+/// image with a new client while the guest keeps its disk; the guest's data is intact.
+#[test]
+fn blocklisted_client_is_named_and_reopened_without_a_detach() {
+    let (rig, f) = Rig::new("rbd", "fault-fence", "");
+    let err_node = format!(
+        "/local/domain/0/error/backend/vbd/{GUEST}/{}/error",
+        rig.be.rsplit('/').next().unwrap()
+    );
+    let w = start_workload(f, 6);
+    std::thread::sleep(secs(5));
+    let addr = watcher(rig.c, &rig.pool, &rig.image);
+    rig.c.ceph(&["osd", "blocklist", "add", &addr]);
+    let t_fence = Instant::now();
+    let t_named = wait_for("the fence named in the log", secs(60), || {
+        log_text().contains("this client was blocklisted by the cluster")
+    });
+    let msg = wait_for("the error node", secs(10), || {
+        rig.dom0.read(&err_node).unwrap().is_some()
+    });
+    let node = rig.dom0.read(&err_node).unwrap().unwrap_or_default();
+    assert!(
+        node.contains("blocklisted") && node.contains("/reopen"),
+        "{node}"
+    );
+    std::thread::sleep(secs(2));
+    rig.dom0.write(&format!("{}/reopen", rig.be), "1").unwrap();
+    let t_reopen = Instant::now();
+    wait_for("the re-open", secs(60), || {
+        log_text().contains("image re-opened with a new client")
+    });
+    std::thread::sleep(secs(15));
+    let t0 = w.t0;
+    let (f, r, log) = w.stop();
+    report("blocklist, re-open", &log, &r, t0, None);
+    let first_ok_write = log
+        .iter()
+        .filter(|d| d.write && d.status == Status::Okay && d.issued > t_reopen)
+        .map(|d| d.answered - t_reopen)
+        .min()
+        .expect("no write after the re-open");
+    eprintln!(
+        "fence named {:?} after the blocklist, error node {:?}; first write {first_ok_write:?} after the re-open request",
+        t_named - t_fence,
+        msg - t_fence
+    );
+    assert!(r.errors > 0, "the fence did not reach the guest");
+    let late_errors = log
+        .iter()
+        .filter(|d| d.status != Status::Okay && d.issued > t_reopen + first_ok_write)
+        .count();
+    assert_eq!(late_errors, 0, "errors after the re-open");
+    assert!(
+        log.iter()
+            .filter(|d| d.issued > t_reopen + first_ok_write)
+            .count()
+            > 100
+    );
+    assert_eq!(r.mismatches, 0);
+    assert_eq!(rig.dom0.read(&err_node).unwrap(), None, "error node left");
+    assert_eq!(rig.dom0.read(&format!("{}/reopen", rig.be)).unwrap(), None);
+    rig.finish(f, &r);
+}

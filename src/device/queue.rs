@@ -6,9 +6,9 @@
 //! Must never: unmap the ring or drop buffers while engine operations are in flight; on stop it
 //! drains with a bounded wait and leaks what did not drain rather than freeing it.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::rados;
 use crate::xen::{DomId, EventChannels, GrantMapping, GrantTable, Port};
 
-use super::dataplane::{Dataplane, Stats};
+use super::dataplane::{Dataplane, EngineQueue, Stats};
 use super::dataplane::{GrantFault, GrantIo, GrantSpan};
 use super::grants::CopyGrants;
 use super::persistent::{PersistentGrants, DEFAULT_MAX_PERSISTENT};
@@ -88,7 +88,7 @@ pub struct QueueParts<G: GrantTable, E: EventChannels> {
     /// The ring's geometry and validation limits.
     pub dataplane: Dataplane,
     /// The engine queue.
-    pub engine: rados::Queue,
+    pub engine: Engines,
     /// Disk size in sectors, updated by the control thread on resize.
     pub capacity: Arc<AtomicU64>,
     /// Both ends negotiated `feature-persistent`.
@@ -107,10 +107,65 @@ impl<G: GrantTable, E: EventChannels> std::fmt::Debug for QueueParts<G, E> {
     }
 }
 
+/// A queue thread's engine queues: the current one takes new operations; those a re-open
+/// replaced stay until every operation they have in flight is back (answered once, by tag:
+/// the dataplane's tags are unique across them).
+#[derive(Debug)]
+pub struct Engines {
+    current: rados::Queue,
+    retiring: Vec<rados::Queue>,
+}
+
+impl From<rados::Queue> for Engines {
+    fn from(current: rados::Queue) -> Engines {
+        Engines {
+            current,
+            retiring: Vec::new(),
+        }
+    }
+}
+
+impl Engines {
+    /// Makes `next` the queue new operations go to.
+    fn replace(&mut self, next: rados::Queue) {
+        let old = std::mem::replace(&mut self.current, next);
+        if old.in_flight() > 0 {
+            self.retiring.push(old);
+        }
+    }
+
+    fn fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        std::iter::once(self.current.as_fd()).chain(self.retiring.iter().map(AsFd::as_fd))
+    }
+}
+
+impl EngineQueue for Engines {
+    fn submit(&mut self, tag: u64, op: rados::BlockOp) -> Result<(), rados::SubmitError> {
+        self.current.submit(tag, op)
+    }
+
+    fn reap(&mut self, out: &mut Vec<rados::Completion>) {
+        for r in &mut self.retiring {
+            r.reap(out);
+        }
+        // drained: nothing of theirs is out any more (the VBD closes their image)
+        self.retiring.retain(|r| r.in_flight() > 0);
+        self.current.reap(out);
+    }
+}
+
+/// A new engine queue handed to a running queue thread (a re-open).
+#[derive(Debug)]
+struct Swap {
+    next: Mutex<Option<rados::Queue>>,
+    efd: EventFd,
+}
+
 /// A running queue thread.
 #[derive(Debug)]
 pub struct QueueHandle {
     stop: Arc<EventFd>,
+    swap: Arc<Swap>,
     thread: Option<JoinHandle<QueueExit>>,
 }
 
@@ -123,16 +178,32 @@ impl QueueHandle {
         G::Mapping: 'static,
     {
         let stop = Arc::new(EventFd::new().map_err(std::io::Error::from)?);
-        let stop2 = Arc::clone(&stop);
+        let swap = Arc::new(Swap {
+            next: Mutex::new(None),
+            efd: EventFd::new().map_err(std::io::Error::from)?,
+        });
+        let (stop2, swap2) = (Arc::clone(&stop), Arc::clone(&swap));
         let name = format!("rbdback-q{}", parts.index);
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let _g = span.enter();
-            run(parts, &stop2)
+            run(parts, &stop2, &swap2)
         })?;
         Ok(QueueHandle {
             stop,
+            swap,
             thread: Some(thread),
         })
+    }
+
+    /// Hands the thread a new engine queue (the image re-opened with a new client): new
+    /// requests go to it, operations in flight finish on the old one.
+    pub fn swap_engine(&self, next: rados::Queue) {
+        *self
+            .swap
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(next);
+        let _ = self.swap.efd.write(1);
     }
 
     /// Asks the thread to stop and waits for it (bounded by [`DRAIN_TIMEOUT`] inside it).
@@ -160,7 +231,11 @@ impl Drop for QueueHandle {
     }
 }
 
-fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd) -> QueueExit {
+fn run<G: GrantTable, E: EventChannels>(
+    mut p: QueueParts<G, E>,
+    stop: &EventFd,
+    swap: &Swap,
+) -> QueueExit {
     let mut grants = if p.persistent {
         Access::Persistent(PersistentGrants::new(
             Arc::clone(&p.gnttab),
@@ -218,10 +293,23 @@ fn run<G: GrantTable, E: EventChannels>(mut p: QueueParts<G, E>, stop: &EventFd)
             }
             PollTimeout::NONE
         };
-        let (ev, eng, st) = match wait3(&p.evtchn, &p.engine, Some(stop), timeout) {
-            Ok(r) => r,
-            Err(e) => return QueueExit::Failed(format!("poll: {e}")),
-        };
+        let (ev, eng, [st, sw]) =
+            match wait(&p.evtchn, &p.engine, [Some(stop), Some(&swap.efd)], timeout) {
+                Ok(r) => r,
+                Err(e) => return QueueExit::Failed(format!("poll: {e}")),
+            };
+        if sw {
+            let _ = swap.efd.read();
+            let next = swap
+                .next
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(next) = next {
+                info!(queue = p.index, "engine queue replaced (image re-opened)");
+                p.engine.replace(next);
+            }
+        }
         if p.dataplane.waiting() && last_tick.elapsed() >= TICK {
             last_tick = Instant::now();
             if let Err(e) = tick(&mut p, &mut grants, last_tick) {
@@ -328,20 +416,26 @@ fn broken<G: GrantTable, E: EventChannels>(
     QueueExit::Broken(msg)
 }
 
-/// Polls the event channel, the engine and the stop eventfd.
-fn wait3<E: EventChannels>(
+/// Polls the event channel, the engine queues and up to two eventfds (stop, swap); says which
+/// were ready.
+fn wait<E: EventChannels>(
     evtchn: &E,
-    engine: &rados::Queue,
-    stop: Option<&EventFd>,
+    engines: &Engines,
+    extra: [Option<&EventFd>; 2],
     timeout: PollTimeout,
-) -> nix::Result<(bool, bool, bool)> {
-    let mut fds = vec![
-        PollFd::new(evtchn.as_fd(), PollFlags::POLLIN),
-        PollFd::new(engine.as_fd(), PollFlags::POLLIN),
-    ];
-    if let Some(stop) = stop {
-        fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
-    }
+) -> nix::Result<(bool, bool, [bool; 2])> {
+    let mut fds = vec![PollFd::new(evtchn.as_fd(), PollFlags::POLLIN)];
+    let extras: Vec<usize> = extra
+        .iter()
+        .map(|e| {
+            e.map_or(usize::MAX, |efd| {
+                fds.push(PollFd::new(efd.as_fd(), PollFlags::POLLIN));
+                fds.len() - 1
+            })
+        })
+        .collect();
+    let first_engine = fds.len();
+    fds.extend(engines.fds().map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
     loop {
         match poll(&mut fds, timeout) {
             Ok(_) => break,
@@ -354,7 +448,9 @@ fn wait3<E: EventChannels>(
             .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLERR))
     };
     let at = |i: usize| fds.get(i).is_some_and(ready);
-    Ok((at(0), at(1), at(2)))
+    let engine = fds.iter().skip(first_engine).any(ready);
+    let x = |k: usize| extras.get(k).is_some_and(|&i| at(i));
+    Ok((at(0), engine, [x(0), x(1)]))
 }
 
 /// Stop: keep answering completions (so the guest sees its responses) until the engine is
@@ -367,7 +463,7 @@ fn drain<G: GrantTable, E: EventChannels>(
     while p.dataplane.engine_ops() > 0 && Instant::now() < deadline {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-        let _ = wait3(&p.evtchn, &p.engine, None, PollTimeout::from(ms));
+        let _ = wait(&p.evtchn, &p.engine, [None, None], PollTimeout::from(ms));
         let mem = p.ring_map.mem();
         match p
             .dataplane

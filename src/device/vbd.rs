@@ -136,6 +136,17 @@ pub enum VbdError {
     /// A queue found the frontend breaking the protocol.
     #[error("frontend broke the ring protocol: {0}")]
     Broken(String),
+    /// The image's client can serve it no more (blocklisted); requests fail until a re-open.
+    #[error("{why}; write 1 to {node} to re-open the image with a new client (the guest keeps its disk)")]
+    Unusable {
+        /// The engine's reason.
+        why: String,
+        /// The node that asks for a re-open.
+        node: String,
+    },
+    /// Re-opening the image failed; the old client still serves the disk.
+    #[error("re-opening the image failed")]
+    Reopen(#[source] rados::RadosError),
 }
 
 /// How a VBD's thread ended.
@@ -217,6 +228,12 @@ struct Vbd<P: Platform> {
     /// The queues' tunables: the serve defaults with the disk's `io_timeout`/`stall_warn`.
     queue_cfg: QueueConfig,
     stall: StallWatch,
+    /// What the image was opened as (a re-open opens it again).
+    ispec: Option<ImageSpec>,
+    /// Images a re-open replaced, closed once no queue holds them.
+    retired: Vec<Arc<Image>>,
+    /// The image's client was found unusable and that was reported.
+    unusable_reported: bool,
 }
 
 fn node(xs: &Xenstore, path: &str) -> Result<String, VbdError> {
@@ -410,7 +427,7 @@ impl<P: Platform> Vbd<P> {
         let port = evtchn.bind_interdomain(self.fe_domid, q.event_channel)?;
         let back = BackRing::new(cfg.abi, order).map_err(|e| VbdError::Broken(e.to_string()))?;
         let dataplane = Dataplane::new(back, self.ring_limits(), self.queue_cfg);
-        let engine = image.queue().map_err(VbdError::Engine)?;
+        let engine = image.queue().map_err(VbdError::Engine)?.into();
         let parts = QueueParts {
             index,
             domid: self.fe_domid,
@@ -514,6 +531,96 @@ impl<P: Platform> Vbd<P> {
     }
 }
 
+/// Re-opening the image with a new client while the guest keeps its disk.
+impl<P: Platform> Vbd<P> {
+    /// Reports a client the cluster fenced, honours `<backend>/reopen`, and closes replaced
+    /// images once their queues let go. `Some` when the VBD must end (stop or removal while
+    /// re-opening).
+    fn check_reopen(
+        &mut self,
+        opener: &Arc<dyn ImageOpener>,
+        stop: &Receiver<()>,
+    ) -> Option<VbdEnd> {
+        let node = format!("{}/reopen", self.be);
+        if let Some(why) = self.image.as_ref().and_then(|i| i.unusable()) {
+            if !self.unusable_reported {
+                self.unusable_reported = true;
+                self.report(&VbdError::Unusable {
+                    why,
+                    node: node.clone(),
+                });
+            }
+        }
+        if matches!(self.xs.read(&node), Ok(Some(_))) {
+            if let Err(e) = self.xs.rm(&node) {
+                warn!(error = %e, "cannot remove the reopen node");
+            }
+            if let Some(end) = self.reopen(opener, stop) {
+                return Some(end);
+            }
+        }
+        self.close_retired();
+        None
+    }
+
+    /// Opens the image again with a new client and hands every queue an engine queue on it;
+    /// requests in flight finish on the old client, none is lost or answered twice.
+    fn reopen(&mut self, opener: &Arc<dyn ImageOpener>, stop: &Receiver<()>) -> Option<VbdEnd> {
+        let spec = self.ispec.clone()?;
+        info!(image = %spec, "re-opening the image with a new client");
+        let t0 = Instant::now();
+        let image = match self.open_watched(opener, &spec, stop) {
+            Opening::Done(Ok(i)) => i,
+            Opening::Done(Err(e)) => {
+                self.report(&VbdError::Reopen(e));
+                return None;
+            }
+            Opening::Stopped => return Some(VbdEnd::Stopped),
+            Opening::Removed => return Some(VbdEnd::Removed),
+        };
+        if let Some(c) = &self.conn {
+            for q in &c.queues {
+                match image.queue() {
+                    Ok(eq) => q.swap_engine(eq),
+                    Err(e) => {
+                        // a queue that keeps the old client fails as before; say so
+                        self.report(&VbdError::Reopen(e));
+                    }
+                }
+            }
+        }
+        if let Some(old) = self.image.replace(image) {
+            self.retired.push(old);
+        }
+        self.unusable_reported = false;
+        if let Err(e) = self.xs.rm(&self.id.error_path()) {
+            debug!(error = %e, "cannot remove the error node");
+        }
+        info!(
+            secs = t0.elapsed().as_secs_f64(),
+            "image re-opened with a new client"
+        );
+        None
+    }
+
+    /// Closes replaced images nothing uses any more, on a helper thread (closing waits for
+    /// the cluster, at most the image's close_wait).
+    fn close_retired(&mut self) {
+        let (idle, busy): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|i| Arc::strong_count(i) == 1);
+        self.retired = busy;
+        for img in idle {
+            let spawned = std::thread::Builder::new()
+                .name("rbdback-close".into())
+                .spawn(move || drop(img));
+            if let Err(e) = spawned {
+                warn!(error = %e, "cannot start a thread to close a replaced image");
+            }
+        }
+    }
+}
+
 /// Serves one VBD until it is removed or `stop` fires. Never panics on bad input.
 pub fn run_vbd<P: Platform>(
     platform: Arc<P>,
@@ -557,6 +664,9 @@ pub fn run_vbd<P: Platform>(
         conn: None,
         queue_cfg: opts.queue,
         stall: StallWatch::default(),
+        ispec: None,
+        retired: Vec::new(),
+        unusable_reported: false,
     };
     let mut usable = false;
     match setup {
@@ -585,6 +695,7 @@ pub fn run_vbd<P: Platform>(
                     vbd.queue_cfg = queue_config(&opts.queue, &spec);
                     let ispec = image_spec(&spec, vbd.read_only);
                     info!(image = %ispec, engine = ?spec.target.engine, "opening image");
+                    vbd.ispec = Some(ispec.clone());
                     match vbd.open_watched(&opener, &ispec, &stop) {
                         Opening::Done(r) => r.map_err(VbdError::Open),
                         Opening::Stopped => return VbdEnd::Stopped,
@@ -700,5 +811,9 @@ pub fn run_vbd<P: Platform>(
         }
         vbd.stall
             .check(&vbd.xs, &format!("{be}/stalled"), vbd.image.as_ref());
+        if let Some(end) = vbd.check_reopen(&opener, &stop) {
+            vbd.disconnect();
+            return end;
+        }
     }
 }

@@ -241,6 +241,10 @@ pub enum RadosError {
     /// The queue is shutting down.
     #[error("engine queue closed")]
     Closed,
+    /// The image can no longer be served by this client (blocklisted, or it gained a feature
+    /// the engine cannot honour); the reason says what to do.
+    #[error("{0}")]
+    Unusable(String),
     /// A system resource (eventfd) could not be created.
     #[error("system error: {0}")]
     Sys(#[from] std::io::Error),
@@ -479,6 +483,15 @@ impl Image {
         match &self.engine {
             Engine::Direct(i) => i.locate(offset).map(Some),
             Engine::Librbd(_) | Engine::Memory(_) => Ok(None),
+        }
+    }
+
+    /// Why this client can no longer serve the image (blocklisted by the cluster, a feature
+    /// it cannot honour), once that is known; every request then fails with it.
+    pub fn unusable(&self) -> Option<String> {
+        match &self.engine {
+            Engine::Direct(i) => i.shared.lock_state().fatal.clone(),
+            Engine::Librbd(_) | Engine::Memory(_) => None,
         }
     }
 

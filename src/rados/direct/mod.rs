@@ -132,6 +132,24 @@ impl Shared {
         )
     }
 
+    /// Marks this client fenced: the cluster blocklisted it (an operator, or another client
+    /// that broke its exclusive lock), so nothing it sends can succeed again. Every request
+    /// fails with the returned reason from now on.
+    pub(crate) fn fenced(&self) -> String {
+        let mut st = self.lock_state();
+        if let Some(f) = &st.fatal {
+            return f.clone();
+        }
+        let why = format!(
+            "image {}: this client was blocklisted by the cluster (fenced by an operator, or by \
+             another client that broke its exclusive lock); it must be reopened with a new client",
+            self.name
+        );
+        warn!(image = %self.name, "{why}");
+        st.fatal = Some(why.clone());
+        why
+    }
+
     /// True when writes must hold the exclusive lock.
     pub(crate) fn needs_lock(&self, h: &Header) -> bool {
         !self.read_only && h.features & feature::EXCLUSIVE_LOCK != 0
@@ -510,12 +528,7 @@ impl Control {
         match self.s.meta.watch(&self.s.header_oid, &self.s.watch_sink) {
             Ok(c) => self.s.watch_cookie.store(c, Ordering::Relaxed),
             Err(e) if e.0 == -libc::ESHUTDOWN => {
-                let why = format!(
-                    "image {}: this client was blocklisted by the cluster (another client broke its exclusive lock); reopen the disk",
-                    self.s.name
-                );
-                warn!(image = %self.s.name, "{why}");
-                self.s.lock_state().fatal = Some(why);
+                self.s.fenced();
             }
             Err(e) => {
                 warn!(image = %self.s.name, error = %e, "cannot re-watch the image header; retrying");
@@ -592,6 +605,11 @@ impl Control {
     }
 
     fn fail_waiters(&mut self, errno: i32, why: String) {
+        let why = if errno == -libc::ESHUTDOWN {
+            self.s.fenced()
+        } else {
+            why
+        };
         warn!(image = %self.s.name, "{why}");
         let mut st = self.s.lock_state();
         st.lock_failure = Some(LockFailure {
