@@ -739,6 +739,7 @@ pub fn run_workload(
         span_sectors,
         seed,
         verify,
+        latencies: true,
     };
     spec.run(
         front,
@@ -788,6 +789,8 @@ pub struct Workload {
     pub seed: u64,
     /// Check reads against the model.
     pub verify: bool,
+    /// Keep every request's latency in the report (a long run without them stays small).
+    pub latencies: bool,
 }
 
 /// How long [`Workload::run`] waits for the requests still out once it stops issuing.
@@ -898,7 +901,9 @@ impl Workload {
                     };
                     let answered = Instant::now();
                     let us = u64::try_from((answered - o.started).as_micros()).unwrap_or(u64::MAX);
-                    report.latencies_us.push(us);
+                    if self.latencies {
+                        report.latencies_us.push(us);
+                    }
                     report.completed += 1;
                     report.bytes += (o.pages * PAGE_SIZE) as u64;
                     let mut mismatch = false;

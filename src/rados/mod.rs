@@ -79,6 +79,10 @@ pub struct ImageSpec {
     /// How long closing may wait for the cluster (direct engine: releasing the lock, the
     /// watch) before the release is left to a background thread.
     pub close_wait: std::time::Duration,
+    /// Direct engine: how long one control-path call (header reads, lock requests, watch
+    /// registration) may go unanswered once the image is open; it then fails with
+    /// `ETIMEDOUT`, is logged, and is retried.
+    pub control_timeout: std::time::Duration,
 }
 
 /// An image formatted with `rbd encryption format`: librbd decrypts it once the passphrase is
@@ -138,6 +142,7 @@ impl ImageSpec {
             read_only: false,
             encryption: None,
             close_wait: std::time::Duration::from_secs(30),
+            control_timeout: client::CONTROL_TIMEOUT,
         }
     }
 }
