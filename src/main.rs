@@ -44,6 +44,7 @@ const USAGE: &str = "usage:
                [--span-mib N] [--bench-image NAME (existing image, no verification)
                [--bs-kib 4-1024] [--seq]]
   rbdback ring-demo [--abi x86_64-abi|x86_32-abi] [--order 0-4] [--requests N]
+  rbdback soak [--minutes N] [--fault-every SECS] (tools/soak: faults on a private cluster)
   rbdback csi --node-id ID [--endpoint unix:///var/lib/kubelet/plugins/rbd.csi.ceph.com/csi.sock]
               [--driver-name rbd.csi.ceph.com] [--state-dir /var/lib/rbdback/csi]
               [--ceph-conf FILE] [--clusters /etc/ceph-csi-config/config.json] [--no-supervise]
@@ -67,6 +68,7 @@ fn main() -> ExitCode {
         Some("csi") => run_csi(rest),
         Some("demo") => run_full_demo(rest),
         Some("ring-demo") => run_demo(rest),
+        Some("soak") => run_soak(rest),
         Some("engine-bench") => run_engine_bench(rest),
         _ => {
             eprintln!("{USAGE}");
@@ -256,6 +258,29 @@ fn run_supervise(args: &[String]) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&chain(&e)),
     }
+}
+
+#[cfg(feature = "test-utils")]
+fn run_soak(args: &[String]) -> ExitCode {
+    let mut o = rbdback::soak::SoakOptions::default();
+    let parsed = (|| -> Result<(), String> {
+        o.minutes = num(args, "--minutes", o.minutes)?;
+        o.fault_every =
+            std::time::Duration::from_secs(num(args, "--fault-every", o.fault_every.as_secs())?);
+        Ok(())
+    })();
+    if let Err(e) = parsed {
+        return fail(&e);
+    }
+    match rbdback::soak::run(&o) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("soak failed: {}", chain(&e))),
+    }
+}
+
+#[cfg(not(feature = "test-utils"))]
+fn run_soak(_args: &[String]) -> ExitCode {
+    fail("soak needs the simulated guest: build with `--features test-utils`")
 }
 
 #[cfg(feature = "test-utils")]
