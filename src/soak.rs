@@ -9,7 +9,7 @@
 //! removed at the end. Must never: inject faults into the shared test cluster.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -213,21 +213,33 @@ fn run_on(o: &SoakOptions, conf: &Path, image: &str) -> Result<(), DemoError> {
         o.minutes,
         o.fault_every.as_secs()
     );
-    let mut next_print = t0;
-    let show = |r: &RunReport, next: &mut Instant| {
-        let now = Instant::now();
-        if now < *next {
-            return;
-        }
-        *next = now + Duration::from_secs(30);
-        let (rss, threads, fds) = resources();
-        println!(
-            "soak: {:>5.0}s {:>9} requests {:>4} errors {:>3} mismatches  rss {rss} MiB  threads {threads}  fds {fds}",
-            (now - t0).as_secs_f64(),
-            r.completed,
-            r.errors,
-            r.mismatches
-        );
+    // [requests, errors, mismatches], printed every 30 s whether requests complete or not
+    let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+    let printer = {
+        let (stop, counts) = (Arc::clone(&stop), Arc::clone(&counts));
+        std::thread::spawn(move || {
+            let mut next = t0;
+            while !stop.load(Ordering::Relaxed) {
+                if Instant::now() >= next {
+                    next += Duration::from_secs(30);
+                    let (rss, threads, fds) = resources();
+                    let c = |i: usize| counts[i].load(Ordering::Relaxed);
+                    println!(
+                        "soak: {:>5.0}s {:>9} requests {:>4} errors {:>3} mismatches  rss {rss} MiB  threads {threads}  fds {fds}",
+                        t0.elapsed().as_secs_f64(),
+                        c(0),
+                        c(1),
+                        c(2)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let show = |r: &RunReport| {
+        counts[0].store(r.completed, Ordering::Relaxed);
+        counts[1].store(r.errors, Ordering::Relaxed);
+        counts[2].store(r.mismatches, Ordering::Relaxed);
     };
     let w = Workload {
         qd: 16,
@@ -237,13 +249,10 @@ fn run_on(o: &SoakOptions, conf: &Path, image: &str) -> Result<(), DemoError> {
         verify: true,
         latencies: false,
     };
-    let report = w.run(
-        &mut front,
-        |_| Instant::now() < end,
-        |r, _| show(r, &mut next_print),
-    );
+    let report = w.run(&mut front, |_| Instant::now() < end, |r, _| show(r));
     stop.store(true, Ordering::Relaxed);
     let _ = injector.join();
+    let _ = printer.join();
     let report = report?;
     let (rss, threads, fds) = resources();
     println!(
