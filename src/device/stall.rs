@@ -100,6 +100,8 @@ struct Standing {
     logged: Instant,
     /// Where the oldest request waits, once known.
     place: Option<String>,
+    /// The report as last written.
+    text: String,
     /// The answer of the helper thread that asks the cluster.
     locating: Option<Receiver<String>>,
 }
@@ -118,9 +120,14 @@ impl StallWatch {
         self.gauges = gauges;
     }
 
-    /// Whether a stall is being reported.
-    pub fn stalled(&self) -> bool {
-        self.standing.is_some()
+    /// The standing report (what the `stalled` node says), if the disk is stalled.
+    pub fn report(&self) -> Option<&str> {
+        self.standing.as_ref().map(|s| s.text.as_str())
+    }
+
+    /// The queues' gauges read together (for metrics and status).
+    pub fn reading(&self) -> StallReading {
+        combined(&self.gauges)
     }
 
     /// Checks the gauges; reports a new stall, refreshes a standing one, clears a past one.
@@ -147,6 +154,7 @@ impl StallWatch {
             written: now,
             logged: now,
             place: None,
+            text: String::new(),
             locating: image.map(|img| locate(img, r.oldest_offset)),
         });
         let mut changed = fresh;
@@ -181,6 +189,7 @@ impl StallWatch {
                 "disk stalled: {text}"
             );
         }
+        s.text.clone_from(&text);
         if changed || now.duration_since(s.written) >= REFRESH {
             s.written = now;
             if let Err(e) = xs.write(node, &text) {

@@ -845,10 +845,11 @@ impl Workload {
             }
             for q in 0..nq {
                 let mut batch = Vec::new();
-                if !issuing {
-                    continue;
-                }
-                while let Some(page) = free.get_mut(q).and_then(Vec::pop) {
+                // asked before every request: a run of `total` issues exactly that many
+                while issuing && keep_going(&report) {
+                    let Some(page) = free.get_mut(q).and_then(Vec::pop) else {
+                        break;
+                    };
                     let block = next() % blocks;
                     // Don't overlap an in-flight request on the same block: keeps the model exact.
                     if outstanding
