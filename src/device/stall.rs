@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::rados::Image;
+use crate::rados::{Image, ImageSpec};
 use crate::xen::xenstore::Xenstore;
 
 use super::dataplane::Stall;
@@ -131,14 +131,22 @@ impl StallWatch {
     }
 
     /// Checks the gauges; reports a new stall, refreshes a standing one, clears a past one.
-    /// `node` is the absolute path of the `stalled` node; `image` answers where an offset's
-    /// data lives.
-    pub fn check(&mut self, xs: &Xenstore, node: &str, image: Option<&Arc<Image>>) {
+    /// `node` is the absolute path of the `stalled` node; `disk` names the image in the log;
+    /// `image` answers where an offset's data lives.
+    pub fn check(
+        &mut self,
+        xs: &Xenstore,
+        node: &str,
+        disk: Option<&ImageSpec>,
+        image: Option<&Arc<Image>>,
+    ) {
+        let disk = || disk.map(ToString::to_string).unwrap_or_default();
         let now = Instant::now();
         let r = combined(&self.gauges);
         if r.stalled == 0 {
             if let Some(s) = self.standing.take() {
                 info!(
+                    disk = disk(),
                     stalled_for_s = s.since.elapsed().as_secs(),
                     "disk recovered: no request waits for the cluster any more"
                 );
@@ -182,6 +190,7 @@ impl StallWatch {
         if fresh || (changed && s.place.is_some()) || now.duration_since(s.logged) >= RELOG {
             s.logged = now;
             warn!(
+                disk = disk(),
                 stalled = r.stalled,
                 oldest_s = r.oldest.as_secs(),
                 offset = r.oldest_offset,

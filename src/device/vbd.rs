@@ -809,8 +809,12 @@ pub fn run_vbd<P: Platform>(
             last_resize = Instant::now();
             vbd.check_resize();
         }
-        vbd.stall
-            .check(&vbd.xs, &format!("{be}/stalled"), vbd.image.as_ref());
+        vbd.stall.check(
+            &vbd.xs,
+            &format!("{be}/stalled"),
+            vbd.ispec.as_ref(),
+            vbd.image.as_ref(),
+        );
         if let Some(end) = vbd.check_reopen(&opener, &stop) {
             vbd.disconnect();
             return end;
