@@ -184,6 +184,39 @@ impl Running {
     }
 }
 
+/// A workload run around one fault.
+struct Faulted {
+    f: SimBlkfront,
+    r: RunReport,
+    log: Vec<Done>,
+    /// When the workload started.
+    t0: Instant,
+    /// When the fault began and when it ended (`fault` returned).
+    began: Instant,
+    ended: Instant,
+}
+
+/// Runs the workload 5 s, then `fault` (it returns when the fault is over), then `settle`
+/// longer, and stops the workload.
+fn around(f: SimBlkfront, seed: u64, settle: Duration, fault: impl FnOnce()) -> Faulted {
+    let w = start_workload(f, seed);
+    std::thread::sleep(secs(5));
+    let began = Instant::now();
+    fault();
+    let ended = Instant::now();
+    std::thread::sleep(settle);
+    let t0 = w.t0;
+    let (f, r, log) = w.stop();
+    Faulted {
+        f,
+        r,
+        log,
+        t0,
+        began,
+        ended,
+    }
+}
+
 /// How the guest lived through a fault that ended at `resumed`.
 #[derive(Debug)]
 struct Recovery {
@@ -260,18 +293,15 @@ const RECOVERY_BOUND: Duration = Duration::from_secs(8);
 fn osd_frozen_for_20s_then_continued() {
     let (rig, f) = Rig::new("rbd", "fault-stop", ":stall_warn=3");
     let _revive = Revive(rig.c);
-    let w = start_workload(f, 1);
-    std::thread::sleep(secs(5));
-    rig.c.daemon("stop", OSD);
-    let t_stop = Instant::now();
-    std::thread::sleep(secs(10));
-    let (node, t_node) = (rig.stalled_node(), Instant::now());
-    std::thread::sleep(secs(10));
-    rig.c.daemon("cont", OSD);
-    let t_cont = Instant::now();
-    std::thread::sleep(secs(15));
-    let t0 = w.t0;
-    let (f, r, log) = w.stop();
+    let (mut node, mut t_node) = (None, Instant::now());
+    let x = around(f, 1, secs(15), || {
+        rig.c.daemon("stop", OSD);
+        std::thread::sleep(secs(10));
+        (node, t_node) = (rig.stalled_node(), Instant::now());
+        std::thread::sleep(secs(10));
+        rig.c.daemon("cont", OSD);
+    });
+    let (f, r, log, t0, t_stop, t_cont) = (x.f, x.r, x.log, x.t0, x.began, x.ended);
     let rec = recovery(&log, t_cont);
     report("osd stop 20 s", &log, &r, t0, Some(&rec));
     assert_eq!((r.errors, r.mismatches), (0, 0));
@@ -304,16 +334,12 @@ fn osd_frozen_for_20s_then_continued() {
 fn osd_frozen_with_io_timeout_fails_only_the_stuck_requests() {
     let (rig, f) = Rig::new("rbd", "fault-timeout", ":io_timeout=5:stall_warn=3");
     let _revive = Revive(rig.c);
-    let w = start_workload(f, 3);
-    std::thread::sleep(secs(5));
-    rig.c.daemon("stop", OSD);
-    let t_stop = Instant::now();
-    std::thread::sleep(secs(20));
-    rig.c.daemon("cont", OSD);
-    let t_cont = Instant::now();
-    std::thread::sleep(secs(15));
-    let t0 = w.t0;
-    let (f, r, log) = w.stop();
+    let x = around(f, 3, secs(15), || {
+        rig.c.daemon("stop", OSD);
+        std::thread::sleep(secs(20));
+        rig.c.daemon("cont", OSD);
+    });
+    let (f, r, log, t0, t_stop, t_cont) = (x.f, x.r, x.log, x.t0, x.began, x.ended);
     report("osd stop 20 s, io_timeout=5", &log, &r, t0, None);
     let failed: Vec<&Done> = log.iter().filter(|d| d.status != Status::Okay).collect();
     assert!(!failed.is_empty(), "nothing timed out");
@@ -348,16 +374,14 @@ fn osd_frozen_with_io_timeout_fails_only_the_stuck_requests() {
 fn osd_killed_and_restarted_after_10s() {
     let (rig, f) = Rig::new("rbd", "fault-kill", "");
     let _revive = Revive(rig.c);
-    let w = start_workload(f, 2);
-    std::thread::sleep(secs(5));
-    rig.c.daemon("kill", OSD);
-    std::thread::sleep(secs(10));
-    let t_start = Instant::now();
-    rig.c.daemon("start", OSD); // returns once the map has it up
-    let t_up = Instant::now();
-    std::thread::sleep(secs(15));
-    let t0 = w.t0;
-    let (f, r, log) = w.stop();
+    let mut t_start = Instant::now();
+    let x = around(f, 2, secs(15), || {
+        rig.c.daemon("kill", OSD);
+        std::thread::sleep(secs(10));
+        t_start = Instant::now();
+        rig.c.daemon("start", OSD); // returns once the map has it up
+    });
+    let (f, r, log, t0, t_up) = (x.f, x.r, x.log, x.t0, x.ended);
     let rec = recovery(&log, t_up);
     report("osd kill, restart after 10 s", &log, &r, t0, Some(&rec));
     eprintln!("osd up {:?} after its start", t_up - t_start);
@@ -376,16 +400,12 @@ fn osd_killed_and_restarted_after_10s() {
 fn monitor_restarted() {
     let (rig, f) = Rig::new("rbd", "fault-mon", "");
     let _revive = Revive(rig.c);
-    let w = start_workload(f, 4);
-    std::thread::sleep(secs(5));
-    rig.c.daemon("kill", MON);
-    let t_kill = Instant::now();
-    std::thread::sleep(secs(10));
-    rig.c.daemon("start", MON);
-    let t_up = Instant::now();
-    std::thread::sleep(secs(10));
-    let t0 = w.t0;
-    let (f, r, log) = w.stop();
+    let x = around(f, 4, secs(10), || {
+        rig.c.daemon("kill", MON);
+        std::thread::sleep(secs(10));
+        rig.c.daemon("start", MON);
+    });
+    let (f, r, log, t0, t_kill, t_up) = (x.f, x.r, x.log, x.t0, x.began, x.ended);
     report("monitor restart", &log, &r, t0, None);
     assert_eq!((r.errors, r.mismatches), (0, 0));
     let during = log

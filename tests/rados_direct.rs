@@ -37,6 +37,13 @@ fn write(q: &mut Queue, expect: &mut [u8], off: u64, data: Vec<u8>) {
     .unwrap();
 }
 
+/// Writes a pattern of `len` bytes at each `(offset, len)`, the i-th seeded `seed + i`.
+fn write_pieces(q: &mut Queue, expect: &mut [u8], pieces: &[(u64, usize)], seed: u64) {
+    for (i, &(off, len)) in pieces.iter().enumerate() {
+        write(q, expect, off, pattern(len, seed + i as u64));
+    }
+}
+
 fn read(q: &mut Queue, off: u64, len: usize) -> Vec<u8> {
     let c = one(
         q,
@@ -189,17 +196,17 @@ fn striping_v2_equals_rbd_export() {
     let img = Image::open(&direct_spec(c, &name)).unwrap();
     let mut q = img.queue().unwrap();
     let mut expect = vec![0u8; 16 << 20];
-    for (i, (off, len)) in [
-        (0u64, 1usize << 20),
-        (3 << 20, 700_000),
-        (9_000_000, 4096),
-        ((16 << 20) - 8192, 8192),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        write(&mut q, &mut expect, off, pattern(len, i as u64 + 3));
-    }
+    write_pieces(
+        &mut q,
+        &mut expect,
+        &[
+            (0, 1 << 20),
+            (3 << 20, 700_000),
+            (9_000_000, 4096),
+            ((16 << 20) - 8192, 8192),
+        ],
+        3,
+    );
     assert!(read(&mut q, 0, 16 << 20) == expect);
     drop(q);
     drop(img);
@@ -237,17 +244,17 @@ fn an_image_with_a_separate_data_pool_equals_rbd_export() {
     assert_eq!(img.info().engine, EngineKind::Direct);
     let mut q = img.queue().unwrap();
     let mut expect = vec![0u8; 16 << 20];
-    for (i, (off, len)) in [
-        (0u64, 1usize << 20),
-        ((4 << 20) - 4096, 8192),
-        (9_000_000, 4096),
-        ((16 << 20) - 65536, 65536),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        write(&mut q, &mut expect, off, pattern(len, i as u64 + 11));
-    }
+    write_pieces(
+        &mut q,
+        &mut expect,
+        &[
+            (0, 1 << 20),
+            ((4 << 20) - 4096, 8192),
+            (9_000_000, 4096),
+            ((16 << 20) - 65536, 65536),
+        ],
+        11,
+    );
     // a whole object discarded: removed from the data pool
     one(
         &mut q,
