@@ -526,9 +526,9 @@ impl IoCtx {
                 drop(unsafe { Box::from_raw(cookie) });
                 Ok(handle)
             }
-            Ok(r) => {
-                // SAFETY: settled, and no watch was registered: no callback holds `arg` and
-                // librados is done with `cookie`; each reclaimed once.
+            Ok(r) | Err(Called::Refused(r)) => {
+                // SAFETY: settled (or never submitted), and no watch was registered: no
+                // callback holds `arg` and librados is done with `cookie`; each reclaimed once.
                 drop(unsafe { Arc::from_raw(arg.cast_const().cast::<WatchSink>()) });
                 // SAFETY: as above.
                 drop(unsafe { Box::from_raw(cookie) });
