@@ -316,7 +316,9 @@ fn osd_frozen_for_20s_then_continued() {
     // the operator saw which disk, how long and where, and the report went away
     let node = node.expect("no stalled node during the freeze");
     assert!(
-        node.contains("requests waiting for the cluster") && node.contains("osd.0"),
+        node.contains("requests waiting for the cluster")
+            && node.contains("osd.0 (placement group")
+            && node.contains("active"),
         "{node}"
     );
     assert_eq!(rig.stalled_node(), None);

@@ -21,8 +21,8 @@ use crate::xen::xenstore::Xenstore;
 
 use super::dataplane::Stall;
 
-/// How often a standing report is refreshed (xenstore node and log line).
-pub const REFRESH: Duration = Duration::from_secs(10);
+/// How often a standing report's node is rewritten (the oldest request's age in it).
+pub const REFRESH: Duration = Duration::from_secs(5);
 /// How often a standing stall is logged again.
 const RELOG: Duration = Duration::from_secs(60);
 

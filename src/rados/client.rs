@@ -64,6 +64,19 @@ pub(crate) fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
     }
 }
 
+/// `rados_mon_command` and `rados_mgr_command`.
+type CommandFn = unsafe extern "C" fn(
+    sys::rados_t,
+    *mut *const c_char,
+    usize,
+    *const c_char,
+    usize,
+    *mut *mut c_char,
+    *mut usize,
+    *mut *mut c_char,
+    *mut usize,
+) -> i32;
+
 /// A cluster handle (`rados_t`), shut down on drop.
 #[derive(Debug)]
 pub(crate) struct Cluster {
@@ -248,6 +261,16 @@ impl Cluster {
     /// Sends a command (JSON) to the monitors and returns their output (bounded by
     /// `rados_mon_op_timeout`).
     pub(crate) fn mon_command(&self, cmd: &str) -> Result<String, Errno> {
+        self.command(sys::rados_mon_command, cmd)
+    }
+
+    /// Sends a command (JSON) to the active manager and returns its output (bounded by
+    /// `rados_mon_op_timeout`).
+    pub(crate) fn mgr_command(&self, cmd: &str) -> Result<String, Errno> {
+        self.command(sys::rados_mgr_command, cmd)
+    }
+
+    fn command(&self, call: CommandFn, cmd: &str) -> Result<String, Errno> {
         let c = name(cmd)?;
         let cmds = [c.as_ptr()];
         let (mut out, mut out_len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
@@ -255,7 +278,7 @@ impl Cluster {
         // SAFETY: valid handle; one command string that outlives the call; out-pointers to
         // locals; librados allocates the outputs, freed below.
         let r = unsafe {
-            sys::rados_mon_command(
+            call(
                 self.h,
                 cmds.as_ptr().cast_mut(),
                 1,

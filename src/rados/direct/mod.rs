@@ -303,10 +303,23 @@ impl DirectImage {
             .mon_command(&cmd)
             .map_err(call("osd map"))?;
         let field = |k| json_field(&out, k).unwrap_or("?");
+        let pg = field("pgid");
+        // the placement group's state, from the manager's map (`ceph pg dump pgs_brief`):
+        // `laggy` or `peering` says why the OSD does not answer
+        let state = self
+            .shared
+            .cluster
+            .mgr_command(r#"{"prefix":"pg dump","dumpcontents":["pgs_brief"],"format":"json"}"#)
+            .ok()
+            .and_then(|dump| {
+                let at = dump.find(&format!(r#""pgid":"{pg}","state":""#))?;
+                let rest = dump.get(at + pg.len() + 19..)?;
+                rest.split('"').next().map(|s| format!(" {s}"))
+            })
+            .unwrap_or_default();
         Ok(format!(
-            "osd.{} (placement group {}, object {oid})",
+            "osd.{} (placement group {pg}{state}, object {oid})",
             field("acting_primary"),
-            field("pgid")
         ))
     }
 
