@@ -104,6 +104,9 @@ struct Standing {
     text: String,
     /// The answer of the helper thread that asks the cluster.
     locating: Option<Receiver<String>>,
+    /// When the cluster was last asked (again every [`RELOG`]: a placement group's state
+    /// changes, `laggy` may come only after the OSD woke up).
+    located: Option<Instant>,
 }
 
 /// The VBD's stall report: checks its queues' gauges and says when requests wait too long
@@ -163,15 +166,20 @@ impl StallWatch {
             logged: now,
             place: None,
             text: String::new(),
-            locating: image.map(|img| locate(img, r.oldest_offset)),
+            locating: None,
+            located: None,
         });
         let mut changed = fresh;
+        if s.locating.is_none() && s.located.is_none_or(|t| now.duration_since(t) >= RELOG) {
+            s.located = Some(now);
+            s.locating = image.map(|img| locate(img, r.oldest_offset));
+        }
         if let Some(rx) = &s.locating {
             match rx.try_recv() {
                 Ok(place) => {
+                    changed |= s.place.as_deref() != Some(place.as_str());
                     s.place = Some(place);
                     s.locating = None;
-                    changed = true;
                 }
                 Err(TryRecvError::Disconnected) => {
                     s.place = Some("unknown (the cluster did not say)".into());
