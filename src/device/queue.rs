@@ -1,7 +1,9 @@
 //! One dataplane thread per ring queue: waits on the event channel and the engine's
 //! completion eventfd, and runs the [`Dataplane`] until told to stop.
 //!
-//! Owns: the ring mapping, the bound event channel, the engine queue and the thread.
+//! Owns: the ring mapping, the bound event channel, the engine queues (the current one, and
+//! those a re-open replaced until their operations are back) and the thread; while requests
+//! wait it applies the I/O timeout and publishes its stall gauge every [`TICK`].
 //! Trusts: nothing from the guest (all of it goes through the dataplane's validation).
 //! Must never: unmap the ring or drop buffers while engine operations are in flight; on stop it
 //! drains with a bounded wait and leaks what did not drain rather than freeing it.

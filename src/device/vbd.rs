@@ -1,7 +1,9 @@
 //! The control thread of one VBD: reads its configuration, opens the image, runs the
 //! XenbusState handshake, connects and disconnects queues, follows resizes and detaches.
 //!
-//! Owns: the VBD's xenstore nodes under its backend directory, its `error` node, its queues.
+//! Owns: the VBD's xenstore nodes under its backend directory, its `error` node, its queues,
+//! its stall report (`stalled`, [`super::stall`]) and the re-open an operator asks for
+//! (`reopen`: a new client, each queue handed a new engine queue, the guest keeps its disk).
 //! Trusts: nothing the frontend writes; `params` and `mode` come from the toolstack but are
 //! still validated and any failure is reported (log + `error/<backend path>/error`).
 //! Must never: let a failure leave its own VBD (other VBDs run in their own threads), or block
