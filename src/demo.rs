@@ -7,7 +7,7 @@
 //!
 //! Must never: leave the image or the cluster behind after it started them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -97,25 +97,42 @@ pub enum DemoError {
     Errors(u64),
 }
 
-fn tools_dir() -> PathBuf {
+pub(crate) fn tools_dir() -> PathBuf {
     std::env::var_os("RBDBACK_TOOLS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tools")))
 }
 
-fn start_cluster() -> Result<PathBuf, DemoError> {
+/// `tools/ceph-cluster args...` on the shared cluster, or on private cluster `dir` (started
+/// with the fault tests' configuration, `rados::testing::PRIVATE_CONF`); returns its stdout.
+pub(crate) fn cluster_tool(dir: Option<&Path>, args: &[&str]) -> Result<String, DemoError> {
     let tool = tools_dir().join("ceph-cluster");
-    eprintln!("demo: starting the local Ceph cluster ({})", tool.display());
-    let out = Command::new(&tool)
-        .arg("up")
+    let mut cmd = Command::new(&tool);
+    if let Some(d) = dir {
+        cmd.env("RBDBACK_CEPH_DIR", d)
+            .env("CEPHLAB_EXTRA_CONF", crate::rados::testing::PRIVATE_CONF);
+    }
+    let out = cmd
+        .args(args)
         .output()
         .map_err(|e| DemoError::Cluster(format!("{}: {e}", tool.display())))?;
     if !out.status.success() {
-        return Err(DemoError::Cluster(
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ));
+        return Err(DemoError::Cluster(format!(
+            "ceph-cluster {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Starts (or joins) the shared cluster, or private cluster `dir`; returns its ceph.conf.
+pub(crate) fn start_cluster(dir: Option<&Path>) -> Result<PathBuf, DemoError> {
+    eprintln!(
+        "starting the local Ceph cluster ({})",
+        dir.map_or("shared".into(), |d| d.display().to_string())
+    );
+    let text = cluster_tool(dir, &["up"])?;
     text.lines()
         .find_map(|l| {
             l.trim()
@@ -126,7 +143,7 @@ fn start_cluster() -> Result<PathBuf, DemoError> {
         .ok_or_else(|| DemoError::Cluster("no CEPH_CONF in the tool's output".into()))
 }
 
-fn rbd(conf: &PathBuf, args: &[&str]) -> Result<(), DemoError> {
+pub(crate) fn rbd(conf: &PathBuf, args: &[&str]) -> Result<(), DemoError> {
     let out = Command::new("rbd")
         .arg("-c")
         .arg(conf)
@@ -153,7 +170,7 @@ fn process_cpu() -> f64 {
     }
 }
 
-fn export_image(conf: &std::path::Path, image: &str) -> Result<Vec<u8>, DemoError> {
+pub(crate) fn export_image(conf: &std::path::Path, image: &str) -> Result<Vec<u8>, DemoError> {
     let path = std::env::temp_dir().join(format!("{image}.export"));
     let _ = std::fs::remove_file(&path);
     let conf = conf.to_path_buf();
@@ -176,7 +193,7 @@ fn export_image(conf: &std::path::Path, image: &str) -> Result<Vec<u8>, DemoErro
 pub fn run(o: &DemoOptions) -> Result<(), DemoError> {
     let conf = match &o.ceph_conf {
         Some(c) => c.clone(),
-        None => start_cluster()?,
+        None => start_cluster(None)?,
     };
     let image = format!("rbdback-demo-{}", std::process::id());
     rbd(

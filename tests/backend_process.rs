@@ -271,6 +271,7 @@ fn a_backend_killed_at_any_instant_is_resumed_without_the_guest_seeing_an_error(
             verify: true,
             indirect_every: 7,
             flush_every: 5,
+            latencies: false,
         };
         let r = w.run(
             &mut front,
@@ -435,6 +436,7 @@ fn a_live_upgrade_is_invisible_to_the_guest() {
             verify: true,
             indirect_every: 0,
             flush_every: 0,
+            latencies: false,
         };
         let r = w.run(
             &mut front,

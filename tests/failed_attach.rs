@@ -158,6 +158,7 @@ fn twenty_bad_configurations_are_named_removed_and_leave_the_other_disk_alone() 
             verify: true,
             indirect_every: 0,
             flush_every: 0,
+            latencies: false,
         };
         let r = w.run(&mut front, |_| !s2.load(Ordering::Relaxed), |_, _| {});
         (r, front)
