@@ -298,11 +298,17 @@ fn a_backend_killed_at_any_instant_is_resumed_without_the_guest_seeing_an_error(
             std::thread::sleep(Duration::from_millis(5));
         }
     };
+    // Each kill comes at a random instant of the guest's I/O once the backend has run for the
+    // supervisor's min_uptime: kills in quicker succession are a crash loop, which is backed
+    // off (the supervisor's unit tests); the crash points below are such quick deaths, one at
+    // a time, which are restarted at once.
+    let mut started = Instant::now();
     for k in 0..kills {
         if let Some(t) = killed_at.last() {
             answered_after(*t);
         }
-        std::thread::sleep(Duration::from_millis(300 + rng.below(700)));
+        let up = Duration::from_millis(1100).saturating_sub(started.elapsed());
+        std::thread::sleep(up + Duration::from_millis(rng.below(700)));
         if k % 5 == 4 {
             // the next serve kills itself at this point of the protocol
             let point = points[(k / 5) % points.len()];
@@ -340,6 +346,7 @@ fn a_backend_killed_at_any_instant_is_resumed_without_the_guest_seeing_an_error(
             killed_at.push(Instant::now());
             pid = wait_new_serve(&run_dir, GUEST, pid);
         }
+        started = Instant::now();
     }
     // let the last instance answer a while, then stop the guest's workload
     std::thread::sleep(Duration::from_secs(1));
