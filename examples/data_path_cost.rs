@@ -10,6 +10,8 @@
 //!
 //! Two request counts give the instructions per request (the difference over the difference),
 //! free of the set-up's; docs/performance.md compares builds with and without the metrics.
+//! A second argument `journal` keeps the crash-recovery journal of each ring as `serve` does
+//! (in a fresh directory under the system's temporary directory), to count what it costs.
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -31,6 +33,15 @@ impl ImageOpener for Mem {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n: u64 = std::env::args().nth(1).map_or(Ok(10_000), |a| a.parse())?;
+    let state = match std::env::args().nth(2).as_deref() {
+        None => None,
+        Some("journal") => {
+            let d = std::env::temp_dir().join(format!("rbdback-cost-{}", std::process::id()));
+            std::fs::create_dir_all(&d)?;
+            Some(d)
+        }
+        Some(other) => return Err(format!("unknown argument {other} (journal or nothing)").into()),
+    };
     let xen = SimXen::start()?;
     let platform = Arc::new(xen.platform());
     let dom0 = platform.xenstore()?;
@@ -39,7 +50,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         backend_domid: 0,
         domid: 4,
         exit_when_empty: false,
-        options: Options::default(),
+        options: Options {
+            state_dir: state.clone(),
+            ..Options::default()
+        },
     };
     let (stop, rx) = mpsc::channel();
     let server = std::thread::spawn(move || serve(platform, Arc::new(Mem), &cfg, &rx));
@@ -52,5 +66,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{} requests, {} errors", r.completed, r.errors);
     let _ = stop.send(());
     let _ = server.join();
+    if let Some(d) = state {
+        let _ = std::fs::remove_dir_all(d);
+    }
     Ok(())
 }

@@ -74,6 +74,7 @@ pub enum Command {
     Upgrade(UpgradeArgs),
     Demo(DemoArgs),
     RingDemo(RingDemoArgs),
+    Soak(SoakArgs),
     EngineBench(EngineBenchArgs),
     Completions(CompletionsArgs),
     Man(ManArgs),
@@ -415,6 +416,10 @@ pub struct DemoArgs {
     /// Run the `serve` child without its sandbox (what the sandbox costs, by comparison).
     #[arg(long, conflicts_with = "in_process")]
     pub no_sandbox: bool,
+    /// Benchmarks only, with --in-process: keep no crash-recovery journal (serve always keeps
+    /// one), to measure its cost (tools/bench-e2e's BENCH_BASE_FLAGS=--no-journal).
+    #[arg(long, requires = "in_process")]
+    pub no_journal: bool,
 }
 
 /// The ring layer alone.
@@ -436,6 +441,25 @@ pub struct RingDemoArgs {
     /// Requests to run.
     #[arg(long, value_name = "N", default_value_t = 200_000)]
     pub requests: u64,
+}
+
+/// Ceph faults in rotation under a verified workload (what tools/soak runs).
+///
+/// Starts a private local Ceph cluster (target/ceph-soak, or $RBDBACK_SOAK_DIR), serves one
+/// disk through the whole stack (simulated Xen, the real backend) with a verified workload, and
+/// every --fault-every seconds injects the next fault: an OSD killed and restarted, an OSD
+/// frozen for 20 s, the monitor restarted, the exclusive lock taken by another client. Prints
+/// RSS, threads, open descriptors, errors and mismatches every 30 s; compares `rbd export` with
+/// the guest's model at the end. Needs a build with the `test-utils` feature.
+#[derive(Debug, Args)]
+pub struct SoakArgs {
+    /// How long the workload runs.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub minutes: u64,
+    /// Seconds between the starts of two faults.
+    #[arg(long, value_name = "SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub fault_every: u64,
 }
 
 /// The storage engines.

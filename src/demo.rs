@@ -13,7 +13,7 @@
 //!
 //! Must never: leave the image, the cluster or a backend process behind after it started them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -60,6 +60,9 @@ pub struct DemoOptions {
     pub in_process: bool,
     /// Run the `serve` child without its sandbox (measuring what the sandbox costs).
     pub no_sandbox: bool,
+    /// With [`Self::in_process`]: keep the crash-recovery journal of every ring (as `serve`
+    /// always does); off only to measure what it costs.
+    pub journal: bool,
 }
 
 impl Default for DemoOptions {
@@ -78,6 +81,7 @@ impl Default for DemoOptions {
             seq: false,
             in_process: false,
             no_sandbox: false,
+            journal: true,
         }
     }
 }
@@ -108,25 +112,42 @@ pub enum DemoError {
     Backend(String),
 }
 
-fn tools_dir() -> PathBuf {
+pub(crate) fn tools_dir() -> PathBuf {
     std::env::var_os("RBDBACK_TOOLS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tools")))
 }
 
-fn start_cluster() -> Result<PathBuf, DemoError> {
+/// `tools/ceph-cluster args...` on the shared cluster, or on private cluster `dir` (started
+/// with the fault tests' configuration, `rados::testing::PRIVATE_CONF`); returns its stdout.
+pub(crate) fn cluster_tool(dir: Option<&Path>, args: &[&str]) -> Result<String, DemoError> {
     let tool = tools_dir().join("ceph-cluster");
-    eprintln!("demo: starting the local Ceph cluster ({})", tool.display());
-    let out = Command::new(&tool)
-        .arg("up")
+    let mut cmd = Command::new(&tool);
+    if let Some(d) = dir {
+        cmd.env("RBDBACK_CEPH_DIR", d)
+            .env("CEPHLAB_EXTRA_CONF", crate::rados::testing::PRIVATE_CONF);
+    }
+    let out = cmd
+        .args(args)
         .output()
         .map_err(|e| DemoError::Cluster(format!("{}: {e}", tool.display())))?;
     if !out.status.success() {
-        return Err(DemoError::Cluster(
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ));
+        return Err(DemoError::Cluster(format!(
+            "ceph-cluster {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Starts (or joins) the shared cluster, or private cluster `dir`; returns its ceph.conf.
+pub(crate) fn start_cluster(dir: Option<&Path>) -> Result<PathBuf, DemoError> {
+    eprintln!(
+        "starting the local Ceph cluster ({})",
+        dir.map_or("shared".into(), |d| d.display().to_string())
+    );
+    let text = cluster_tool(dir, &["up"])?;
     text.lines()
         .find_map(|l| {
             l.trim()
@@ -137,7 +158,7 @@ fn start_cluster() -> Result<PathBuf, DemoError> {
         .ok_or_else(|| DemoError::Cluster("no CEPH_CONF in the tool's output".into()))
 }
 
-fn rbd(conf: &PathBuf, args: &[&str]) -> Result<(), DemoError> {
+pub(crate) fn rbd(conf: &PathBuf, args: &[&str]) -> Result<(), DemoError> {
     let out = Command::new("rbd")
         .arg("-c")
         .arg(conf)
@@ -164,7 +185,7 @@ fn process_cpu() -> f64 {
     }
 }
 
-fn export_image(conf: &std::path::Path, image: &str) -> Result<Vec<u8>, DemoError> {
+pub(crate) fn export_image(conf: &std::path::Path, image: &str) -> Result<Vec<u8>, DemoError> {
     let path = std::env::temp_dir().join(format!("{image}.export"));
     let _ = std::fs::remove_file(&path);
     let conf = conf.to_path_buf();
@@ -187,7 +208,7 @@ fn export_image(conf: &std::path::Path, image: &str) -> Result<Vec<u8>, DemoErro
 pub fn run(o: &DemoOptions) -> Result<(), DemoError> {
     let conf = match &o.ceph_conf {
         Some(c) => c.clone(),
-        None => start_cluster()?,
+        None => start_cluster(None)?,
     };
     let image = format!("rbdback-demo-{}", std::process::id());
     rbd(
@@ -218,6 +239,8 @@ enum Backend {
     Thread {
         stop: mpsc::Sender<()>,
         thread: std::thread::JoinHandle<Result<crate::device::backend::ServeEnd, XenError>>,
+        /// The rings' journals (as `serve` keeps them under its run directory).
+        state: Option<PathBuf>,
     },
 }
 
@@ -225,19 +248,29 @@ impl Backend {
     /// Starts guest `domid`'s backend on `xen`.
     fn start(xen: &Arc<SimXen>, domid: u16, o: &DemoOptions) -> Result<Backend, DemoError> {
         if o.in_process {
+            let state = o.journal.then(|| {
+                std::env::temp_dir().join(format!("rbdback-demo-state-{}", std::process::id()))
+            });
             let cfg = ServeConfig {
                 kind: "vbd".into(),
                 backend_domid: 0,
                 domid,
                 exit_when_empty: true,
-                options: Options::default(),
+                options: Options {
+                    state_dir: state.clone(),
+                    ..Options::default()
+                },
             };
             let (stop, stop_rx) = mpsc::channel();
             let p = Arc::new(xen.platform());
             let thread =
                 std::thread::spawn(move || serve(p, Arc::new(RadosOpener), &cfg, &stop_rx));
             println!("demo: backend on a thread of the demo (--in-process: not sandboxed)");
-            return Ok(Backend::Thread { stop, thread });
+            return Ok(Backend::Thread {
+                stop,
+                thread,
+                state,
+            });
         }
         let exe = std::env::current_exe()
             .map_err(|e| DemoError::Backend(format!("cannot find our executable: {e}")))?;
@@ -283,9 +316,16 @@ impl Backend {
     /// Waits for the backend to end (its guest has no disk left), at most 30 s.
     fn finish(self) {
         match self {
-            Backend::Thread { stop, thread } => {
+            Backend::Thread {
+                stop,
+                thread,
+                state,
+            } => {
                 let _ = stop.send(());
                 let _ = thread.join();
+                if let Some(d) = state {
+                    let _ = std::fs::remove_dir_all(d);
+                }
             }
             Backend::Child { mut child, run_dir } => {
                 let deadline = Instant::now() + Duration::from_secs(30);

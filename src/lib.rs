@@ -24,6 +24,8 @@ pub mod xen;
 
 #[cfg(feature = "test-utils")]
 pub mod demo;
+#[cfg(feature = "test-utils")]
+pub mod soak;
 
 /// An error and its causes on one line (`outer: cause: root cause`), for logs, xenstore
 /// `error` nodes and gRPC statuses.

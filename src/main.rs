@@ -90,6 +90,7 @@ fn main() -> ExitCode {
         Command::Upgrade(a) => run_upgrade(&a, &run_dir),
         Command::Demo(a) => run_full_demo(a),
         Command::RingDemo(a) => run_demo(&a),
+        Command::Soak(a) => run_soak(&a),
         Command::EngineBench(a) => run_engine_bench(a),
         Command::Completions(a) => print_asset(
             assets::COMPLETIONS,
@@ -842,6 +843,7 @@ fn run_full_demo(a: cli::DemoArgs) -> ExitCode {
         seq: a.seq,
         in_process: a.in_process,
         no_sandbox: a.no_sandbox,
+        journal: !a.no_journal,
         ..Default::default()
     };
     o.requests = a.requests.unwrap_or(o.requests);
@@ -859,6 +861,24 @@ fn run_full_demo(a: cli::DemoArgs) -> ExitCode {
 #[cfg(not(feature = "test-utils"))]
 fn run_full_demo(_a: cli::DemoArgs) -> ExitCode {
     fail("demo needs the simulated guest: build with `--features test-utils`")
+}
+
+#[cfg(feature = "test-utils")]
+fn run_soak(a: &cli::SoakArgs) -> ExitCode {
+    let o = rbdback::soak::SoakOptions {
+        minutes: a.minutes,
+        fault_every: std::time::Duration::from_secs(a.fault_every),
+        ..Default::default()
+    };
+    match rbdback::soak::run(&o) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("soak failed: {}", chain(&e))),
+    }
+}
+
+#[cfg(not(feature = "test-utils"))]
+fn run_soak(_a: &cli::SoakArgs) -> ExitCode {
+    fail("soak needs the simulated guest: build with `--features test-utils`")
 }
 
 #[cfg(feature = "test-utils")]

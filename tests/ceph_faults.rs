@@ -16,7 +16,8 @@ use rbdback::device::testfront::{
     Workload,
 };
 use rbdback::device::vbd::Options;
-use rbdback::rados::testing::{private_cluster, TestCluster, MON, OSD};
+use rbdback::rados::testing::{one, private_cluster, wait_all, TestCluster, MON, OSD};
+use rbdback::rados::{BlockOp, EngineChoice, Image, ImageSpec};
 use rbdback::ring::Status;
 use rbdback::xen::sim::SimXen;
 use rbdback::xen::xenstore::Xenstore;
@@ -167,6 +168,7 @@ fn start_workload_over(mut f: SimBlkfront, seed: u64, span: u64) -> Running {
             verify: true,
             indirect_every: 0,
             flush_every: 0,
+            latencies: false,
         };
         let mut log = Vec::new();
         let r = w
@@ -181,6 +183,39 @@ impl Running {
     fn stop(self) -> (SimBlkfront, RunReport, Vec<Done>) {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap()
+    }
+}
+
+/// A workload run around one fault.
+struct Faulted {
+    f: SimBlkfront,
+    r: RunReport,
+    log: Vec<Done>,
+    /// When the workload started.
+    t0: Instant,
+    /// When the fault began and when it ended (`fault` returned).
+    began: Instant,
+    ended: Instant,
+}
+
+/// Runs the workload 5 s, then `fault` (it returns when the fault is over), then `settle`
+/// longer, and stops the workload.
+fn around(f: SimBlkfront, seed: u64, settle: Duration, fault: impl FnOnce()) -> Faulted {
+    let w = start_workload(f, seed);
+    std::thread::sleep(secs(5));
+    let began = Instant::now();
+    fault();
+    let ended = Instant::now();
+    std::thread::sleep(settle);
+    let t0 = w.t0;
+    let (f, r, log) = w.stop();
+    Faulted {
+        f,
+        r,
+        log,
+        t0,
+        began,
+        ended,
     }
 }
 
@@ -260,18 +295,15 @@ const RECOVERY_BOUND: Duration = Duration::from_secs(8);
 fn osd_frozen_for_20s_then_continued() {
     let (rig, f) = Rig::new("rbd", "fault-stop", ":stall_warn=3");
     let _revive = Revive(rig.c);
-    let w = start_workload(f, 1);
-    std::thread::sleep(secs(5));
-    rig.c.daemon("stop", OSD);
-    let t_stop = Instant::now();
-    std::thread::sleep(secs(10));
-    let (node, t_node) = (rig.stalled_node(), Instant::now());
-    std::thread::sleep(secs(10));
-    rig.c.daemon("cont", OSD);
-    let t_cont = Instant::now();
-    std::thread::sleep(secs(15));
-    let t0 = w.t0;
-    let (f, r, log) = w.stop();
+    let (mut node, mut t_node) = (None, Instant::now());
+    let x = around(f, 1, secs(15), || {
+        rig.c.daemon("stop", OSD);
+        std::thread::sleep(secs(10));
+        (node, t_node) = (rig.stalled_node(), Instant::now());
+        std::thread::sleep(secs(10));
+        rig.c.daemon("cont", OSD);
+    });
+    let (f, r, log, t0, t_stop, t_cont) = (x.f, x.r, x.log, x.t0, x.began, x.ended);
     let rec = recovery(&log, t_cont);
     report("osd stop 20 s", &log, &r, t0, Some(&rec));
     assert_eq!((r.errors, r.mismatches), (0, 0));
@@ -286,7 +318,9 @@ fn osd_frozen_for_20s_then_continued() {
     // the operator saw which disk, how long and where, and the report went away
     let node = node.expect("no stalled node during the freeze");
     assert!(
-        node.contains("requests waiting for the cluster") && node.contains("osd.0"),
+        node.contains("requests waiting for the cluster")
+            && node.contains("osd.0 (placement group")
+            && node.contains("active"),
         "{node}"
     );
     assert_eq!(rig.stalled_node(), None);
@@ -304,16 +338,12 @@ fn osd_frozen_for_20s_then_continued() {
 fn osd_frozen_with_io_timeout_fails_only_the_stuck_requests() {
     let (rig, f) = Rig::new("rbd", "fault-timeout", ":io_timeout=5:stall_warn=3");
     let _revive = Revive(rig.c);
-    let w = start_workload(f, 3);
-    std::thread::sleep(secs(5));
-    rig.c.daemon("stop", OSD);
-    let t_stop = Instant::now();
-    std::thread::sleep(secs(20));
-    rig.c.daemon("cont", OSD);
-    let t_cont = Instant::now();
-    std::thread::sleep(secs(15));
-    let t0 = w.t0;
-    let (f, r, log) = w.stop();
+    let x = around(f, 3, secs(15), || {
+        rig.c.daemon("stop", OSD);
+        std::thread::sleep(secs(20));
+        rig.c.daemon("cont", OSD);
+    });
+    let (f, r, log, t0, t_stop, t_cont) = (x.f, x.r, x.log, x.t0, x.began, x.ended);
     report("osd stop 20 s, io_timeout=5", &log, &r, t0, None);
     let failed: Vec<&Done> = log.iter().filter(|d| d.status != Status::Okay).collect();
     assert!(!failed.is_empty(), "nothing timed out");
@@ -348,16 +378,14 @@ fn osd_frozen_with_io_timeout_fails_only_the_stuck_requests() {
 fn osd_killed_and_restarted_after_10s() {
     let (rig, f) = Rig::new("rbd", "fault-kill", "");
     let _revive = Revive(rig.c);
-    let w = start_workload(f, 2);
-    std::thread::sleep(secs(5));
-    rig.c.daemon("kill", OSD);
-    std::thread::sleep(secs(10));
-    let t_start = Instant::now();
-    rig.c.daemon("start", OSD); // returns once the map has it up
-    let t_up = Instant::now();
-    std::thread::sleep(secs(15));
-    let t0 = w.t0;
-    let (f, r, log) = w.stop();
+    let mut t_start = Instant::now();
+    let x = around(f, 2, secs(15), || {
+        rig.c.daemon("kill", OSD);
+        std::thread::sleep(secs(10));
+        t_start = Instant::now();
+        rig.c.daemon("start", OSD); // returns once the map has it up
+    });
+    let (f, r, log, t0, t_up) = (x.f, x.r, x.log, x.t0, x.ended);
     let rec = recovery(&log, t_up);
     report("osd kill, restart after 10 s", &log, &r, t0, Some(&rec));
     eprintln!("osd up {:?} after its start", t_up - t_start);
@@ -376,16 +404,12 @@ fn osd_killed_and_restarted_after_10s() {
 fn monitor_restarted() {
     let (rig, f) = Rig::new("rbd", "fault-mon", "");
     let _revive = Revive(rig.c);
-    let w = start_workload(f, 4);
-    std::thread::sleep(secs(5));
-    rig.c.daemon("kill", MON);
-    let t_kill = Instant::now();
-    std::thread::sleep(secs(10));
-    rig.c.daemon("start", MON);
-    let t_up = Instant::now();
-    std::thread::sleep(secs(10));
-    let t0 = w.t0;
-    let (f, r, log) = w.stop();
+    let x = around(f, 4, secs(10), || {
+        rig.c.daemon("kill", MON);
+        std::thread::sleep(secs(10));
+        rig.c.daemon("start", MON);
+    });
+    let (f, r, log, t0, t_kill, t_up) = (x.f, x.r, x.log, x.t0, x.began, x.ended);
     report("monitor restart", &log, &r, t0, None);
     assert_eq!((r.errors, r.mismatches), (0, 0));
     let during = log
@@ -476,4 +500,137 @@ fn pool_quota_reached_then_raised() {
     );
     assert_eq!(r.mismatches, 0);
     rig.finish(f, &r);
+}
+
+/// The address of the image's watcher (our client), as `rbd status` shows it.
+fn watcher(c: &TestCluster, pool: &str, image: &str) -> String {
+    let st = String::from_utf8_lossy(&c.rbd(&["status", &format!("{pool}/{image}")])).into_owned();
+    st.split_whitespace()
+        .find_map(|w| w.strip_prefix("watcher="))
+        .unwrap_or_else(|| panic!("no watcher: {st}"))
+        .to_owned()
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Instant {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Instant::now()
+}
+
+/// An operator blocklists our client (`ceph osd blocklist add`): requests fail naming the
+/// fence, the error node says how to recover, and writing `<backend>/reopen` re-opens the
+/// image with a new client while the guest keeps its disk; the guest's data is intact.
+#[test]
+fn blocklisted_client_is_named_and_reopened_without_a_detach() {
+    let (rig, f) = Rig::new("rbd", "fault-fence", "");
+    let err_node = format!(
+        "/local/domain/0/error/backend/vbd/{GUEST}/{}/error",
+        rig.be.rsplit('/').next().unwrap()
+    );
+    let w = start_workload(f, 6);
+    std::thread::sleep(secs(5));
+    let addr = watcher(rig.c, &rig.pool, &rig.image);
+    rig.c.ceph(&["osd", "blocklist", "add", &addr]);
+    let t_fence = Instant::now();
+    let t_named = wait_for("the fence named in the log", secs(60), || {
+        log_text().contains("this client was blocklisted by the cluster")
+    });
+    let msg = wait_for("the error node", secs(10), || {
+        rig.dom0.read(&err_node).unwrap().is_some()
+    });
+    let node = rig.dom0.read(&err_node).unwrap().unwrap_or_default();
+    assert!(
+        node.contains("blocklisted") && node.contains("/reopen"),
+        "{node}"
+    );
+    std::thread::sleep(secs(2));
+    rig.dom0.write(&format!("{}/reopen", rig.be), "1").unwrap();
+    let t_reopen = Instant::now();
+    wait_for("the re-open", secs(60), || {
+        log_text().contains("image re-opened with a new client")
+    });
+    std::thread::sleep(secs(15));
+    let t0 = w.t0;
+    let (f, r, log) = w.stop();
+    report("blocklist, re-open", &log, &r, t0, None);
+    let first_ok_write = log
+        .iter()
+        .filter(|d| d.write && d.status == Status::Okay && d.issued > t_reopen)
+        .map(|d| d.answered - t_reopen)
+        .min()
+        .expect("no write after the re-open");
+    eprintln!(
+        "fence named {:?} after the blocklist, error node {:?}; first write {first_ok_write:?} after the re-open request",
+        t_named - t_fence,
+        msg - t_fence
+    );
+    assert!(r.errors > 0, "the fence did not reach the guest");
+    let late_errors = log
+        .iter()
+        .filter(|d| d.status != Status::Okay && d.issued > t_reopen + first_ok_write)
+        .count();
+    assert_eq!(late_errors, 0, "errors after the re-open");
+    assert!(
+        log.iter()
+            .filter(|d| d.issued > t_reopen + first_ok_write)
+            .count()
+            > 100
+    );
+    assert_eq!(r.mismatches, 0);
+    assert_eq!(rig.dom0.read(&err_node).unwrap(), None, "error node left");
+    assert_eq!(rig.dom0.read(&format!("{}/reopen", rig.be)).unwrap(), None);
+    rig.finish(f, &r);
+}
+
+/// A control-path call the frozen OSD leaves unanswered (the lock request a write needs)
+/// fails after the image's control timeout (2 s here), is named in the log and retried,
+/// instead of holding the control thread until the OSD answers; the write goes through once
+/// the OSD continues.
+#[test]
+fn control_calls_are_bounded_while_the_osd_is_frozen() {
+    let c = faults();
+    let _revive = Revive(c);
+    let image = format!("fault-ctl-{}", std::process::id());
+    c.rbd(&["create", "--size", "8M", &format!("rbd/{image}")]);
+    let mut spec = ImageSpec::new("rbd", &image);
+    spec.conf = Some(c.conf.display().to_string());
+    spec.engine = EngineChoice::Direct;
+    spec.control_timeout = secs(2);
+    let img = Image::open(&spec).unwrap();
+    let mut q = img.queue().unwrap();
+    c.daemon("stop", OSD);
+    let t_stop = Instant::now();
+    q.submit(
+        1,
+        BlockOp::Write {
+            offset: 0,
+            buf: vec![7; 4096],
+        },
+    )
+    .unwrap();
+    let t_named = wait_for("a lock request timing out", secs(20), || {
+        let t = log_text();
+        t.contains("cannot take the exclusive lock") && t.contains("ETIMEDOUT")
+    });
+    c.daemon("cont", OSD);
+    let t_cont = Instant::now();
+    let done = wait_all(&mut q, 1);
+    let waited = t_cont.elapsed();
+    done[0].result.as_ref().unwrap();
+    eprintln!(
+        "lock request timed out {:?} after SIGSTOP; the write completed {waited:?} after SIGCONT",
+        t_named - t_stop
+    );
+    assert!(waited <= RECOVERY_BOUND, "{waited:?}");
+    let back = one(
+        &mut q,
+        BlockOp::Read {
+            offset: 0,
+            buf: vec![0; 4096],
+        },
+    );
+    assert_eq!(back.buf.unwrap(), vec![7; 4096]);
 }

@@ -82,6 +82,7 @@ const HELP: &[(&str, &[&str])] = &[
         "ring-demo",
         &["--abi", "x86_32-abi", "--order", "--requests"],
     ),
+    ("soak", &["--minutes", "--fault-every"]),
     (
         "engine-bench",
         &[

@@ -745,8 +745,9 @@ fn a_hanging_open_runs_once_however_often_kubelet_retries() {
     codes.sort_by_key(|c| *c as i32);
     assert_eq!(codes, [Code::Aborted, Code::Aborted, Code::Unavailable]);
     for (code, took) in [a, b, d] {
+        // "at once": well under the open's wait, with room for a loaded CI machine
         let bound = if code == Code::Aborted {
-            Duration::from_millis(500)
+            Duration::from_secs(2)
         } else {
             prompt
         };

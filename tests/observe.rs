@@ -454,8 +454,29 @@ fn the_supervisor_counts_restarts_of_a_dying_backend_only() {
     }
     stop.send(()).unwrap();
     sup.join().unwrap();
+    // a stopping supervisor leaves its children serving: this test's fake ones go now
+    let _ = std::process::Command::new("pkill")
+        .args(["-P", &std::process::id().to_string()])
+        .status();
     let counts = restarts.counts();
     assert_eq!(counts.len(), 1, "guest 6's backend never died: {counts:?}");
     assert_eq!(counts[0].0, 5);
     assert!(counts[0].1 >= 2, "{counts:?}");
+    // a backend that keeps dying at start is backed off, and says so in its disks' error node
+    let err = host
+        .dom0
+        .read("/local/domain/0/error/backend/vbd/5/51712/error")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(
+        err.contains("exited with status 1")
+            && err.contains("in a row")
+            && err.contains("next start in"),
+        "{err}"
+    );
+    assert!(host
+        .dom0
+        .read("/local/domain/0/error/backend/vbd/6/51712/error")
+        .unwrap()
+        .is_none());
 }

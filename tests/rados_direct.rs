@@ -39,6 +39,13 @@ fn write(q: &mut Queue, expect: &mut [u8], off: u64, data: Vec<u8>) {
     .unwrap();
 }
 
+/// Writes a pattern of `len` bytes at each `(offset, len)`, the i-th seeded `seed + i`.
+fn write_pieces(q: &mut Queue, expect: &mut [u8], pieces: &[(u64, usize)], seed: u64) {
+    for (i, &(off, len)) in pieces.iter().enumerate() {
+        write(q, expect, off, pattern(len, seed + i as u64));
+    }
+}
+
 fn read(q: &mut Queue, off: u64, len: usize) -> Vec<u8> {
     let c = one(
         q,
@@ -197,23 +204,102 @@ fn striping_v2_equals_rbd_export() {
     let img = Image::open(&direct_spec(c, &name)).unwrap();
     let mut q = img.queue().unwrap();
     let mut expect = vec![0u8; 16 << 20];
-    for (i, (off, len)) in [
-        (0u64, 1usize << 20),
-        (3 << 20, 700_000),
-        (9_000_000, 4096),
-        ((16 << 20) - 8192, 8192),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        write(&mut q, &mut expect, off, pattern(len, i as u64 + 3));
-    }
+    write_pieces(
+        &mut q,
+        &mut expect,
+        &[
+            (0, 1 << 20),
+            (3 << 20, 700_000),
+            (9_000_000, 4096),
+            ((16 << 20) - 8192, 8192),
+        ],
+        3,
+    );
     assert!(read(&mut q, 0, 16 << 20) == expect);
     drop(q);
     drop(img);
     assert!(
         c.export(&name) == expect,
         "rbd export equals what was written"
+    );
+}
+
+/// An image whose data lives in a separate pool (`rbd create --data-pool`, the data-pool
+/// feature): the header names the pool, the data objects land there (and only there), and
+/// the result equals `rbd export`; discards remove objects from the data pool too.
+#[test]
+fn an_image_with_a_separate_data_pool_equals_rbd_export() {
+    let c = cluster();
+    let pool = "rbd-data";
+    if !c
+        .ceph(&["osd", "pool", "ls"])
+        .lines()
+        .any(|l| l.trim() == pool)
+    {
+        c.ceph(&["osd", "pool", "create", pool, "8", "8", "replicated"]);
+        c.ceph(&["osd", "pool", "application", "enable", pool, "rbd"]);
+    }
+    let name = format!("direct-datapool-{}", std::process::id());
+    c.rbd(&[
+        "create",
+        "--size",
+        "16M",
+        "--data-pool",
+        pool,
+        &format!("rbd/{name}"),
+    ]);
+    let img = Image::open(&direct_spec(c, &name)).unwrap();
+    assert_eq!(img.info().engine, EngineKind::Direct);
+    let mut q = img.queue().unwrap();
+    let mut expect = vec![0u8; 16 << 20];
+    write_pieces(
+        &mut q,
+        &mut expect,
+        &[
+            (0, 1 << 20),
+            ((4 << 20) - 4096, 8192),
+            (9_000_000, 4096),
+            ((16 << 20) - 65536, 65536),
+        ],
+        11,
+    );
+    // a whole object discarded: removed from the data pool
+    one(
+        &mut q,
+        BlockOp::Discard {
+            offset: 8 << 20,
+            len: 4 << 20,
+        },
+    )
+    .result
+    .unwrap();
+    expect[8 << 20..12 << 20].fill(0);
+    assert!(read(&mut q, 0, 16 << 20) == expect);
+    drop(q);
+    drop(img);
+    assert!(
+        c.export(&name) == expect,
+        "rbd export equals what was written"
+    );
+    let prefix = data_prefix(c, &name);
+    let listed = |p: &str| {
+        String::from_utf8_lossy(&c.tool("rados", &["-p", p, "ls"]))
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let mut objects = listed(pool);
+    objects.sort();
+    let ids: Vec<&str> = objects.iter().map(|o| &o[o.len() - 16..]).collect();
+    assert_eq!(
+        ids,
+        vec!["0000000000000000", "0000000000000001", "0000000000000003"],
+        "the data objects are in {pool} (object 2 discarded)"
+    );
+    assert!(
+        listed("rbd").is_empty(),
+        "no data object in the header's pool"
     );
 }
 

@@ -107,7 +107,8 @@ pub fn serve_observed<P: Platform>(
             info!("stopping: the rings stay with the guest for the next backend");
             break ServeEnd::HandedOver;
         }
-        let _ = watch.recv_timeout(Duration::from_millis(500));
+        // short: a handover (upgrade, SIGTERM) is seen within this
+        let _ = watch.recv_timeout(Duration::from_millis(100));
         while watch.try_recv().is_some() {}
         // Reap VBD threads that ended.
         let ended: Vec<u32> = running

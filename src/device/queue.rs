@@ -1,14 +1,16 @@
 //! One dataplane thread per ring queue: waits on the event channel and the engine's
 //! completion eventfd, and runs the [`Dataplane`] until told to stop.
 //!
-//! Owns: the ring mapping, the bound event channel, the engine queue and the thread.
+//! Owns: the ring mapping, the bound event channel, the engine queues (the current one, and
+//! those a re-open replaced until their operations are back) and the thread; while requests
+//! wait it applies the I/O timeout and publishes its stall gauge every [`TICK`].
 //! Trusts: nothing from the guest (all of it goes through the dataplane's validation).
 //! Must never: unmap the ring or drop buffers while engine operations are in flight; on stop it
 //! drains with a bounded wait and leaks what did not drain rather than freeing it.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::rados;
 use crate::xen::{DomId, EventChannels, GrantMapping, GrantTable, Port};
 
-use super::dataplane::{Dataplane, Stats};
+use super::dataplane::{Dataplane, EngineQueue, Stats};
 use super::dataplane::{GrantFault, GrantIo, GrantSpan};
 use super::grants::CopyGrants;
 use super::persistent::{PersistentGrants, DEFAULT_MAX_PERSISTENT};
@@ -121,7 +123,7 @@ pub struct QueueParts<G: GrantTable, E: EventChannels> {
     /// The ring's geometry and validation limits.
     pub dataplane: Dataplane,
     /// The engine queue.
-    pub engine: rados::Queue,
+    pub engine: Engines,
     /// Disk size in sectors, updated by the control thread on resize.
     pub capacity: Arc<AtomicU64>,
     /// Both ends negotiated `feature-persistent`.
@@ -140,11 +142,66 @@ impl<G: GrantTable, E: EventChannels> std::fmt::Debug for QueueParts<G, E> {
     }
 }
 
+/// A queue thread's engine queues: the current one takes new operations; those a re-open
+/// replaced stay until every operation they have in flight is back (answered once, by tag:
+/// the dataplane's tags are unique across them).
+#[derive(Debug)]
+pub struct Engines {
+    current: rados::Queue,
+    retiring: Vec<rados::Queue>,
+}
+
+impl From<rados::Queue> for Engines {
+    fn from(current: rados::Queue) -> Engines {
+        Engines {
+            current,
+            retiring: Vec::new(),
+        }
+    }
+}
+
+impl Engines {
+    /// Makes `next` the queue new operations go to.
+    fn replace(&mut self, next: rados::Queue) {
+        let old = std::mem::replace(&mut self.current, next);
+        if old.in_flight() > 0 {
+            self.retiring.push(old);
+        }
+    }
+
+    fn fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        std::iter::once(self.current.as_fd()).chain(self.retiring.iter().map(AsFd::as_fd))
+    }
+}
+
+impl EngineQueue for Engines {
+    fn submit(&mut self, tag: u64, op: rados::BlockOp) -> Result<(), rados::SubmitError> {
+        self.current.submit(tag, op)
+    }
+
+    fn reap(&mut self, out: &mut Vec<rados::Completion>) {
+        for r in &mut self.retiring {
+            r.reap(out);
+        }
+        // drained: nothing of theirs is out any more (the VBD closes their image)
+        self.retiring.retain(|r| r.in_flight() > 0);
+        self.current.reap(out);
+    }
+}
+
+/// A new engine queue handed to a running queue thread (a re-open).
+#[derive(Debug)]
+struct Swap {
+    next: Mutex<Option<rados::Queue>>,
+    efd: EventFd,
+}
+
 /// A running queue thread.
 #[derive(Debug)]
 pub struct QueueHandle {
     stop: Arc<EventFd>,
     mode: Arc<AtomicU8>,
+    swap: Arc<Swap>,
     thread: Option<JoinHandle<QueueExit>>,
 }
 
@@ -158,17 +215,33 @@ impl QueueHandle {
     {
         let stop = Arc::new(EventFd::new().map_err(std::io::Error::from)?);
         let mode = Arc::new(AtomicU8::new(StopMode::Close.code()));
-        let (stop2, mode2) = (Arc::clone(&stop), Arc::clone(&mode));
+        let swap = Arc::new(Swap {
+            next: Mutex::new(None),
+            efd: EventFd::new().map_err(std::io::Error::from)?,
+        });
+        let (stop2, mode2, swap2) = (Arc::clone(&stop), Arc::clone(&mode), Arc::clone(&swap));
         let name = format!("rbdback-q{}", parts.index);
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let _g = span.enter();
-            run(parts, &stop2, &mode2)
+            run(parts, &stop2, &mode2, &swap2)
         })?;
         Ok(QueueHandle {
             stop,
             mode,
+            swap,
             thread: Some(thread),
         })
+    }
+
+    /// Hands the thread a new engine queue (the image re-opened with a new client): new
+    /// requests go to it, operations in flight finish on the old one.
+    pub fn swap_engine(&self, next: rados::Queue) {
+        *self
+            .swap
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(next);
+        let _ = self.swap.efd.write(1);
     }
 
     /// Asks the thread to stop and waits for it (bounded by [`DRAIN_TIMEOUT`] or
@@ -202,6 +275,7 @@ fn run<G: GrantTable + 'static, E: EventChannels + 'static>(
     mut p: QueueParts<G, E>,
     stop: &EventFd,
     mode: &AtomicU8,
+    swap: &Swap,
 ) -> QueueExit {
     let mut grants = if p.persistent {
         Access::Persistent(PersistentGrants::new(
@@ -263,10 +337,23 @@ fn run<G: GrantTable + 'static, E: EventChannels + 'static>(
             }
             PollTimeout::NONE
         };
-        let (ev, eng, st) = match wait3(&p.evtchn, &p.engine, Some(stop), timeout) {
-            Ok(r) => r,
-            Err(e) => return QueueExit::Failed(format!("poll: {e}")),
-        };
+        let (ev, eng, [st, sw]) =
+            match wait(&p.evtchn, &p.engine, [Some(stop), Some(&swap.efd)], timeout) {
+                Ok(r) => r,
+                Err(e) => return QueueExit::Failed(format!("poll: {e}")),
+            };
+        if sw {
+            let _ = swap.efd.read();
+            let next = swap
+                .next
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(next) = next {
+                info!(queue = p.index, "engine queue replaced (image re-opened)");
+                p.engine.replace(next);
+            }
+        }
         if p.dataplane.waiting() && last_tick.elapsed() >= TICK {
             last_tick = Instant::now();
             match tick(&mut p, &mut grants, last_tick) {
@@ -427,20 +514,26 @@ fn reap<G: GrantTable, E: EventChannels>(p: QueueParts<G, E>, grants: Access<G>)
     }
 }
 
-/// Polls the event channel, the engine and the stop eventfd.
-fn wait3<E: EventChannels>(
+/// Polls the event channel, the engine queues and up to two eventfds (stop, swap); says which
+/// were ready.
+fn wait<E: EventChannels>(
     evtchn: &E,
-    engine: &rados::Queue,
-    stop: Option<&EventFd>,
+    engines: &Engines,
+    extra: [Option<&EventFd>; 2],
     timeout: PollTimeout,
-) -> nix::Result<(bool, bool, bool)> {
-    let mut fds = vec![
-        PollFd::new(evtchn.as_fd(), PollFlags::POLLIN),
-        PollFd::new(engine.as_fd(), PollFlags::POLLIN),
-    ];
-    if let Some(stop) = stop {
-        fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
-    }
+) -> nix::Result<(bool, bool, [bool; 2])> {
+    let mut fds = vec![PollFd::new(evtchn.as_fd(), PollFlags::POLLIN)];
+    let extras: Vec<usize> = extra
+        .iter()
+        .map(|e| {
+            e.map_or(usize::MAX, |efd| {
+                fds.push(PollFd::new(efd.as_fd(), PollFlags::POLLIN));
+                fds.len() - 1
+            })
+        })
+        .collect();
+    let first_engine = fds.len();
+    fds.extend(engines.fds().map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
     loop {
         match poll(&mut fds, timeout) {
             Ok(_) => break,
@@ -453,7 +546,9 @@ fn wait3<E: EventChannels>(
             .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLERR))
     };
     let at = |i: usize| fds.get(i).is_some_and(ready);
-    Ok((at(0), at(1), at(2)))
+    let engine = fds.iter().skip(first_engine).any(ready);
+    let x = |k: usize| extras.get(k).is_some_and(|&i| at(i));
+    Ok((at(0), engine, [x(0), x(1)]))
 }
 
 /// Stop: keep answering completions (so the guest sees its responses) until the engine is
@@ -473,7 +568,7 @@ fn drain<G: GrantTable, E: EventChannels>(
     while p.dataplane.engine_ops() > 0 && Instant::now() < deadline {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-        let _ = wait3(&p.evtchn, &p.engine, None, PollTimeout::from(ms));
+        let _ = wait(&p.evtchn, &p.engine, [None, None], PollTimeout::from(ms));
         let mem = p.ring_map.mem();
         match p
             .dataplane

@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::rados::Image;
+use crate::rados::{Image, ImageSpec};
 use crate::xen::xenstore::Xenstore;
 
 use super::dataplane::Stall;
 
-/// How often a standing report is refreshed (xenstore node and log line).
-pub const REFRESH: Duration = Duration::from_secs(10);
+/// How often a standing report's node is rewritten (the oldest request's age in it).
+pub const REFRESH: Duration = Duration::from_secs(5);
 /// How often a standing stall is logged again.
 const RELOG: Duration = Duration::from_secs(60);
 
@@ -100,8 +100,13 @@ struct Standing {
     logged: Instant,
     /// Where the oldest request waits, once known.
     place: Option<String>,
+    /// The report as last written.
+    text: String,
     /// The answer of the helper thread that asks the cluster.
     locating: Option<Receiver<String>>,
+    /// When the cluster was last asked (again every [`RELOG`]: a placement group's state
+    /// changes, `laggy` may come only after the OSD woke up).
+    located: Option<Instant>,
 }
 
 /// The VBD's stall report: checks its queues' gauges and says when requests wait too long
@@ -118,20 +123,33 @@ impl StallWatch {
         self.gauges = gauges;
     }
 
-    /// Whether a stall is being reported.
-    pub fn stalled(&self) -> bool {
-        self.standing.is_some()
+    /// The standing report (what the `stalled` node says), if the disk is stalled.
+    pub fn report(&self) -> Option<&str> {
+        self.standing.as_ref().map(|s| s.text.as_str())
+    }
+
+    /// The queues' gauges read together (for metrics and status).
+    pub fn reading(&self) -> StallReading {
+        combined(&self.gauges)
     }
 
     /// Checks the gauges; reports a new stall, refreshes a standing one, clears a past one.
-    /// `node` is the absolute path of the `stalled` node; `image` answers where an offset's
-    /// data lives.
-    pub fn check(&mut self, xs: &Xenstore, node: &str, image: Option<&Arc<Image>>) {
+    /// `node` is the absolute path of the `stalled` node; `disk` names the image in the log;
+    /// `image` answers where an offset's data lives.
+    pub fn check(
+        &mut self,
+        xs: &Xenstore,
+        node: &str,
+        disk: Option<&ImageSpec>,
+        image: Option<&Arc<Image>>,
+    ) {
+        let disk = || disk.map(ToString::to_string).unwrap_or_default();
         let now = Instant::now();
         let r = combined(&self.gauges);
         if r.stalled == 0 {
             if let Some(s) = self.standing.take() {
                 info!(
+                    disk = disk(),
                     stalled_for_s = s.since.elapsed().as_secs(),
                     "disk recovered: no request waits for the cluster any more"
                 );
@@ -147,15 +165,21 @@ impl StallWatch {
             written: now,
             logged: now,
             place: None,
-            locating: image.map(|img| locate(img, r.oldest_offset)),
+            text: String::new(),
+            locating: None,
+            located: None,
         });
         let mut changed = fresh;
+        if s.locating.is_none() && s.located.is_none_or(|t| now.duration_since(t) >= RELOG) {
+            s.located = Some(now);
+            s.locating = image.map(|img| locate(img, r.oldest_offset));
+        }
         if let Some(rx) = &s.locating {
             match rx.try_recv() {
                 Ok(place) => {
+                    changed |= s.place.as_deref() != Some(place.as_str());
                     s.place = Some(place);
                     s.locating = None;
-                    changed = true;
                 }
                 Err(TryRecvError::Disconnected) => {
                     s.place = Some("unknown (the cluster did not say)".into());
@@ -174,6 +198,7 @@ impl StallWatch {
         if fresh || (changed && s.place.is_some()) || now.duration_since(s.logged) >= RELOG {
             s.logged = now;
             warn!(
+                disk = disk(),
                 stalled = r.stalled,
                 oldest_s = r.oldest.as_secs(),
                 offset = r.oldest_offset,
@@ -181,6 +206,7 @@ impl StallWatch {
                 "disk stalled: {text}"
             );
         }
+        s.text.clone_from(&text);
         if changed || now.duration_since(s.written) >= REFRESH {
             s.written = now;
             if let Err(e) = xs.write(node, &text) {

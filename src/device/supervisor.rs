@@ -91,9 +91,9 @@ pub enum Restart {
 }
 
 /// The restart policy of one guest's backend: at once after a death of a backend that ran a
-/// while (a crash in service: the guest is stalled until the next one resumes), with
-/// exponential back-off after deaths soon after start (a backend that cannot run must not
-/// spin), reset by a backend that stays up.
+/// while (a crash in service: the guest is stalled until the next one resumes) and after the
+/// first death soon after start, with exponential back-off from the second such death in a row
+/// (a backend that cannot run must not spin), reset by a backend that stays up.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     quick: u32,
@@ -139,7 +139,11 @@ impl Backoff {
             }
             _ => {
                 self.quick += 1;
-                let shift = self.quick.saturating_sub(1).min(16);
+                if self.quick == 1 {
+                    // one death is not a loop yet: the guest's disk waits for no back-off
+                    return Restart::Now;
+                }
+                let shift = self.quick.saturating_sub(2).min(16);
                 let wait = self.base.saturating_mul(1 << shift).min(self.max);
                 Restart::After(wait)
             }
@@ -459,9 +463,7 @@ pub fn supervise(
                         wait.as_secs()
                     );
                     warn!(domid, "{msg}");
-                    if g.backoff.quick_deaths() >= 2 {
-                        report_dying(xs, cfg.backend_domid, &cfg.kind, domid, &msg);
-                    }
+                    report_dying(xs, cfg.backend_domid, &cfg.kind, domid, &msg);
                     g.not_before = Some(Instant::now() + wait);
                 }
             }
@@ -594,6 +596,7 @@ mod tests {
     fn a_backend_that_dies_at_start_backs_off_until_one_stays_up() {
         let mut b = Backoff::default();
         let quick = Duration::from_millis(100);
+        assert_eq!(b.after(Death::Signaled(6), quick), Restart::Now);
         assert_eq!(
             b.after(Death::Signaled(6), quick),
             Restart::After(Duration::from_secs(1))
@@ -617,6 +620,7 @@ mod tests {
             b.after(Death::Signaled(9), Duration::from_secs(5)),
             Restart::Now
         );
+        assert_eq!(b.after(Death::Signaled(6), quick), Restart::Now);
         assert_eq!(
             b.after(Death::Signaled(6), quick),
             Restart::After(Duration::from_secs(1))

@@ -870,6 +870,7 @@ pub fn run_workload(
         span_sectors,
         seed,
         verify,
+        latencies: true,
     };
     spec.run(
         front,
@@ -925,6 +926,8 @@ pub struct Workload {
     /// Every this many requests, a write is sent as a flush with data (blkif's
     /// `BLKIF_OP_FLUSH_DISKCACHE`: write, then flush) (0: never).
     pub flush_every: u64,
+    /// Keep every request's latency in the report (a long run without them stays small).
+    pub latencies: bool,
 }
 
 /// The (block, version) of each page a request of a [`Workload`] moves.
@@ -1108,7 +1111,9 @@ impl Workload {
                     };
                     let answered = Instant::now();
                     let us = u64::try_from((answered - o.started).as_micros()).unwrap_or(u64::MAX);
-                    report.latencies_us.push(us);
+                    if self.latencies {
+                        report.latencies_us.push(us);
+                    }
                     report.completed += 1;
                     report.bytes += (o.pages * PAGE_SIZE) as u64;
                     let mut mismatch = false;

@@ -1,7 +1,9 @@
 //! The control thread of one VBD: reads its configuration, opens the image, runs the
 //! XenbusState handshake, connects and disconnects queues, follows resizes and detaches.
 //!
-//! Owns: the VBD's xenstore nodes under its backend directory, its `error` node, its queues.
+//! Owns: the VBD's xenstore nodes under its backend directory, its `error` node, its queues,
+//! its stall report (`stalled`, [`super::stall`]) and the re-open an operator asks for
+//! (`reopen`: a new client, each queue handed a new engine queue, the guest keeps its disk).
 //! Trusts: nothing the frontend writes; `params` and `mode` come from the toolstack but are
 //! still validated and any failure is reported (log + `error/<backend path>/error`).
 //! Must never: let a failure leave its own VBD (other VBDs run in their own threads), or block
@@ -169,6 +171,17 @@ pub enum VbdError {
     /// A journal could not be created.
     #[error("cannot create the ring's journal")]
     Journal(#[from] JournalError),
+    /// The image's client can serve it no more (blocklisted); requests fail until a re-open.
+    #[error("{why}; write 1 to {node} to re-open the image with a new client (the guest keeps its disk)")]
+    Unusable {
+        /// The engine's reason.
+        why: String,
+        /// The node that asks for a re-open.
+        node: String,
+    },
+    /// Re-opening the image failed; the old client still serves the disk.
+    #[error("re-opening the image failed")]
+    Reopen(#[source] rados::RadosError),
 }
 
 /// How a VBD's thread ended.
@@ -261,6 +274,14 @@ struct Vbd<P: Platform> {
     /// The queues' tunables: the serve defaults with the disk's `io_timeout`/`stall_warn`.
     queue_cfg: QueueConfig,
     stall: StallWatch,
+    /// What the image was opened as (a re-open opens it again).
+    ispec: Option<ImageSpec>,
+    /// Images a re-open replaced, closed once no queue holds them.
+    retired: Vec<Arc<Image>>,
+    /// The image's client was found unusable and that was reported.
+    unusable_reported: bool,
+    /// The `reopen` node could not be removed (and that was logged).
+    reopen_refused: bool,
 }
 
 fn node(xs: &Xenstore, path: &str) -> Result<String, VbdError> {
@@ -605,7 +626,7 @@ impl<P: Platform> Vbd<P> {
         let dataplane = dataplane.with_metrics(self.status.queue(index));
         let mut evtchn = self.platform.evtchn()?;
         let port = evtchn.bind_interdomain(self.fe_domid, q.event_channel)?;
-        let engine = image.queue().map_err(VbdError::Engine)?;
+        let engine = image.queue().map_err(VbdError::Engine)?.into();
         let parts = QueueParts {
             index,
             domid: self.fe_domid,
@@ -684,10 +705,10 @@ impl<P: Platform> Vbd<P> {
         Ok(false)
     }
 
-    /// Records this instance's RADOS client in the state directory, after the clients of
-    /// the instances before it, now fenced (its open blocklisted them) or gone cleanly: if it
-    /// dies, the next instance fences it before it writes, and breaks the lock of any of them
-    /// at once. Keeps the last [`CLIENTS_KEPT`].
+    /// Records this instance's RADOS client in the state directory, after the clients that
+    /// served the image before it (as `before` marks them: fenced, or still to be fenced by a
+    /// successor): if it dies, the next instance fences the unfenced ones before it writes,
+    /// and breaks the lock of any of them at once. Keeps the last [`CLIENTS_KEPT`].
     fn remember_client(&self, image: &Image, before: &[rados::ClientIdentity]) {
         let (Some(dir), Some(me)) = (&self.state, image.client()) else {
             return;
@@ -695,12 +716,33 @@ impl<P: Platform> Vbd<P> {
         let mut text = String::new();
         let skip = before.len().saturating_sub(CLIENTS_KEPT - 1);
         for p in before.iter().skip(skip) {
-            text.push_str(&format!("{} {} fenced\n", p.gid, p.addr));
+            let mark = if p.fenced { " fenced" } else { "" };
+            text.push_str(&format!("{} {}{mark}\n", p.gid, p.addr));
         }
         text.push_str(&format!("{} {}\n", me.gid, me.addr));
         let r =
             std::fs::create_dir_all(dir).and_then(|()| std::fs::write(dir.join(CLIENT_FILE), text));
         if let Err(e) = r {
+            warn!(error = %e, dir = %dir.display(), "cannot record the client for a successor");
+        }
+    }
+
+    /// Records a re-open's new client after the ones in the state directory: if this process
+    /// dies, the next instance fences both it and the client it replaced (which may still
+    /// have had requests in flight).
+    fn add_client(&self, image: &Image) {
+        let (Some(dir), Some(me)) = (&self.state, image.client()) else {
+            return;
+        };
+        let f = dir.join(CLIENT_FILE);
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        let mut lines: Vec<&str> = text.lines().filter(|l| l.trim() != "clean").collect();
+        let me = format!("{} {}", me.gid, me.addr);
+        lines.push(&me);
+        let skip = lines.len().saturating_sub(CLIENTS_KEPT);
+        let mut out = lines[skip..].join("\n");
+        out.push('\n');
+        if let Err(e) = std::fs::write(&f, out) {
             warn!(error = %e, dir = %dir.display(), "cannot record the client for a successor");
         }
     }
@@ -826,6 +868,117 @@ const CLIENT_FILE: &str = "client";
 /// Clients of previous instances [`CLIENT_FILE`] keeps (one may still hold the lock).
 const CLIENTS_KEPT: usize = 16;
 
+/// Re-opening the image with a new client while the guest keeps its disk.
+impl<P: Platform> Vbd<P> {
+    /// Reports a client the cluster fenced, honours `<backend>/reopen`, and closes replaced
+    /// images once their queues let go. `Some` when the process stopped while re-opening.
+    fn check_reopen(
+        &mut self,
+        opener: &Arc<dyn ImageOpener>,
+        stop: &Receiver<()>,
+    ) -> Option<VbdEnd> {
+        let node = format!("{}/reopen", self.be);
+        if let Some(why) = self.image.as_ref().and_then(|i| i.unusable()) {
+            if !self.unusable_reported {
+                self.unusable_reported = true;
+                self.report(&VbdError::Unusable {
+                    why,
+                    node: node.clone(),
+                });
+            }
+        }
+        if matches!(self.xs.read(&node), Ok(Some(_))) {
+            match self.xs.rm(&node) {
+                // a node that stays would ask for a re-open at every pass: none without removing it
+                Err(e) => {
+                    if !self.reopen_refused {
+                        self.reopen_refused = true;
+                        warn!(error = %e, node, "cannot remove the reopen node: not re-opening");
+                    }
+                }
+                Ok(()) => {
+                    if let Some(end) = self.reopen(opener, stop) {
+                        return Some(end);
+                    }
+                }
+            }
+        }
+        self.close_retired();
+        None
+    }
+
+    /// Opens the image again with a new client and hands every queue an engine queue on it;
+    /// requests in flight finish on the old client, none is lost or answered twice.
+    fn reopen(&mut self, opener: &Arc<dyn ImageOpener>, stop: &Receiver<()>) -> Option<VbdEnd> {
+        let (Some(mut spec), true) = (self.ispec.clone(), self.image.is_some()) else {
+            warn!("reopen asked for, but no image is open: nothing to re-open");
+            return None;
+        };
+        // the first open fenced the previous instances' clients; the one being replaced is
+        // ours, alive until its requests are back: never broken, never fenced here
+        for p in &mut spec.predecessors {
+            p.fenced = true;
+        }
+        spec.fence_predecessors = false;
+        info!(image = %spec, "re-opening the image with a new client");
+        let t0 = Instant::now();
+        let image = match self.open_watched(opener, &spec, stop) {
+            Opening::Done(Ok(i)) => i,
+            Opening::Done(Err(e)) => {
+                self.report(&VbdError::Reopen(e));
+                return None;
+            }
+            Opening::Stopped => return Some(VbdEnd::Stopped),
+            // the removal runs its handshake with the image still open
+            Opening::Removed => return None,
+        };
+        if let Some(c) = &self.conn {
+            for q in &c.queues {
+                match image.queue() {
+                    Ok(eq) => q.swap_engine(eq),
+                    Err(e) => {
+                        // a queue that keeps the old client fails as before; say so
+                        self.report(&VbdError::Reopen(e));
+                    }
+                }
+            }
+        }
+        self.status.opened(&image);
+        self.status.set_last_error(None);
+        self.add_client(&image);
+        self.ispec = Some(spec);
+        if let Some(old) = self.image.replace(image) {
+            self.retired.push(old);
+        }
+        self.unusable_reported = false;
+        if let Err(e) = self.xs.rm(&self.id.error_path()) {
+            debug!(error = %e, "cannot remove the error node");
+        }
+        info!(
+            secs = t0.elapsed().as_secs_f64(),
+            "image re-opened with a new client"
+        );
+        None
+    }
+
+    /// Closes replaced images nothing uses any more, on a helper thread (closing waits for
+    /// the cluster, at most the image's close_wait).
+    fn close_retired(&mut self) {
+        let (idle, busy): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|i| Arc::strong_count(i) == 1);
+        self.retired = busy;
+        for img in idle {
+            let spawned = std::thread::Builder::new()
+                .name("rbdback-close".into())
+                .spawn(move || drop(img));
+            if let Err(e) = spawned {
+                warn!(error = %e, "cannot start a thread to close a replaced image");
+            }
+        }
+    }
+}
+
 /// Serves one VBD until it is removed or `stop` fires. Never panics on bad input.
 ///
 /// A VBD it finds already Connected (a previous `serve` died or handed over) is resumed from
@@ -884,6 +1037,10 @@ pub fn run_vbd<P: Platform>(
         status,
         queue_cfg: QueueConfig::default(),
         stall: StallWatch::default(),
+        ispec: None,
+        retired: Vec::new(),
+        unusable_reported: false,
+        reopen_refused: false,
     };
     let image_node = |v: &str| {
         if let Err(e) = xs.write(&format!("{be}/{IMAGE_NODE}"), v) {
@@ -956,6 +1113,7 @@ pub fn run_vbd<P: Platform>(
                     }
                     predecessors.clone_from(&ispec.predecessors);
                     info!(image = %ispec, engine = ?spec.target.engine, "opening image");
+                    vbd.ispec = Some(ispec.clone());
                     match vbd.open_watched(&opener, &ispec, &stop) {
                         Opening::Done(r) => r.map_err(VbdError::Open),
                         Opening::Stopped => return VbdEnd::Stopped,
@@ -975,6 +1133,10 @@ pub fn run_vbd<P: Platform>(
                     vbd.status.set_last_error(None);
                     vbd.read_only = vbd.read_only || image.info().read_only;
                     vbd.capacity.store(image.size() / 512, Ordering::Relaxed);
+                    // the open fenced them all
+                    for p in &mut predecessors {
+                        p.fenced = true;
+                    }
                     vbd.remember_client(&image, &predecessors);
                     vbd.image = Some(image);
                     usable = true;
@@ -1117,7 +1279,17 @@ pub fn run_vbd<P: Platform>(
             last_resize = Instant::now();
             vbd.check_resize();
         }
-        vbd.stall
-            .check(&vbd.xs, &format!("{be}/stalled"), vbd.image.as_ref());
+        vbd.stall.check(
+            &vbd.xs,
+            &format!("{be}/stalled"),
+            vbd.ispec.as_ref(),
+            vbd.image.as_ref(),
+        );
+        if vbd.check_reopen(&opener, &stop).is_some() {
+            // stopped while re-opening: the rings stay with the guest for the next instance,
+            // which fences this client (it is not marked as gone cleanly)
+            vbd.disconnect(StopMode::Handover);
+            return VbdEnd::Stopped;
+        }
     }
 }

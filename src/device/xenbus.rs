@@ -126,12 +126,22 @@ impl Handshake {
     }
 
     /// A backend taking over a VBD a previous instance of itself connected, whose rings it
-    /// has resumed: Connected, with nothing to write (the frontend must see no change).
+    /// has resumed: Connected, with nothing to write (the frontend must see no change). A
+    /// frontend that moved on while no backend listened (it is closing) is then followed as
+    /// if the change came now.
     pub fn resumed(frontend: XenbusState) -> Self {
+        let moved_on = matches!(
+            frontend,
+            XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown
+        );
         Handshake {
             state: XenbusState::Connected,
             connected: true,
-            last_fe: Some(frontend),
+            last_fe: if moved_on {
+                Some(XenbusState::Connected)
+            } else {
+                Some(frontend)
+            },
         }
     }
 
@@ -139,10 +149,23 @@ impl Handshake {
     /// previous instance wrote it) and whose frontend is in `frontend`: it continues from
     /// there without writing anything, so the frontend sees no step backwards.
     pub fn adopt(state: XenbusState, frontend: XenbusState) -> Self {
+        // What the previous instance would still have had to do: follow a frontend that
+        // closed, or one that starts over after Closed. Anything else (a Connected frontend
+        // that has not yet seen our Closing) is old news.
+        let pending = matches!(
+            (state, frontend),
+            (
+                XenbusState::Closing,
+                XenbusState::Closed | XenbusState::Unknown
+            ) | (
+                XenbusState::Closed,
+                XenbusState::Initialising | XenbusState::InitWait
+            )
+        );
         Handshake {
             state,
             connected: false,
-            last_fe: Some(frontend),
+            last_fe: if pending { None } else { Some(frontend) },
         }
     }
 
@@ -423,6 +446,31 @@ mod tests {
             h.frontend_changed(Closing, true),
             vec![Disconnect, SwitchState(Closing)]
         );
+    }
+
+    #[test]
+    fn a_frontend_that_closed_while_no_backend_listened_is_followed_after_resume() {
+        let mut h = Handshake::resumed(Closing);
+        assert_eq!(
+            h.frontend_changed(Closing, true),
+            vec![Disconnect, SwitchState(Closing)]
+        );
+    }
+
+    #[test]
+    fn an_adopted_backend_does_what_its_predecessor_left_undone() {
+        // Closing, and the frontend closed meanwhile: Closed
+        let mut h = Handshake::adopt(Closing, Closed);
+        assert_eq!(h.frontend_changed(Closed, true), vec![SwitchState(Closed)]);
+        // Closed, and the frontend starts over: InitWait
+        let mut h = Handshake::adopt(Closed, Initialising);
+        assert_eq!(
+            h.frontend_changed(Initialising, true),
+            vec![Advertise, SwitchState(InitWait)]
+        );
+        // Closed, and the frontend has not seen it yet: nothing (never reconnect it)
+        let mut h = Handshake::adopt(Closed, Connected);
+        assert_eq!(h.frontend_changed(Connected, true), vec![]);
     }
 
     #[test]

@@ -10,10 +10,12 @@
 //! flight may still write (callers keep read buffers alive until the token comes back).
 
 use std::ffi::{c_char, c_void, CString};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use super::sys;
-use super::{Errno, ImageSpec, PoolRef, RadosError, Sink};
+use super::{lock, Errno, ImageSpec, PoolRef, RadosError, Sink};
 
 /// Seconds librados waits for the monitors before an open fails (unreachable cluster).
 pub const MOUNT_TIMEOUT_SECS: u32 = 8;
@@ -61,6 +63,19 @@ pub(crate) fn json_field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
         rest.split([',', '}']).next().map(str::trim)
     }
 }
+
+/// `rados_mon_command` and `rados_mgr_command`.
+type CommandFn = unsafe extern "C" fn(
+    sys::rados_t,
+    *mut *const c_char,
+    usize,
+    *const c_char,
+    usize,
+    *mut *mut c_char,
+    *mut usize,
+    *mut *mut c_char,
+    *mut usize,
+) -> i32;
 
 /// A cluster handle (`rados_t`), shut down on drop.
 #[derive(Debug)]
@@ -295,6 +310,8 @@ pub(crate) struct IoCtx {
     pub(crate) h: sys::rados_ioctx_t,
     /// For messages: the pool's name, and `/<namespace>` when one is set.
     pub(crate) pool: String,
+    /// Synchronous calls' time limit in ms (0: none); see [`IoCtx::set_call_limit`].
+    limit_ms: AtomicU64,
 }
 
 // SAFETY: librados ioctx handles are thread-safe for I/O.
@@ -397,6 +414,16 @@ impl Cluster {
     /// Sends a command (JSON) to the monitors and returns their output (bounded by
     /// `rados_mon_op_timeout`).
     pub(crate) fn mon_command(&self, cmd: &str) -> Result<String, Errno> {
+        self.command(sys::rados_mon_command, cmd)
+    }
+
+    /// Sends a command (JSON) to the active manager and returns its output (bounded by
+    /// `rados_mon_op_timeout`).
+    pub(crate) fn mgr_command(&self, cmd: &str) -> Result<String, Errno> {
+        self.command(sys::rados_mgr_command, cmd)
+    }
+
+    fn command(&self, call: CommandFn, cmd: &str) -> Result<String, Errno> {
         let c = name(cmd)?;
         let cmds = [c.as_ptr()];
         let (mut out, mut out_len): (*mut c_char, usize) = (std::ptr::null_mut(), 0);
@@ -404,7 +431,7 @@ impl Cluster {
         // SAFETY: valid handle; one command string that outlives the call; out-pointers to
         // locals; librados allocates the outputs, freed below.
         let r = unsafe {
-            sys::rados_mon_command(
+            call(
                 self.h,
                 cmds.as_ptr().cast_mut(),
                 1,
@@ -442,27 +469,6 @@ impl Cluster {
     }
 }
 
-/// The holders of a `cls_lock` lock.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Lockers {
-    /// Exclusive (not shared).
-    pub exclusive: bool,
-    /// The lock's tag (`internal` for librbd's exclusive lock).
-    pub tag: String,
-    /// (client `client.<gid>`, cookie, address) per holder.
-    pub holders: Vec<(String, String, String)>,
-}
-
-/// The first `n` NUL-terminated strings of `buf[..len]` (empty ones included: the object
-/// map's lock has an empty cookie, and the lists must stay aligned).
-fn split_nul(buf: &[u8], len: usize, n: usize) -> Vec<String> {
-    buf[..len.min(buf.len())]
-        .split(|b| *b == 0)
-        .take(n)
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect()
-}
-
 impl IoCtx {
     /// Wraps what `rados_ioctx_create{,2}` returned and sets the namespace.
     fn made(
@@ -486,7 +492,11 @@ impl IoCtx {
         } else {
             format!("{pool}/{namespace}")
         };
-        let ctx = IoCtx { h: io, pool };
+        let ctx = IoCtx {
+            h: io,
+            pool,
+            limit_ms: AtomicU64::new(0),
+        };
         let ns = cstr(namespace, "namespace")?;
         // SAFETY: valid ioctx; the string is copied by librados.
         unsafe { sys::rados_ioctx_set_namespace(ctx.h, ns.as_ptr()) };
@@ -523,7 +533,8 @@ impl IoCtx {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
-    /// Calls `cls.method` on `oid` as a read and returns its output.
+    /// Calls `cls.method` on `oid` as a read and returns its output (bounded by the
+    /// context's call limit: `ETIMEDOUT` past it).
     pub(crate) fn exec(
         &self,
         oid: &str,
@@ -532,13 +543,27 @@ impl IoCtx {
         input: &[u8],
     ) -> Result<Vec<u8>, Errno> {
         let (o, c, m) = (name(oid)?, name(cls)?, name(method)?);
-        // SAFETY: creates an op released below on every path.
+        /// What librados writes when the operation completes.
+        struct Out {
+            data: *mut c_char,
+            len: usize,
+            prval: i32,
+        }
+        let out = Box::into_raw(Box::new(Out {
+            data: std::ptr::null_mut(),
+            len: 0,
+            prval: 0,
+        }));
+        // SAFETY: creates an op released below once librados is done with it.
         let op = unsafe { sys::rados_create_read_op() };
-        let mut out: *mut c_char = std::ptr::null_mut();
-        let mut out_len: usize = 0;
-        let mut prval: i32 = 0;
-        // SAFETY: valid op; `input` and the names outlive the synchronous operate below; the
-        // out-pointers are locals that outlive it too.
+        // SAFETY: `out` is a live allocation; only a field's address is taken.
+        let data = unsafe { &raw mut (*out).data };
+        // SAFETY: as above.
+        let len = unsafe { &raw mut (*out).len };
+        // SAFETY: as above.
+        let prval = unsafe { &raw mut (*out).prval };
+        // SAFETY: valid op; librados copies the input and the names; the out-pointers point
+        // into `out`, which stays allocated until the operation is settled (leaked if not).
         unsafe {
             sys::rados_read_op_exec(
                 op,
@@ -546,26 +571,34 @@ impl IoCtx {
                 m.as_ptr(),
                 input.as_ptr().cast(),
                 input.len(),
-                &mut out,
-                &mut out_len,
-                &mut prval,
+                data,
+                len,
+                prval,
             )
         };
-        // SAFETY: valid op and ioctx; synchronous.
-        let r = unsafe { sys::rados_read_op_operate(op, self.h, o.as_ptr(), 0) };
-        let data = if out.is_null() {
+        let called = call_bounded(self, |comp| {
+            // SAFETY: valid op, ioctx and completion; the op lives until settled.
+            unsafe { sys::rados_aio_read_op_operate(op, self.h, comp, o.as_ptr(), 0) }
+        });
+        if matches!(called, Err(Called::Unsettled)) {
+            // librados may still write the outputs: they, and the op, are never freed
+            return Err(Errno(-libc::ETIMEDOUT));
+        }
+        // SAFETY: settled: librados no longer touches `out` or the op; both freed once here.
+        let out = unsafe { Box::from_raw(out) };
+        let data = if out.data.is_null() {
             Vec::new()
         } else {
-            // SAFETY: librados allocated `out_len` bytes at `out`.
-            let v = unsafe { std::slice::from_raw_parts(out.cast::<u8>(), out_len) }.to_vec();
+            // SAFETY: librados allocated `len` bytes at `data`.
+            let v = unsafe { std::slice::from_raw_parts(out.data.cast::<u8>(), out.len) }.to_vec();
             // SAFETY: freed once, as librados asks.
-            unsafe { sys::rados_buffer_free(out) };
+            unsafe { sys::rados_buffer_free(out.data) };
             v
         };
-        // SAFETY: released once, after the operation finished.
+        // SAFETY: as above.
         unsafe { sys::rados_release_read_op(op) };
-        rc(r)?;
-        rc(prval)?;
+        rc(called.map_err(|c| Errno(c.errno()))?)?;
+        rc(out.prval)?;
         Ok(data)
     }
 
@@ -582,6 +615,23 @@ impl IoCtx {
         op.operate(self, oid)
     }
 
+    /// Limits every later synchronous call through this context ([`Self::exec`],
+    /// [`Self::exec_write`], [`Self::watch`], [`Self::unwatch`]) to `limit` (`None`: as long
+    /// as the cluster takes).
+    pub(crate) fn set_call_limit(&self, limit: Option<Duration>) {
+        let ms = limit.map_or(0, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        self.limit_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn call_limit(&self) -> Option<Duration> {
+        match self.limit_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
     /// Sets the snapshot reads come from (`NOSNAP` for the head).
     pub(crate) fn set_read_snap(&self, snap: u64) {
         // SAFETY: valid ioctx.
@@ -596,112 +646,6 @@ impl IoCtx {
         rc(unsafe {
             sys::rados_ioctx_selfmanaged_snap_set_write_ctx(self.h, seq, v.as_mut_ptr(), n)
         })
-        .map(|_| ())
-    }
-
-    /// Takes exclusive `cls_lock` `lock_name` on `oid` with `cookie` (no tag, no expiry).
-    pub(crate) fn lock_exclusive(
-        &self,
-        oid: &str,
-        lock_name: &str,
-        cookie: &str,
-    ) -> Result<(), Errno> {
-        let (o, l, c, d) = (name(oid)?, name(lock_name)?, name(cookie)?, name("")?);
-        // SAFETY: valid ioctx; strings outlive the synchronous call; NULL duration = forever.
-        rc(unsafe {
-            sys::rados_lock_exclusive(
-                self.h,
-                o.as_ptr(),
-                l.as_ptr(),
-                c.as_ptr(),
-                d.as_ptr(),
-                std::ptr::null_mut(),
-                0,
-            )
-        })
-        .map(|_| ())
-    }
-
-    /// Releases `cls_lock` `lock_name` held with `cookie`.
-    pub(crate) fn unlock(&self, oid: &str, lock_name: &str, cookie: &str) -> Result<(), Errno> {
-        let (o, l, c) = (name(oid)?, name(lock_name)?, name(cookie)?);
-        // SAFETY: valid ioctx; strings outlive the synchronous call.
-        rc(unsafe { sys::rados_unlock(self.h, o.as_ptr(), l.as_ptr(), c.as_ptr()) }).map(|_| ())
-    }
-
-    /// Who holds `lock_name` on `oid`.
-    pub(crate) fn list_lockers(&self, oid: &str, lock_name: &str) -> Result<Lockers, Errno> {
-        let (o, l) = (name(oid)?, name(lock_name)?);
-        let mut cap = 1024usize;
-        loop {
-            let mut exclusive: i32 = 0;
-            let (mut tag, mut clients, mut cookies, mut addrs) = (
-                vec![0u8; cap],
-                vec![0u8; cap],
-                vec![0u8; cap],
-                vec![0u8; cap],
-            );
-            let (mut tl, mut cl, mut kl, mut al) = (cap, cap, cap, cap);
-            // SAFETY: valid ioctx; every buffer is passed with its capacity.
-            let r = unsafe {
-                sys::rados_list_lockers(
-                    self.h,
-                    o.as_ptr(),
-                    l.as_ptr(),
-                    &mut exclusive,
-                    tag.as_mut_ptr().cast(),
-                    &mut tl,
-                    clients.as_mut_ptr().cast(),
-                    &mut cl,
-                    cookies.as_mut_ptr().cast(),
-                    &mut kl,
-                    addrs.as_mut_ptr().cast(),
-                    &mut al,
-                )
-            };
-            if r == -(libc::ERANGE as isize) && cap < (1 << 20) {
-                cap = cap.max(tl).max(cl).max(kl).max(al) * 2;
-                continue;
-            }
-            if r < 0 {
-                return Err(Errno(i32::try_from(r).unwrap_or(-libc::EIO)));
-            }
-            let n = usize::try_from(r).unwrap_or(0);
-            let clients = split_nul(&clients, cl, n);
-            let cookies = split_nul(&cookies, kl, n);
-            let addrs = split_nul(&addrs, al, n);
-            let holders = clients
-                .into_iter()
-                .zip(cookies)
-                .zip(addrs)
-                .map(|((c, k), a)| (c, k, a))
-                .collect();
-            return Ok(Lockers {
-                exclusive: exclusive != 0,
-                tag: split_nul(&tag, tl, 1)
-                    .into_iter()
-                    .next()
-                    .unwrap_or_default(),
-                holders,
-            });
-        }
-    }
-
-    /// Breaks `client`'s hold (with `cookie`) of `lock_name` on `oid`.
-    pub(crate) fn break_lock(
-        &self,
-        oid: &str,
-        lock_name: &str,
-        client: &str,
-        cookie: &str,
-    ) -> Result<(), Errno> {
-        let (o, l, c, k) = (name(oid)?, name(lock_name)?, name(client)?, name(cookie)?);
-        // SAFETY: valid ioctx; strings outlive the synchronous call.
-        rc(
-            unsafe {
-                sys::rados_break_lock(self.h, o.as_ptr(), l.as_ptr(), c.as_ptr(), k.as_ptr())
-            },
-        )
         .map(|_| ())
     }
 
@@ -729,37 +673,70 @@ impl IoCtx {
         .map(|_| ())
     }
 
-    /// Starts watching `oid`; events go to `sink` until [`Self::unwatch`].
+    /// Starts watching `oid`; events go to `sink` until [`Self::unwatch`] (bounded like
+    /// [`Self::exec`]; a registration that times out is torn down).
     pub(crate) fn watch(&self, oid: &str, sink: &Arc<WatchSink>) -> Result<u64, Errno> {
         let o = name(oid)?;
-        let mut cookie = 0u64;
+        // librados writes the handle at submission; boxed so that it outlives a registration
+        // that did not settle
+        let cookie = Box::into_raw(Box::new(0u64));
         // One strong reference is leaked per watch and kept for the life of the process: the
         // watch callback may still run briefly after unwatch (librados flushes callbacks
         // asynchronously), so the sink must never be freed under it.
         let arg = Arc::into_raw(Arc::clone(sink)).cast_mut().cast::<c_void>();
-        // SAFETY: valid ioctx; the callbacks only read `arg`, which stays valid (leaked above).
-        let r = unsafe {
-            sys::rados_watch2(
-                self.h,
-                o.as_ptr(),
-                &mut cookie,
-                Some(on_watch),
-                Some(on_watch_error),
-                arg,
-            )
-        };
-        if r < 0 {
-            // SAFETY: the watch was not registered, so no callback holds `arg`: reclaim it.
-            drop(unsafe { Arc::from_raw(arg.cast_const().cast::<WatchSink>()) });
-            return Err(Errno(r));
+        let called = call_bounded(self, |comp| {
+            // SAFETY: valid ioctx and completion; the callbacks only read `arg`, which stays
+            // valid (leaked above); `cookie` stays allocated until settled (leaked if not).
+            unsafe {
+                sys::rados_aio_watch2(
+                    self.h,
+                    o.as_ptr(),
+                    comp,
+                    cookie,
+                    Some(on_watch),
+                    Some(on_watch_error),
+                    0,
+                    arg,
+                )
+            }
+        });
+        // SAFETY: librados set the handle when the registration was submitted.
+        let handle = unsafe { *cookie };
+        match called {
+            Ok(r) if r >= 0 => {
+                // SAFETY: settled: freed once.
+                drop(unsafe { Box::from_raw(cookie) });
+                Ok(handle)
+            }
+            Ok(r) | Err(Called::Refused(r)) => {
+                // SAFETY: settled (or never submitted), and no watch was registered: no
+                // callback holds `arg` and librados is done with `cookie`; each reclaimed once.
+                drop(unsafe { Arc::from_raw(arg.cast_const().cast::<WatchSink>()) });
+                // SAFETY: as above.
+                drop(unsafe { Box::from_raw(cookie) });
+                Err(Errno(r))
+            }
+            Err(c) => {
+                // not registered in time: tear the half-made watch down (the sink and the
+                // handle's box stay, librados may still use them)
+                if handle != 0 {
+                    fire_and_forget(|comp| {
+                        // SAFETY: valid ioctx; librados looks the handle up.
+                        unsafe { sys::rados_aio_unwatch(self.h, handle, comp) }
+                    });
+                }
+                Err(Errno(c.errno()))
+            }
         }
-        Ok(cookie)
     }
 
-    /// Stops watch `cookie`.
+    /// Stops watch `cookie` (bounded like [`Self::exec`]).
     pub(crate) fn unwatch(&self, cookie: u64) -> Result<(), Errno> {
-        // SAFETY: valid ioctx; an unknown cookie is reported as an error by librados.
-        rc(unsafe { sys::rados_unwatch2(self.h, cookie) }).map(|_| ())
+        let r = call_bounded(self, |comp| {
+            // SAFETY: valid ioctx; an unknown cookie is reported as an error by librados.
+            unsafe { sys::rados_aio_unwatch(self.h, cookie, comp) }
+        });
+        rc(r.map_err(|c| Errno(c.errno()))?).map(|_| ())
     }
 
     /// Sends `payload` to `oid`'s watchers; the reply arrives as `token` on `sink`
@@ -831,6 +808,134 @@ impl IoCtx {
             // SAFETY: the caller keeps `buf` valid and unaliased until the token returns.
             unsafe { sys::rados_aio_read(self.h, o.as_ptr(), comp, buf.cast(), len, off) }
         })
+    }
+}
+
+/// How long a control-path call (class calls on the header, lock requests, watch
+/// registration) may go unanswered once an image is open: past it the call fails with
+/// `ETIMEDOUT`, is reported, and the caller retries; nothing waits on a silent OSD for ever.
+pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a timed-out call's cancellation may take to settle before its memory is leaked.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+/// A synchronous call's completion, signalled from librados' finisher thread.
+#[derive(Default)]
+struct Waiter {
+    rv: Mutex<Option<i32>>,
+    cv: Condvar,
+}
+
+impl Waiter {
+    /// The operation's result, once it completed within `limit` (`None`: no limit).
+    fn wait(&self, limit: Option<Duration>) -> Option<i32> {
+        let deadline = limit.map(|l| Instant::now() + l);
+        let mut rv = lock(&self.rv);
+        loop {
+            if let Some(r) = *rv {
+                return Some(r);
+            }
+            rv = match deadline {
+                None => self.cv.wait(rv).unwrap_or_else(PoisonError::into_inner),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    self.cv
+                        .wait_timeout(rv, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+    }
+}
+
+extern "C" fn on_waiter(comp: sys::rados_completion_t, arg: *mut c_void) {
+    // SAFETY: `arg` is the reference leaked for this callback at submission, reclaimed once.
+    let w = unsafe { Arc::from_raw(arg.cast_const().cast::<Waiter>()) };
+    // SAFETY: `comp` is this callback's completion (released by the caller, not here).
+    let rv = unsafe { sys::rados_aio_get_return_value(comp) };
+    *lock(&w.rv) = Some(rv);
+    w.cv.notify_all();
+}
+
+/// How a bounded call failed to finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Called {
+    /// It could not be submitted (the error).
+    Refused(i32),
+    /// It timed out and its cancellation settled: librados is done with its memory.
+    TimedOut,
+    /// It timed out and librados may still touch its memory: the caller leaks it.
+    Unsettled,
+}
+
+impl Called {
+    fn errno(self) -> i32 {
+        match self {
+            Called::Refused(e) => e,
+            Called::TimedOut | Called::Unsettled => -libc::ETIMEDOUT,
+        }
+    }
+}
+
+/// Runs one asynchronous operation (`start` submits it with the completion given) and waits
+/// for it, at most `io`'s call limit. On time out the operation is cancelled
+/// (`rados_aio_cancel`: librados stops waiting for it; an OSD may still apply a write already
+/// sent, so only idempotent control calls come here) and the cancellation awaited briefly.
+/// Returns librados' result.
+fn call_bounded(
+    io: &IoCtx,
+    start: impl FnOnce(sys::rados_completion_t) -> i32,
+) -> Result<i32, Called> {
+    let w = Arc::new(Waiter::default());
+    let arg = Arc::into_raw(Arc::clone(&w)).cast_mut().cast::<c_void>();
+    let mut comp: sys::rados_completion_t = std::ptr::null_mut();
+    // SAFETY: `arg` is reclaimed exactly once: by the callback, or below when none will run.
+    let r = unsafe { sys::rados_aio_create_completion2(arg, Some(on_waiter), &mut comp) };
+    if r < 0 {
+        // SAFETY: no completion, no callback: reclaim the reference.
+        drop(unsafe { Arc::from_raw(arg.cast_const().cast::<Waiter>()) });
+        return Err(Called::Refused(r));
+    }
+    let r = start(comp);
+    if r < 0 {
+        // SAFETY: not submitted, so no callback will run: release and reclaim, once each.
+        unsafe { sys::rados_aio_release(comp) };
+        // SAFETY: as above.
+        drop(unsafe { Arc::from_raw(arg.cast_const().cast::<Waiter>()) });
+        return Err(Called::Refused(r));
+    }
+    if let Some(rv) = w.wait(io.call_limit()) {
+        // SAFETY: complete: released once.
+        unsafe { sys::rados_aio_release(comp) };
+        return Ok(rv);
+    }
+    // SAFETY: valid ioctx and completion (not released yet).
+    unsafe { sys::rados_aio_cancel(io.h, comp) };
+    if w.wait(Some(CANCEL_WAIT)).is_some() {
+        // SAFETY: complete (cancelled): released once.
+        unsafe { sys::rados_aio_release(comp) };
+        Err(Called::TimedOut)
+    } else {
+        // SAFETY: releasing an unfinished completion only drops our reference: librados keeps
+        // it until the operation ends (the callback still reclaims its own reference).
+        unsafe { sys::rados_aio_release(comp) };
+        Err(Called::Unsettled)
+    }
+}
+
+/// Starts an operation nobody waits for (its completion is released at once: librados keeps it
+/// until the operation ends).
+fn fire_and_forget(start: impl FnOnce(sys::rados_completion_t) -> i32) {
+    let mut comp: sys::rados_completion_t = std::ptr::null_mut();
+    // SAFETY: no callback, no argument; out-pointer to a local.
+    let r = unsafe { sys::rados_aio_create_completion2(std::ptr::null_mut(), None, &mut comp) };
+    if r >= 0 {
+        let _ = start(comp);
+        // SAFETY: released once; librados holds its own reference while the operation runs.
+        unsafe { sys::rados_aio_release(comp) };
     }
 }
 
@@ -917,14 +1022,35 @@ impl WriteOp {
         Ok(())
     }
 
-    /// Runs the operation synchronously.
-    pub(crate) fn operate(&self, io: &IoCtx, oid: &str) -> Result<(), Errno> {
+    /// Submits the operation on `io` with completion `comp`; librados' result.
+    ///
+    /// # Safety
+    /// `comp` must be a fresh completion, and the op must stay alive (unreleased) until the
+    /// operation has completed.
+    unsafe fn start(&self, io: &IoCtx, oid: &CString, comp: sys::rados_completion_t) -> i32 {
+        // SAFETY: valid op and ioctx; the caller keeps the op alive; NULL mtime = now.
+        unsafe {
+            sys::rados_aio_write_op_operate(
+                self.h,
+                io.h,
+                comp,
+                oid.as_ptr(),
+                std::ptr::null_mut(),
+                FULL_TRY,
+            )
+        }
+    }
+
+    /// Runs the operation synchronously (bounded by the context's call limit).
+    pub(crate) fn operate(self, io: &IoCtx, oid: &str) -> Result<(), Errno> {
         let o = name(oid)?;
-        // SAFETY: valid op and ioctx; synchronous; NULL mtime = now.
-        rc(unsafe {
-            sys::rados_write_op_operate(self.h, io.h, o.as_ptr(), std::ptr::null_mut(), FULL_TRY)
-        })
-        .map(|_| ())
+        // SAFETY: the op is kept until settled (forgotten below if it is not).
+        let called = call_bounded(io, |comp| unsafe { self.start(io, &o, comp) });
+        if matches!(called, Err(Called::Unsettled)) {
+            // librados may still read the op: never release it
+            std::mem::forget(self);
+        }
+        rc(called.map_err(|c| Errno(c.errno()))?).map(|_| ())
     }
 
     /// Starts the operation; its result arrives as `token` on `sink`. The op must be kept
@@ -937,20 +1063,8 @@ impl WriteOp {
         token: u64,
     ) -> Result<(), Errno> {
         let o = name(oid)?;
-        submit_aio(sink, token, |comp, _| {
-            // SAFETY: valid op, ioctx and completion; the op outlives the operation (caller's
-            // contract); NULL mtime = now.
-            unsafe {
-                sys::rados_aio_write_op_operate(
-                    self.h,
-                    io.h,
-                    comp,
-                    o.as_ptr(),
-                    std::ptr::null_mut(),
-                    FULL_TRY,
-                )
-            }
-        })
+        // SAFETY: the caller keeps the op until its completion came back.
+        submit_aio(sink, token, |comp, _| unsafe { self.start(io, &o, comp) })
     }
 }
 
@@ -1105,8 +1219,6 @@ extern "C" fn on_watch_error(arg: *mut c_void, cookie: u64, err: i32) {
 
 #[cfg(test)]
 mod tests {
-    use super::split_nul;
-
     #[test]
     fn monitor_json_is_written_and_read() {
         use super::{json_field, json_string};
@@ -1116,13 +1228,5 @@ mod tests {
         assert_eq!(json_field(j, "acting_primary"), Some("0"));
         assert_eq!(json_field(j, "epoch"), Some("19"));
         assert_eq!(json_field(j, "missing"), None);
-    }
-
-    #[test]
-    fn locker_lists_keep_empty_cookies_aligned() {
-        let b = b"client.1\0\0client.2\0";
-        assert_eq!(split_nul(b, b.len(), 3), vec!["client.1", "", "client.2"]);
-        assert_eq!(split_nul(b"\0", 1, 1), vec![""]);
-        assert_eq!(split_nul(b"a\0b\0", 4, 1), vec!["a"]);
     }
 }

@@ -92,6 +92,10 @@ pub struct ImageSpec {
     /// have died with writes in flight, and none of them may land after ours (no zombie
     /// writer).
     pub fence_predecessors: bool,
+    /// Direct engine: how long one control-path call (header reads, lock requests, watch
+    /// registration) may go unanswered once the image is open; it then fails with
+    /// `ETIMEDOUT`, is logged, and is retried.
+    pub control_timeout: std::time::Duration,
 }
 
 /// A RADOS client session: what the cluster knows a client by.
@@ -171,6 +175,7 @@ impl ImageSpec {
             close_wait: std::time::Duration::from_secs(30),
             predecessors: Vec::new(),
             fence_predecessors: false,
+            control_timeout: client::CONTROL_TIMEOUT,
         }
     }
 }
@@ -319,6 +324,10 @@ pub enum RadosError {
     /// The queue is shutting down.
     #[error("engine queue closed")]
     Closed,
+    /// The image can no longer be served by this client (blocklisted, or it gained a feature
+    /// the engine cannot honour); the reason says what to do.
+    #[error("{0}")]
+    Unusable(String),
     /// A system resource (eventfd) could not be created.
     #[error("system error: {0}")]
     Sys(#[from] std::io::Error),
@@ -613,6 +622,15 @@ impl Image {
         match &self.engine {
             Engine::Direct(i) => i.locate(offset).map(Some),
             Engine::Librbd(_) | Engine::Memory(_) => Ok(None),
+        }
+    }
+
+    /// Why this client can no longer serve the image (blocklisted by the cluster, a feature
+    /// it cannot honour), once that is known; every request then fails with it.
+    pub fn unusable(&self) -> Option<String> {
+        match &self.engine {
+            Engine::Direct(i) => i.shared.lock_state().fatal.clone(),
+            Engine::Librbd(_) | Engine::Memory(_) => None,
         }
     }
 

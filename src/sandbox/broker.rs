@@ -136,6 +136,8 @@ pub const WRITABLE_NODES: &[&str] = &[
     "sector-size",
     "physical-sector-size",
     "stalled",
+    // an operator's request to re-open the image: the backend removes it once honoured
+    "reopen",
     crate::device::vbd::IMAGE_NODE,
 ];
 
@@ -682,6 +684,7 @@ mod tests {
             "discard-granularity",
             "rbdback-image",
             "stalled",
+            "reopen",
         ] {
             assert!(w(&format!("{be}/51712/{node}")), "{node}");
         }

@@ -10,10 +10,13 @@
 //! I/O lives in [`queue`].
 //! Trusts: the cluster's replies only after decoding them with length checks ([`codec`]).
 //! Must never: run on a librados thread, block a dataplane thread (every blocking class call
-//! is made by the control thread), write an object without holding the exclusive lock when
-//! the image has that feature, or write with a snapshot context older than a snapshot whose
-//! creation it has acknowledged.
+//! is made by the control thread, and once the image is open each is bounded by the spec's
+//! `control_timeout`: a call the cluster leaves unanswered fails with `ETIMEDOUT`, is logged
+//! and retried, so the thread keeps serving stop requests, notifies and the lock), write an
+//! object without holding the exclusive lock when the image has that feature, or write with a
+//! snapshot context older than a snapshot whose creation it has acknowledged.
 
+mod cls_lock;
 pub mod codec;
 pub(crate) mod header;
 pub mod layout;
@@ -138,6 +141,24 @@ impl Shared {
         )
     }
 
+    /// Marks this client fenced: the cluster blocklisted it (an operator, or another client
+    /// that broke its exclusive lock), so nothing it sends can succeed again. Every request
+    /// fails with the returned reason from now on.
+    pub(crate) fn fenced(&self) -> String {
+        let mut st = self.lock_state();
+        if let Some(f) = &st.fatal {
+            return f.clone();
+        }
+        let why = format!(
+            "image {}: this client was blocklisted by the cluster (fenced by an operator, or by \
+             another client that broke its exclusive lock); it must be reopened with a new client",
+            self.name
+        );
+        warn!(image = %self.name, "{why}");
+        st.fatal = Some(why.clone());
+        why
+    }
+
     /// True when writes must hold the exclusive lock.
     pub(crate) fn needs_lock(&self, h: &Header) -> bool {
         !self.read_only && h.features & feature::EXCLUSIVE_LOCK != 0
@@ -252,6 +273,8 @@ impl DirectImage {
                 errno,
             })?;
         shared.watch_cookie.store(cookie, Ordering::Relaxed);
+        // opened: from now on no control-path call waits on a silent OSD for ever
+        shared.meta.set_call_limit(Some(spec.control_timeout));
         let s2 = Arc::clone(&shared);
         let name = format!("rbd-ctl-{}", spec.image.chars().take(7).collect::<String>());
         let thread = std::thread::Builder::new()
@@ -314,10 +337,23 @@ impl DirectImage {
             .mon_command(&cmd)
             .map_err(call("osd map"))?;
         let field = |k| json_field(&out, k).unwrap_or("?");
+        let pg = field("pgid");
+        // the placement group's state, from the manager's map (`ceph pg dump pgs_brief`):
+        // `laggy` or `peering` says why the OSD does not answer
+        let state = self
+            .shared
+            .cluster
+            .mgr_command(r#"{"prefix":"pg dump","dumpcontents":["pgs_brief"],"format":"json"}"#)
+            .ok()
+            .and_then(|dump| {
+                let at = dump.find(&format!(r#""pgid":"{pg}","state":""#))?;
+                let rest = dump.get(at + pg.len() + 19..)?;
+                rest.split('"').next().map(|s| format!(" {s}"))
+            })
+            .unwrap_or_default();
         Ok(format!(
-            "osd.{} (placement group {}, object {oid})",
+            "osd.{} (placement group {pg}{state}, object {oid})",
             field("acting_primary"),
-            field("pgid")
         ))
     }
 
@@ -533,7 +569,7 @@ impl Control {
                 if let Some(old) = lost {
                     warn!(image = %self.s.name, "exclusive lock lost with the watch; re-acquiring");
                     // the cluster call is made without holding the state the queues need
-                    let _ = self.s.meta.unlock(&self.s.header_oid, RBD_LOCK_NAME, &old);
+                    let _ = cls_lock::unlock(&self.s.meta, &self.s.header_oid, RBD_LOCK_NAME, &old);
                 }
                 self.refresh();
             }
@@ -546,12 +582,7 @@ impl Control {
         match self.s.meta.watch(&self.s.header_oid, &self.s.watch_sink) {
             Ok(c) => self.s.watch_cookie.store(c, Ordering::Relaxed),
             Err(e) if e.0 == -libc::ESHUTDOWN => {
-                let why = format!(
-                    "image {}: this client was blocklisted by the cluster (another client broke its exclusive lock); reopen the disk",
-                    self.s.name
-                );
-                warn!(image = %self.s.name, "{why}");
-                self.s.lock_state().fatal = Some(why);
+                self.s.fenced();
             }
             Err(e) => {
                 warn!(image = %self.s.name, error = %e, "cannot re-watch the image header; retrying");
@@ -616,7 +647,7 @@ impl Control {
 
     /// Notices a lock that was broken by another client.
     fn check_lock(&mut self, cookie: &str) {
-        match self.s.meta.list_lockers(&self.s.header_oid, RBD_LOCK_NAME) {
+        match cls_lock::list_lockers(&self.s.meta, &self.s.header_oid, RBD_LOCK_NAME) {
             Ok(l) if !l.holders.iter().any(|(_, c, _)| c == cookie) => {
                 warn!(image = %self.s.name, "exclusive lock was broken by another client");
                 let mut st = self.s.lock_state();
@@ -628,6 +659,17 @@ impl Control {
     }
 
     fn fail_waiters(&mut self, errno: i32, why: String) {
+        if errno == -libc::ETIMEDOUT {
+            // a bounded call the cluster left unanswered: the writes keep waiting (their
+            // io_timeout, if any, applies) and the lock is tried again
+            warn!(image = %self.s.name, "{why}; retrying");
+            return;
+        }
+        let why = if errno == -libc::ESHUTDOWN {
+            self.s.fenced()
+        } else {
+            why
+        };
         warn!(image = %self.s.name, "{why}");
         let mut st = self.s.lock_state();
         st.lock_failure = Some(LockFailure {
@@ -680,13 +722,15 @@ impl Control {
                     return self.fail_waiters(e.0, format!("cannot take the exclusive lock: {e}"));
                 }
             }
-            let lockers = match self.s.meta.list_lockers(&self.s.header_oid, RBD_LOCK_NAME) {
-                Ok(l) => l,
-                Err(e) => {
-                    self.retry_at = Instant::now() + Duration::from_secs(1);
-                    return self.fail_waiters(e.0, format!("cannot list the lock's holders: {e}"));
-                }
-            };
+            let lockers =
+                match cls_lock::list_lockers(&self.s.meta, &self.s.header_oid, RBD_LOCK_NAME) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        self.retry_at = Instant::now() + Duration::from_secs(1);
+                        return self
+                            .fail_waiters(e.0, format!("cannot list the lock's holders: {e}"));
+                    }
+                };
             let Some((client, hcookie, _addr)) = lockers.holders.first().cloned() else {
                 continue; // released meanwhile: try again
             };
@@ -697,11 +741,13 @@ impl Control {
                 // nothing in flight: breaking its lock is all that is left to do
                 info!(image = %self.s.name, holder = %client,
                       "the exclusive lock is held by a previous backend that is gone; breaking it");
-                if let Err(e) =
-                    self.s
-                        .meta
-                        .break_lock(&self.s.header_oid, RBD_LOCK_NAME, &client, &hcookie)
-                {
+                if let Err(e) = cls_lock::break_lock(
+                    &self.s.meta,
+                    &self.s.header_oid,
+                    RBD_LOCK_NAME,
+                    &client,
+                    &hcookie,
+                ) {
                     warn!(image = %self.s.name, error = %e, "breaking the lock failed");
                 }
                 continue;
@@ -766,7 +812,7 @@ impl Control {
     /// The holder answered no lock request: blocklist it and break its lock (krbd does the
     /// same once its watch is gone).
     fn break_dead_owner(&mut self) {
-        let Ok(l) = self.s.meta.list_lockers(&self.s.header_oid, RBD_LOCK_NAME) else {
+        let Ok(l) = cls_lock::list_lockers(&self.s.meta, &self.s.header_oid, RBD_LOCK_NAME) else {
             return;
         };
         let Some((client, cookie, addr)) = l.holders.first().cloned() else {
@@ -778,11 +824,13 @@ impl Control {
             warn!(image = %self.s.name, error = %e, "blocklist failed");
             return;
         }
-        if let Err(e) = self
-            .s
-            .meta
-            .break_lock(&self.s.header_oid, RBD_LOCK_NAME, &client, &cookie)
-        {
+        if let Err(e) = cls_lock::break_lock(
+            &self.s.meta,
+            &self.s.header_oid,
+            RBD_LOCK_NAME,
+            &client,
+            &cookie,
+        ) {
             warn!(image = %self.s.name, error = %e, "breaking the lock failed");
         }
     }
@@ -790,13 +838,10 @@ impl Control {
     fn acquired(&mut self, cookie: String) {
         let objmap = match self.open_object_map() {
             Ok(m) => m,
-            Err(why) => {
-                let _ = self
-                    .s
-                    .meta
-                    .unlock(&self.s.header_oid, RBD_LOCK_NAME, &cookie);
+            Err(f) => {
+                let _ = cls_lock::unlock(&self.s.meta, &self.s.header_oid, RBD_LOCK_NAME, &cookie);
                 self.retry_at = Instant::now() + Duration::from_secs(1);
-                return self.fail_waiters(-libc::EIO, why);
+                return self.fail_waiters(f.errno.0, f.why);
             }
         };
         info!(image = %self.s.name, %cookie, "exclusive lock acquired");
@@ -815,35 +860,48 @@ impl Control {
     }
 
     /// Locks and loads the head object map (when the image has one).
-    fn open_object_map(&self) -> Result<Vec<u8>, String> {
+    fn open_object_map(&self) -> Result<Vec<u8>, LockFailure> {
+        let fail = |what: &'static str| {
+            move |errno: Errno| LockFailure {
+                errno,
+                why: format!("cannot {what} the object map: {errno}"),
+            }
+        };
         let h = Arc::clone(&self.s.lock_state().header);
         if h.features & feature::OBJECT_MAP == 0 {
             return Ok(Vec::new());
         }
         let oid = &self.s.objmap_oid;
-        match self.s.meta.lock_exclusive(oid, RBD_LOCK_NAME, "") {
+        match cls_lock::lock_exclusive(&self.s.meta, oid, RBD_LOCK_NAME, "") {
             Ok(()) => {}
             Err(Errno(e)) if e == -libc::EEXIST => {}
             Err(Errno(e)) if e == -libc::EBUSY => {
                 // a previous owner died holding it; we hold the header lock, so it is ours
-                if let Ok(l) = self.s.meta.list_lockers(oid, RBD_LOCK_NAME) {
+                if let Ok(l) = cls_lock::list_lockers(&self.s.meta, oid, RBD_LOCK_NAME) {
                     for (client, cookie, _) in l.holders {
-                        let _ = self.s.meta.break_lock(oid, RBD_LOCK_NAME, &client, &cookie);
+                        let _ = cls_lock::break_lock(
+                            &self.s.meta,
+                            oid,
+                            RBD_LOCK_NAME,
+                            &client,
+                            &cookie,
+                        );
                     }
                 }
-                self.s
-                    .meta
-                    .lock_exclusive(oid, RBD_LOCK_NAME, "")
-                    .map_err(|e| format!("cannot lock the object map: {e}"))?;
+                cls_lock::lock_exclusive(&self.s.meta, oid, RBD_LOCK_NAME, "")
+                    .map_err(fail("lock"))?;
             }
-            Err(e) => return Err(format!("cannot lock the object map: {e}")),
+            Err(e) => return Err(fail("lock")(e)),
         }
         let b = self
             .s
             .meta
             .exec(oid, "rbd", "object_map_load", &[])
-            .map_err(|e| format!("cannot load the object map: {e}"))?;
-        let map = codec::object_map_reply(&b).map_err(|e| e.to_string())?;
+            .map_err(fail("load"))?;
+        let map = codec::object_map_reply(&b).map_err(|e| LockFailure {
+            errno: Errno(-libc::EIO),
+            why: e.to_string(),
+        })?;
         let want = h.layout.num_objects(h.size);
         if map.len() as u64 != want {
             warn!(image = %self.s.name, map = map.len(), objects = want, "object map size differs from the image's");
@@ -854,13 +912,9 @@ impl Control {
     fn release(&mut self, cookie: &str, notify: bool) {
         let has_map = self.s.lock_state().header.features & feature::OBJECT_MAP != 0;
         if has_map {
-            let _ = self.s.meta.unlock(&self.s.objmap_oid, RBD_LOCK_NAME, "");
+            let _ = cls_lock::unlock(&self.s.meta, &self.s.objmap_oid, RBD_LOCK_NAME, "");
         }
-        if let Err(e) = self
-            .s
-            .meta
-            .unlock(&self.s.header_oid, RBD_LOCK_NAME, cookie)
-        {
+        if let Err(e) = cls_lock::unlock(&self.s.meta, &self.s.header_oid, RBD_LOCK_NAME, cookie) {
             if e.0 != -libc::ENOENT {
                 warn!(image = %self.s.name, error = %e, "unlocking the header failed");
             }

@@ -259,7 +259,7 @@ impl DirectQueue {
         self.accepted += 1;
         // (writes to a read-only image never get here: `Queue::submit` refuses them)
         if let Some(f) = self.sync_header() {
-            return self.finish_now(tag, op, Err(RadosError::Invalid(f)));
+            return self.finish_now(tag, op, Err(RadosError::Unusable(f)));
         }
         if matches!(op, BlockOp::Flush) {
             // acknowledged writes are already on the OSDs' stable storage
@@ -446,12 +446,17 @@ impl DirectQueue {
     }
 
     fn fail(&mut self, slot: usize, what: &'static str, errno: i32) {
+        // librados' EBLOCKLISTED: this client is fenced for good
+        let fenced = (errno == -libc::ESHUTDOWN).then(|| self.shared.fenced());
         if let Some(r) = self.req_mut(slot) {
             if r.error.is_none() {
-                r.error = Some(RadosError::Io {
-                    what,
-                    offset: r.offset,
-                    errno: Errno(errno),
+                r.error = Some(match fenced {
+                    Some(why) => RadosError::Unusable(why),
+                    None => RadosError::Io {
+                        what,
+                        offset: r.offset,
+                        errno: Errno(errno),
+                    },
                 });
             }
         }
