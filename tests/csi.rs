@@ -655,9 +655,9 @@ fn threads_named(name: &str) -> Vec<String> {
 }
 
 /// Watches this process's threads named `name` every 10 ms until stopped; then tells the
-/// most that were alive at once and every thread id seen. A thread counts once seen in two
-/// samples in a row: threads that librados starts carry their parent's name until they
-/// name themselves.
+/// most that were alive at once and every thread id seen. A thread counts once it has kept
+/// the name for 500 ms: threads that librados starts carry their parent's name until the
+/// parent names them, which a loaded machine can delay well past one sample.
 struct ThreadCensus {
     stop: Arc<std::sync::atomic::AtomicBool>,
     h: std::thread::JoinHandle<(usize, std::collections::HashSet<String>)>,
@@ -669,13 +669,21 @@ impl ThreadCensus {
         let s = Arc::clone(&stop);
         let h = std::thread::spawn(move || {
             let (mut most, mut seen) = (0, std::collections::HashSet::new());
-            let mut before = Vec::new();
+            let mut since: std::collections::HashMap<String, Instant> =
+                std::collections::HashMap::new();
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
                 let now = threads_named(name);
-                let steady: Vec<_> = now.iter().filter(|t| before.contains(*t)).collect();
+                since.retain(|t, _| now.contains(t));
+                for t in &now {
+                    since.entry(t.clone()).or_insert_with(Instant::now);
+                }
+                let steady: Vec<_> = since
+                    .iter()
+                    .filter(|(_, t0)| t0.elapsed() >= Duration::from_millis(500))
+                    .map(|(t, _)| t.clone())
+                    .collect();
                 most = most.max(steady.len());
-                seen.extend(steady.into_iter().cloned());
-                before = now;
+                seen.extend(steady);
                 std::thread::sleep(Duration::from_millis(10));
             }
             (most, seen)
