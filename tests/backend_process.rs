@@ -306,7 +306,14 @@ fn a_backend_killed_at_any_instant_is_resumed_without_the_guest_seeing_an_error(
         );
         (r, front)
     });
-    let points = ["take", "pushed", "published", "flush", "indirect"];
+    let points = [
+        "take",
+        "pushed",
+        "published",
+        "freeing",
+        "flush",
+        "indirect",
+    ];
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut pid = wait_new_serve(&run_dir, GUEST, 0);
     let mut killed_at = Vec::new();

@@ -5,8 +5,9 @@
 //! Owns: the armed point (`<run dir>/crash-next`, read and deleted once when `serve` starts:
 //! `<point>:<n>` kills the process at the n-th time the point is reached).
 //! Points: `take` (a batch half recorded), `pushed` (a response written, not published),
-//! `published` (rsp_prod stored, the journal not told), `flush` (a flush in flight),
-//! `indirect` (an indirect request admitted).
+//! `published` (rsp_prod stored, the journal not told), `freeing` (the journal told, the
+//! entries it covers half freed), `flush` (a flush in flight), `indirect` (an indirect
+//! request admitted).
 //! Must never: exist in production builds (without the `test-utils` feature [`hit`] is empty).
 
 #[cfg(feature = "test-utils")]

@@ -22,8 +22,10 @@
 //!    entry at or past the shared `rsp_prod` is written into the ring again (idempotent), and
 //!    `rsp_prod_pvt` is taken as one past the last of them.
 //! 3. publishing: `rsp_prod` in the ring, then `published` here, then the answered entries
-//!    below it are freed. On recovery the shared `rsp_prod` (between the recorded `published`
-//!    and `rsp_prod_pvt`) says which answered entries were already published.
+//!    below it are freed, one by one. On recovery the shared `rsp_prod` (between the recorded
+//!    `published` and `rsp_prod_pvt`) says which answered entries were already published, and
+//!    an answered entry behind the recorded `published` (the process died while freeing) is
+//!    free.
 //!
 //! Trusts: its own file only after checking it (magic, geometry, the ring it belongs to,
 //! indices that fit one ring); a journal that does not check out is not used (the VBD is then
@@ -307,6 +309,11 @@ impl Journal {
                 }
                 ANSWERED => {
                     let pos = r(o + E_POS)?;
+                    if from_pub(pos) >= entries {
+                        // before the recorded `published`: published already, the process
+                        // died while freeing the entries it covered (step 3)
+                        continue;
+                    }
                     let mut idb = [0u8; 8];
                     mem.read(o + E_ID, &mut idb).map_err(oob(path))?;
                     let status = i16::try_from(r(o + E_STATUS)? as i32).unwrap_or(-1);
@@ -457,14 +464,15 @@ impl Journal {
     pub fn published(&mut self, rsp_prod: u32) {
         let m = self.file.mem();
         let _ = m.store_u32_release(H_PUBLISHED, rsp_prod);
-        let free = &mut self.free;
-        self.unpublished.retain(|&(pos, e)| {
-            // all positions recorded are below the new rsp_prod once it is published
-            let _ = pos;
+        // all positions recorded are below the new rsp_prod once it is published; a process
+        // killed while freeing leaves answered entries behind `published` (recovery skips them)
+        for (i, (_, e)) in self.unpublished.drain(..).enumerate() {
+            if i == 1 {
+                crate::device::crashpoint::hit("freeing");
+            }
             let _ = m.store_u32(entry_off(e) + E_STATE, FREE);
-            free.push(e);
-            false
-        });
+            self.free.push(e);
+        }
     }
 
     /// Marks (or unmarks) a stop on purpose with nothing in flight.
@@ -551,6 +559,53 @@ mod tests {
             (2, 103)
         );
         assert!(!r.clean);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn a_death_while_freeing_published_entries_is_recovered() {
+        let p = tmp("freeing");
+        let mut j = Journal::create(&p, &id(), 32).unwrap();
+        // a request still in flight far behind, so positions are well past 0
+        let stuck = j.take(0, &slot(1000)).unwrap();
+        j.set_req_cons(1);
+        for i in 1..=40u32 {
+            let e = j.take(i, &slot(u64::from(i))).unwrap();
+            j.set_req_cons(i + 1);
+            j.answer(e, i - 1, &rsp(u64::from(i)));
+            j.set_rsp_prod_pvt(i);
+            if i % 4 == 0 {
+                j.published(i);
+            }
+        }
+        // three taken and answered out of order (the lowest entry gets the last position,
+        // which recovery meets first), published in the ring and recorded as such, then
+        // killed after freeing only the first of their entries
+        let mut e: Vec<u16> = (41..44u32)
+            .map(|i| {
+                let e = j.take(i, &slot(u64::from(i))).unwrap();
+                j.set_req_cons(i + 1);
+                e
+            })
+            .collect();
+        e.sort_unstable();
+        for (pos, &entry) in (40..43u32).zip(e.iter().rev()) {
+            j.answer(entry, pos, &rsp(u64::from(pos)));
+            j.set_rsp_prod_pvt(pos + 1);
+        }
+        let m = j.file.mem();
+        m.store_u32(H_PUBLISHED, 43).unwrap();
+        m.store_u32(entry_off(e[2]) + E_STATE, FREE).unwrap();
+        drop(j);
+        let (j, r) = Journal::recover(&p, &id(), 32, 43).unwrap();
+        assert_eq!((r.req_cons, r.rsp_prod_pvt, r.published), (44, 43, 43));
+        assert!(r.unpublished.is_empty());
+        assert_eq!(r.unanswered.len(), 1);
+        assert_eq!(
+            (r.unanswered[0].entry, r.unanswered[0].slot.id()),
+            (stuck, 1000)
+        );
+        assert_eq!(j.free_entries(), 31);
         let _ = std::fs::remove_file(&p);
     }
 
