@@ -237,6 +237,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn creating_a_file_over_a_mapped_one_leaves_the_mapping_alone() {
+        let p = std::env::temp_dir().join(format!("rbdback-shm-{}", std::process::id()));
+        let old = MappedFile::open(&p, 4096, true).unwrap();
+        old.mem().store_u32(4092, 7).unwrap();
+        let new = MappedFile::open(&p, 4096, true).unwrap();
+        // the old mapping keeps its pages and data (a truncated file would SIGBUS here)
+        assert_eq!(old.mem().load_u32(4092).unwrap(), 7);
+        assert_eq!(new.mem().load_u32(4092).unwrap(), 0);
+        new.mem().store_u32(0, 1).unwrap();
+        assert_eq!(old.mem().load_u32(0).unwrap(), 0, "two files");
+        drop(old);
+        let again = MappedFile::open(&p, 4096, false).unwrap();
+        assert_eq!(again.mem().load_u32(0).unwrap(), 1, "the path names the new one");
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
     fn read_write_roundtrip_at_unaligned_offsets() {
         let mut buf = vec![0u8; 64];
         let mem = SharedMem::from_mut_slice(&mut buf);
@@ -300,15 +317,22 @@ unsafe impl Send for MappedFile {}
 unsafe impl Sync for MappedFile {}
 
 impl MappedFile {
-    /// Maps `len` bytes of `path`. With `create`, the file is created (or truncated) to
-    /// `len` zero bytes; otherwise it must exist and be exactly `len` bytes long.
+    /// Maps `len` bytes of `path`. With `create`, a new file of `len` zero bytes replaces
+    /// any file at `path` (which is unlinked, never truncated: another mapping of it, e.g. a
+    /// closing ring's, keeps its pages); otherwise it must exist and be exactly `len` bytes
+    /// long.
     pub fn open(path: &std::path::Path, len: usize, create: bool) -> std::io::Result<MappedFile> {
         use std::os::unix::fs::OpenOptionsExt;
+        if create {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(create)
-            .truncate(create)
+            .create_new(create)
             .mode(0o600)
             .open(path)?;
         let want = u64::try_from(len).map_err(|_| std::io::ErrorKind::InvalidInput)?;
@@ -321,8 +345,10 @@ impl MappedFile {
             ));
         }
         let nz = std::num::NonZeroUsize::new(len).ok_or(std::io::ErrorKind::InvalidInput)?;
-        // SAFETY: a fresh shared mapping of a file we opened read-write, at a kernel-chosen
-        // address; owned by the returned value and unmapped once on drop.
+        // SAFETY: a fresh shared mapping of a file we opened read-write and checked (or made)
+        // `len` bytes long, at a kernel-chosen address; owned by the returned value and
+        // unmapped once on drop. rbdback never truncates a journal file (a new one replaces
+        // the path), so the pages stay backed while mapped.
         let ptr = unsafe {
             nix::sys::mman::mmap(
                 None,

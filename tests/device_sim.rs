@@ -50,6 +50,11 @@ struct Rig {
 
 impl Rig {
     fn start() -> Rig {
+        Rig::start_with(None)
+    }
+
+    /// With `state`: the rings keep journals there, as `serve` keeps them.
+    fn start_with(state: Option<std::path::PathBuf>) -> Rig {
         let xen = SimXen::start().unwrap();
         let platform = Arc::new(xen.platform());
         let dom0 = platform.xenstore().unwrap();
@@ -60,6 +65,7 @@ impl Rig {
             exit_when_empty: false,
             options: Options {
                 max_queues: 4,
+                state_dir: state,
                 ..Options::default()
             },
         };
@@ -343,8 +349,11 @@ fn broken_frontend_gets_its_vbd_closed() {
 /// only a frontend that starts over gets InitWait again.
 #[test]
 fn a_broken_ring_answers_its_requests_and_is_closed_once() {
-    let rig = Rig::start();
+    let state = std::env::temp_dir().join(format!("rbdback-broken-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let rig = Rig::start_with(Some(state.clone()));
     let mut f = rig.attach(&AttachSpec::new("rbd:mem/8"));
+    assert_eq!(journals(&state), 1, "the ring keeps a journal");
     let hold = rig.opener.holds.lock().unwrap().last().cloned().unwrap();
     let states = BackendStates::watch(f.domain(), &f.be, &f.fe).unwrap();
     hold.hold();
@@ -385,6 +394,9 @@ fn a_broken_ring_answers_its_requests_and_is_closed_once() {
         assert!(std::time::Instant::now() < deadline, "backend never closed");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // every request is answered: its journal is gone, while the engine still holds them
+    // (the next connection's journal at the same path is never the old ring's)
+    assert_eq!(journals(&state), 0, "the broken ring's journal");
     // the frontend has not reacted yet: its state still says Connected
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(be_state(&rig).as_deref(), Some("5"), "{:?}", states.seen());
@@ -417,6 +429,25 @@ fn a_broken_ring_answers_its_requests_and_is_closed_once() {
     let seen: Vec<u32> = states.seen().iter().map(|(b, _)| b.as_u32()).collect();
     assert_eq!(seen, vec![4, 5, 6, 2], "backend states from the watch on");
     assert_eq!(states.violations(), Vec::<String>::new());
+    drop(rig);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// Ring journals (`q<N>` files) under a state directory.
+fn journals(dir: &std::path::Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                journals(&p)
+            } else {
+                usize::from(e.file_name().to_string_lossy().starts_with('q'))
+            }
+        })
+        .sum()
 }
 
 #[test]

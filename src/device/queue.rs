@@ -478,6 +478,11 @@ fn broken<G: GrantTable + 'static, E: EventChannels + 'static>(
         }
         Err(e) => warn!(queue = p.index, error = %e, "cannot answer the requests in flight"),
     }
+    // Every request is answered: nothing is left to resume. The journal goes now, before the
+    // VBD can connect again and create the next ring's journal at the same path.
+    if let Some(j) = p.dataplane.take_journal() {
+        j.discard();
+    }
     // The VBD closes now (as blkback does); the engine's operations are waited for on a
     // thread of their own, which owns their buffers until they complete (bounded, then
     // leaked).
