@@ -159,7 +159,7 @@ impl Handshake {
                 XenbusState::Closed | XenbusState::Unknown
             ) | (
                 XenbusState::Closed,
-                XenbusState::Initialising | XenbusState::InitWait
+                XenbusState::Initialising | XenbusState::InitWait | XenbusState::Initialised
             )
         );
         Handshake {
@@ -196,9 +196,13 @@ impl Handshake {
     /// The probe: advertise and wait for the frontend (`InitWait`), as blkback's probe does
     /// before it knows its disk. A frontend already Connected (a previous backend connected
     /// it and cannot be resumed) must never see `InitWait`: the VBD is closed instead, once.
+    ///
+    /// Any other frontend state is left for [`Self::frontend_changed`] to act on: a frontend
+    /// already Initialised (a previous backend died after InitWait) is connected once the
+    /// disk is ready, not taken as seen.
     pub fn probe(&mut self, frontend: XenbusState) -> Vec<Action> {
-        self.last_fe = Some(frontend);
         if frontend == XenbusState::Connected {
+            self.last_fe = Some(frontend);
             return self.connect_failed();
         }
         let mut out = vec![Action::Advertise];
@@ -320,6 +324,23 @@ mod tests {
     use super::Action::*;
     use super::XenbusState::*;
     use super::*;
+
+    #[test]
+    fn a_frontend_found_initialised_is_connected() {
+        // a previous backend wrote InitWait and died; blkfront went on to Initialised
+        let mut h = Handshake::new();
+        assert_eq!(h.probe(Initialised), vec![Advertise, SwitchState(InitWait)]);
+        assert_eq!(
+            h.frontend_changed(Initialised, true),
+            vec![Connect, SwitchState(Connected)]
+        );
+        // it closed, and started over before the previous backend followed
+        let mut h = Handshake::adopt(Closed, Initialised);
+        assert_eq!(
+            h.frontend_changed(Initialised, true),
+            vec![Advertise, Connect, SwitchState(Connected)]
+        );
+    }
 
     #[test]
     fn parse_is_total() {
