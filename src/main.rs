@@ -21,6 +21,7 @@
 //! Every option's description lives in `src/cli.rs` (`--help`). A malformed command line is
 //! refused with clap's message and exit code 2.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -375,6 +376,20 @@ fn run_serve(a: &cli::ServeArgs, run_dir: &Path) -> ExitCode {
     };
     if let Err(e) = signals.thread_block() {
         tracing::warn!(error = %e, "cannot block SIGTERM: it will end the process without a handover");
+    }
+    // one serve per guest: a predecessor still handing over (or being killed) goes first
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(run_dir)
+    {
+        return fail(&format!("cannot create {}: {e}", run_dir.display()));
+    }
+    if let Err(e) = supervisor::lock_instance(run_dir, a.domid) {
+        return fail(&format!(
+            "cannot take {}: {e}",
+            supervisor::instance_lock_path(run_dir, a.domid).display()
+        ));
     }
     // the guest's own state directory: its rings' journals, its disks' Ceph files (tmpfs: /run)
     let state_dir = sandbox_state_dir(run_dir, a.domid);

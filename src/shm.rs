@@ -249,7 +249,11 @@ mod tests {
         assert_eq!(old.mem().load_u32(0).unwrap(), 0, "two files");
         drop(old);
         let again = MappedFile::open(&p, 4096, false).unwrap();
-        assert_eq!(again.mem().load_u32(0).unwrap(), 1, "the path names the new one");
+        assert_eq!(
+            again.mem().load_u32(0).unwrap(),
+            1,
+            "the path names the new one"
+        );
         let _ = std::fs::remove_file(&p);
     }
 

@@ -114,9 +114,19 @@ fn serve_exits_cleanly_with_disks_in_every_state() {
     let good2 = c.create_image("exit", 16, None);
     let good3 = c.create_image("exit", 16, None);
     let slow = c.create_image("exit", 16, None);
+    let run_dir = std::env::temp_dir().join(format!("rbdback-exit-{}", std::process::id()));
+    let rd = run_dir.display().to_string();
     let mut serve = Proc::spawn(
         &xen,
-        &["serve", "--domid", &GUEST.to_string(), "--kind", "vbd"],
+        &[
+            "--run-dir",
+            &rd,
+            "serve",
+            "--domid",
+            &GUEST.to_string(),
+            "--kind",
+            "vbd",
+        ],
         "serve-exit",
     );
     let attach = |devid: u32, params: &str| {
@@ -176,6 +186,7 @@ fn serve_exits_cleanly_with_disks_in_every_state() {
     );
     assert!(!log.contains("terminate called"), "log:\n{log}");
     assert!(log.contains("no device left"), "log:\n{log}");
+    let _ = std::fs::remove_dir_all(&run_dir);
 }
 
 /// A simulated Xen, its dom0 xenstore, a fresh run directory and a supervisor on them.
@@ -766,5 +777,109 @@ fn a_forbidden_system_call_kills_the_backend_and_the_next_one_resumes_every_disk
         "forbidden call to the next backend answering both disks: {:.0} ms",
         restarted.as_secs_f64() * 1000.0
     );
+    let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+/// Found in review: a supervisor that gave up waiting for an orphan's handover started a
+/// second `serve` beside it. Each `serve` holds its guest's instance lock for its whole life:
+/// a second one for the same guest waits, touching nothing, until the first is gone, then
+/// resumes the rings. The guest sees no error and no state change.
+#[test]
+fn a_second_serve_for_a_guest_waits_until_the_first_is_gone() {
+    use rbdback::device::testfront::{BackendStates, Workload};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let c = cluster();
+    let image = c.create_image("twice", 16, None);
+    let xen = SimXen::start().unwrap();
+    let dom0 = xen.platform().xenstore().unwrap();
+    let run_dir = std::env::temp_dir().join(format!("rbdback-twice-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let rd = run_dir.display().to_string();
+    const GUEST: u16 = 26;
+    let g = GUEST.to_string();
+    let mut first = Proc::spawn(
+        &xen,
+        &["--run-dir", &rd, "serve", "--domid", &g],
+        "serve-first",
+    );
+    let spec = AttachSpec::new(&params(&image));
+    let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
+    let mut front = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
+    let states = BackendStates::watch(front.domain(), &be, &fe).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
+    let (s2, a2) = (Arc::clone(&stop), Arc::clone(&answers));
+    let worker = std::thread::spawn(move || {
+        let w = Workload {
+            qd: 8,
+            write_pct: 50,
+            span_sectors: 16 << 11,
+            seed: 0x26,
+            verify: true,
+            indirect_every: 0,
+            flush_every: 0,
+            latencies: false,
+        };
+        let r = w.run(
+            &mut front,
+            |_| !s2.load(Ordering::Relaxed),
+            |_, d| a2.lock().unwrap().push(d.answered),
+        );
+        (r, front)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let second = Proc::spawn(
+        &xen,
+        &["--run-dir", &rd, "serve", "--domid", &g],
+        "serve-second",
+    );
+    let deadline = Instant::now() + T;
+    while !second
+        .log()
+        .contains("another serve for this guest still runs")
+    {
+        assert!(Instant::now() < deadline, "{}", second.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // the first goes on serving alone
+    std::thread::sleep(Duration::from_secs(2));
+    let n = answers.lock().unwrap().len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        answers.lock().unwrap().len() > n,
+        "the first serve stopped answering"
+    );
+    assert!(!second.log().contains("vbd claimed"), "{}", second.log());
+    // the first hands over (SIGTERM, as systemd stops it); the second takes the rings
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(first.child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(
+        first.wait(T).and_then(|s| s.code()),
+        Some(75),
+        "{}",
+        first.log()
+    );
+    while !second.log().contains("the previous serve ended") {
+        assert!(Instant::now() < deadline, "{}", second.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let n = answers.lock().unwrap().len();
+    while answers.lock().unwrap().len() < n + 200 {
+        assert!(
+            Instant::now() < deadline,
+            "no answers from the second serve"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (report, _front) = worker.join().unwrap();
+    let report = report.expect("the guest's workload");
+    assert_eq!((report.errors, report.mismatches), (0, 0));
+    assert_stayed_connected(&states);
+    drop(second);
     let _ = std::fs::remove_dir_all(&run_dir);
 }

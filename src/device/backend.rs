@@ -197,8 +197,11 @@ pub fn serve_observed<P: Platform>(
             break ServeEnd::Empty;
         }
     };
-    for (_, r) in running.drain() {
+    // every disk stops (or hands over) at once, then all are waited for
+    for r in running.values() {
         let _ = r.stop.send(());
+    }
+    for (_, r) in running.drain() {
         let _ = r.thread.join();
     }
     Ok(end)

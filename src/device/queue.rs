@@ -244,11 +244,17 @@ impl QueueHandle {
         let _ = self.swap.efd.write(1);
     }
 
+    /// Asks the thread to stop without waiting for it (so a VBD's queues drain together;
+    /// [`Self::stop`] then waits).
+    pub fn ask_stop(&self, how: StopMode) {
+        self.mode.store(how.code(), Ordering::Relaxed);
+        let _ = self.stop.write(1);
+    }
+
     /// Asks the thread to stop and waits for it (bounded by [`DRAIN_TIMEOUT`] or
     /// [`HANDOVER_DRAIN`] inside it).
     pub fn stop(mut self, how: StopMode) -> QueueExit {
-        self.mode.store(how.code(), Ordering::Relaxed);
-        let _ = self.stop.write(1);
+        self.ask_stop(how);
         match self.thread.take().map(JoinHandle::join) {
             Some(Ok(exit)) => exit,
             Some(Err(_)) => QueueExit::Failed("queue thread panicked".into()),

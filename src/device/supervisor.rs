@@ -259,9 +259,79 @@ fn inherited() -> Vec<(DomId, Pid)> {
         .collect()
 }
 
+/// Guest `domid`'s instance lock in `run_dir`: held by its `serve` for its whole life (and
+/// released by the kernel when it dies), so at most one process serves a guest's rings.
+pub fn instance_lock_path(run_dir: &Path, domid: DomId) -> PathBuf {
+    run_dir.join(format!("serve-{domid}.lock"))
+}
+
+/// Takes guest `domid`'s instance lock for this process, waiting while another `serve`
+/// holds it (one handing its rings over, or one a supervisor is about to kill), and writes
+/// our pid in it. Held until the process ends (the kernel releases it with the descriptor:
+/// no unlock call, which a sandboxed process may not make).
+pub fn lock_instance(run_dir: &Path, domid: DomId) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = instance_lock_path(run_dir, domid);
+    let mut waiting: Option<Instant> = None;
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                if let Some(t0) = waiting {
+                    info!(
+                        domid,
+                        secs = t0.elapsed().as_secs_f64(),
+                        "the previous serve ended; going on"
+                    );
+                }
+                lock.set_len(0)?;
+                writeln!(lock, "{}", std::process::id())?;
+                std::mem::forget(lock);
+                return Ok(());
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                if waiting.is_none() {
+                    warn!(domid, holder = ?lock_holder(run_dir, domid).map(Pid::as_raw),
+                          "another serve for this guest still runs (handing over?); waiting for it to end");
+                    waiting = Some(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err((_, e)) => return Err(e.into()),
+        }
+    }
+}
+
+/// The pid of the `serve` holding guest `domid`'s instance lock, if one does.
+pub fn lock_holder(run_dir: &Path, domid: DomId) -> Option<Pid> {
+    let file = std::fs::File::open(instance_lock_path(run_dir, domid)).ok()?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock) {
+        // nobody holds it (ours is released when the guard drops)
+        Ok(_) => None,
+        Err((file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let text = std::io::read_to_string(file).ok()?;
+            text.trim().parse().ok().map(Pid::from_raw)
+        }
+        Err(_) => None,
+    }
+}
+
+/// How long a `serve` left by a previous supervisor may take to hand its rings over before
+/// it is killed (its successor then resumes them from the journals, as after a crash).
+const ORPHAN_HANDOVER: Duration = Duration::from_secs(15);
+
 /// Asks every `serve` in `run_dir` that is not one of `ours` to hand its rings over and
 /// waits (bounded) for it to go: they are started again as our children (a previous
-/// supervisor left them running, e.g. `systemctl restart` with `KillMode=process`).
+/// supervisor left them running, e.g. `systemctl restart` with `KillMode=process`). One that
+/// does not answer, or is still there after [`ORPHAN_HANDOVER`], is killed: its successor
+/// waits for its instance lock, so two never serve the same rings.
 fn take_over_orphans(run_dir: &Path, ours: &HashMap<DomId, Pid>) {
     let Ok(sockets) = control::serve_sockets(run_dir) else {
         return;
@@ -271,17 +341,20 @@ fn take_over_orphans(run_dir: &Path, ours: &HashMap<DomId, Pid>) {
             continue;
         }
         match control::call(&path, "handover", Value::Null) {
-            Ok(_) => {
-                info!(
-                    domid,
-                    "a serve left by a previous supervisor hands its rings over"
-                );
-                let deadline = Instant::now() + Duration::from_secs(15);
-                while path.exists() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-            Err(e) => info!(domid, error = %e, "a stale control socket (no serve answers)"),
+            Ok(_) => info!(
+                domid,
+                "a serve left by a previous supervisor hands its rings over"
+            ),
+            Err(e) => info!(domid, error = %e, "a control socket no serve answers"),
+        }
+        let deadline = Instant::now() + ORPHAN_HANDOVER;
+        while lock_holder(run_dir, domid).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(pid) = lock_holder(run_dir, domid) {
+            warn!(domid, pid = pid.as_raw(), secs = ORPHAN_HANDOVER.as_secs(),
+                  "a serve left by a previous supervisor did not hand over in time; killing it (the next one resumes its rings)");
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
         }
     }
 }
@@ -381,12 +454,14 @@ pub fn supervise(
             .ok()
     });
     info!(dir = %dir, "supervising");
+    let mut xs_failing = false;
     loop {
         if stop.try_recv().is_ok() {
             info!("supervisor stopping; the serve processes go on serving their guests");
             return Ok(());
         }
-        if reexec.load(std::sync::atomic::Ordering::Relaxed) {
+        if reexec.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            // returns only if the exec failed (logged): this supervisor goes on
             reexecute(cfg, &lock(&pids));
         }
         // Sleep until xenstore changes, a child dies, or the next delayed start is due.
@@ -468,58 +543,76 @@ pub fn supervise(
                 }
             }
         }
-        let domids: Vec<DomId> = xs
-            .directory(&dir)?
-            .iter()
-            .filter_map(|d| d.parse().ok())
-            .collect();
-        guests.retain(|d, g| g.pid.is_some() || domids.contains(d));
-        for domid in domids {
-            let g = guests.entry(domid).or_default();
-            if g.pid.is_some() || g.not_before.is_some_and(|t| t > Instant::now()) {
-                continue;
+        // A xenstore error (xenstored restarting, a transient failure) is logged and the
+        // next pass tries again: the supervisor never exits on it (it would hand every guest
+        // over on its restart).
+        let pass = (|| -> Result<(), XsError> {
+            let domids: Vec<DomId> = xs
+                .directory(&dir)?
+                .iter()
+                .filter_map(|d| d.parse().ok())
+                .collect();
+            guests.retain(|d, g| g.pid.is_some() || domids.contains(d));
+            for domid in domids {
+                let g = guests.entry(domid).or_default();
+                if g.pid.is_some() || g.not_before.is_some_and(|t| t > Instant::now()) {
+                    continue;
+                }
+                let devs = wanted(xs, &dir, domid)?;
+                let nothing_new = g.done.as_ref().is_some_and(|d| devs.is_subset(d));
+                if devs.is_empty() || nothing_new {
+                    if !g.idle_logged && !devs.is_empty() {
+                        info!(
+                            domid,
+                            "no serve started: its disks were served to the end already"
+                        );
+                    } else if !g.idle_logged
+                        && xs.read(&format!("/local/domain/{domid}"))?.is_none()
+                    {
+                        info!(
+                            domid,
+                            "no serve started: the domain is gone (stale backend directories)"
+                        );
+                    }
+                    g.idle_logged = true;
+                    continue;
+                }
+                g.done = None;
+                g.idle_logged = false;
+                let mut cmd = Command::new(&cfg.exe);
+                cmd.arg("serve")
+                    .arg("--domid")
+                    .arg(domid.to_string())
+                    .arg("--kind")
+                    .arg(&cfg.kind)
+                    .args(&cfg.extra_args);
+                match cmd.spawn() {
+                    Ok(child) => {
+                        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+                        info!(domid, pid = pid.as_raw(), "started serve process");
+                        g.pid = Some(pid);
+                        g.started = Some(Instant::now());
+                        lock(&pids).insert(domid, pid);
+                        // the waiter reaps it; std's Child would not
+                        drop(child);
+                        spawn_waiter(domid, pid, tx.clone(), Arc::clone(&wake));
+                    }
+                    Err(e) => {
+                        warn!(domid, error = %e, "cannot start serve process");
+                        g.not_before = Some(Instant::now() + Duration::from_secs(1));
+                    }
+                }
             }
-            let devs = wanted(xs, &dir, domid)?;
-            let nothing_new = g.done.as_ref().is_some_and(|d| devs.is_subset(d));
-            if devs.is_empty() || nothing_new {
-                if !g.idle_logged && !devs.is_empty() {
-                    info!(
-                        domid,
-                        "no serve started: its disks were served to the end already"
-                    );
-                } else if !g.idle_logged && xs.read(&format!("/local/domain/{domid}"))?.is_none() {
-                    info!(
-                        domid,
-                        "no serve started: the domain is gone (stale backend directories)"
-                    );
+            Ok(())
+        })();
+        match pass {
+            Ok(()) => xs_failing = false,
+            Err(e) => {
+                if !xs_failing {
+                    warn!(error = %e, "cannot read the backend directories; retrying every second");
                 }
-                g.idle_logged = true;
-                continue;
-            }
-            g.done = None;
-            g.idle_logged = false;
-            let mut cmd = Command::new(&cfg.exe);
-            cmd.arg("serve")
-                .arg("--domid")
-                .arg(domid.to_string())
-                .arg("--kind")
-                .arg(&cfg.kind)
-                .args(&cfg.extra_args);
-            match cmd.spawn() {
-                Ok(child) => {
-                    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
-                    info!(domid, pid = pid.as_raw(), "started serve process");
-                    g.pid = Some(pid);
-                    g.started = Some(Instant::now());
-                    lock(&pids).insert(domid, pid);
-                    // the waiter reaps it; std's Child would not
-                    drop(child);
-                    spawn_waiter(domid, pid, tx.clone(), Arc::clone(&wake));
-                }
-                Err(e) => {
-                    warn!(domid, error = %e, "cannot start serve process");
-                    g.not_before = Some(Instant::now() + Duration::from_secs(1));
-                }
+                xs_failing = true;
+                std::thread::sleep(Duration::from_secs(1));
             }
         }
     }

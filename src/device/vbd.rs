@@ -650,6 +650,10 @@ impl<P: Platform> Vbd<P> {
         let mut clean = true;
         if let Some(c) = self.conn.take() {
             self.status.disconnected();
+            // all drain at once: a handover waits for the slowest queue, not their sum
+            for q in &c.queues {
+                q.ask_stop(how);
+            }
             for q in c.queues {
                 match q.stop(how) {
                     QueueExit::Stopped(s) => debug!(?s, "queue stopped"),
