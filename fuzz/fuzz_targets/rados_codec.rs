@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
         let os = 1u64 << order;
         let su = os >> (data[1] % 6).min(order as u8 - 9);
         let sc = 1 + u64::from(data[2] % 16);
-        let Some(l) = Layout::new(os, su, sc) else {
+        let Ok(l) = Layout::new(os, su, sc) else {
             return;
         };
         let off = u64::from_le_bytes(data[3..11].try_into().unwrap()) % (1 << 40);

@@ -19,7 +19,13 @@
 //!   `CSIIdentifier`); the image is `<prefix><uuid>` with prefix `csi-vol-` unless the option
 //!   `prefix=` says otherwise, the pool is given by its id and `namespace=` sets the RADOS
 //!   namespace (ceph-csi keeps it in its cluster config, not in the handle).
+//!
+//! Secrets: `params` may carry a cephx key (`key=`). Errors reach the VBD's xenstore `error`
+//! node (which the hotplug script copies to `hotplug-error`, and libxl logs), the serve log and
+//! `rbdback status`, so every piece of `params` an error holds is a [`Shown`], built by
+//! [`redact`]: no [`ParamsError`] can hold (nor print) the key.
 
+use std::fmt;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -47,35 +53,129 @@ pub struct DiskSpec {
 pub enum ParamsError {
     /// Neither `rbd:` nor `csi:`.
     #[error("params must start with `rbd:` or `csi:` (got {0:?})")]
-    UnknownScheme(String),
+    UnknownScheme(Shown),
     /// `rbd:` without `pool/image`.
     #[error("params {0:?} has no `<pool>/<image>`")]
-    MissingImage(String),
+    MissingImage(Shown),
     /// Too many `/` parts.
     #[error("params {0:?} has more than `<pool>/<namespace>/<image>`")]
-    TooManyParts(String),
+    TooManyParts(Shown),
     /// An empty pool, namespace, image or snapshot name.
     #[error("params {0:?} has an empty {1} name")]
-    EmptyName(String, &'static str),
+    EmptyName(Shown, &'static str),
     /// An option without `=`.
     #[error("option {0:?} is not `key=value`")]
-    BadOption(String),
+    BadOption(Shown),
+    /// An option for librados whose name no Ceph option has (a mistyped escape, a stray
+    /// `=`): refused here, so that the value never reaches librados' own messages.
+    #[error("option {0:?} does not name a Ceph option (letters, digits, `_`, `-` and blanks)")]
+    BadOptionName(Shown),
     /// An option with a bad value.
     #[error("option {key}={value:?}: {why}")]
     BadValue {
         /// Option key.
         key: String,
         /// The rejected value.
-        value: String,
+        value: Shown,
         /// What is wrong with it.
         why: &'static str,
     },
     /// A dangling `\` at the end.
     #[error("params {0:?} ends in a lone `\\`")]
-    DanglingEscape(String),
+    DanglingEscape(Shown),
     /// A ceph-csi handle that does not follow the documented layout.
     #[error("ceph-csi volume handle {0:?} is malformed: {1}")]
-    BadCsiHandle(String, &'static str),
+    BadCsiHandle(Shown, &'static str),
+}
+
+/// What is shown in place of a secret.
+pub const REDACTED: &str = "<redacted>";
+
+/// Text of a `params` value as an error shows it: built only by [`Shown::params`] and
+/// [`Shown::value`], which redact any inline key, so it never holds one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Shown(String);
+
+impl Shown {
+    /// `params`, or a piece of it (an option, a handle), through [`redact`].
+    pub fn params(raw: &str) -> Shown {
+        Shown(redact(raw))
+    }
+
+    /// The value of option `key`: [`REDACTED`] when `key` is the inline secret's.
+    pub fn value(key: &str, value: &str) -> Shown {
+        if is_secret_key(key) {
+            Shown(REDACTED.to_owned())
+        } else {
+            Shown(value.to_owned())
+        }
+    }
+
+    /// The shown text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Shown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for Shown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Whether an option name is the inline secret's: `key`, in any case and with any blanks
+/// around it (librados' own spelling rules vary; redacting too much is harmless).
+fn is_secret_key(name: &str) -> bool {
+    name.trim().eq_ignore_ascii_case("key")
+}
+
+/// `params` text with the value of every `key=` replaced by [`REDACTED`]: the value runs from
+/// the `=` to the next unescaped `:` (or the end). `key` counts where an option name could
+/// start (the beginning, after a `:`, escaped or not, or after a blank or quote), in any case,
+/// with `\` before its `=` or not, so that a mistyped escape cannot show the secret either.
+pub fn redact(raw: &str) -> String {
+    let b = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut copied = 0; // raw[..copied] is in `out`
+    let mut i = 0;
+    while i < b.len() {
+        let at_start = i == 0 || matches!(b[i - 1], b':' | b' ' | b'\t' | b'"' | b'\'');
+        if !(at_start && b.len() - i >= 3 && b[i..i + 3].eq_ignore_ascii_case(b"key")) {
+            i += 1;
+            continue;
+        }
+        // `key`, blanks, an optional `\`, then `=`
+        let mut j = i + 3;
+        while j < b.len() && (b[j] == b' ' || b[j] == b'\t') {
+            j += 1;
+        }
+        if b.get(j) == Some(&b'\\') {
+            j += 1;
+        }
+        if b.get(j) != Some(&b'=') {
+            i += 1;
+            continue;
+        }
+        j += 1;
+        // the value: up to the next unescaped `:`
+        while j < b.len() && b[j] != b':' {
+            j += if b[j] == b'\\' { 2 } else { 1 };
+        }
+        let end = j.min(b.len());
+        out.push_str(&raw[copied..i]);
+        out.push_str("key=");
+        out.push_str(REDACTED);
+        copied = end;
+        i = end;
+    }
+    out.push_str(&raw[copied..]);
+    out
 }
 
 /// Splits `s` at unescaped `sep`, unescaping `\x` into `x` in every piece.
@@ -86,7 +186,7 @@ fn split_escaped(s: &str, sep: char, whole: &str) -> Result<Vec<String>, ParamsE
         if c == '\\' {
             match chars.next() {
                 Some(n) => push_char(&mut out, '\\', Some(n)),
-                None => return Err(ParamsError::DanglingEscape(whole.to_owned())),
+                None => return Err(ParamsError::DanglingEscape(Shown::params(whole))),
             }
         } else if c == sep {
             out.push(String::new());
@@ -123,25 +223,26 @@ fn unescape(s: &str) -> String {
     out
 }
 
+/// A [`ParamsError::BadValue`] (the value shown through [`Shown::value`]).
+fn bad_value(key: &str, value: &str, why: &'static str) -> ParamsError {
+    ParamsError::BadValue {
+        key: key.to_owned(),
+        value: Shown::value(key, value),
+        why,
+    }
+}
+
 fn parse_bool(key: &str, value: &str) -> Result<bool, ParamsError> {
     match value {
         "true" | "1" | "on" | "yes" => Ok(true),
         "false" | "0" | "off" | "no" => Ok(false),
-        _ => Err(ParamsError::BadValue {
-            key: key.to_owned(),
-            value: value.to_owned(),
-            why: "expected true or false",
-        }),
+        _ => Err(bad_value(key, value, "expected true or false")),
     }
 }
 
 /// Seconds as a duration: a non-negative number (fractions allowed), at most a year.
 pub fn parse_seconds(key: &str, value: &str) -> Result<Duration, ParamsError> {
-    let bad = |why| ParamsError::BadValue {
-        key: key.to_owned(),
-        value: value.to_owned(),
-        why,
-    };
+    let bad = |why| bad_value(key, value, why);
     let secs: f64 = value.trim().parse().map_err(|_| bad("expected seconds"))?;
     if !secs.is_finite() || secs < 0.0 {
         return Err(bad("expected a non-negative number of seconds"));
@@ -154,7 +255,7 @@ pub fn parse_seconds(key: &str, value: &str) -> Result<Duration, ParamsError> {
 
 fn nonempty(name: String, what: &'static str, whole: &str) -> Result<String, ParamsError> {
     if name.is_empty() {
-        Err(ParamsError::EmptyName(whole.to_owned(), what))
+        Err(ParamsError::EmptyName(Shown::params(whole), what))
     } else {
         Ok(name)
     }
@@ -180,7 +281,7 @@ impl DiskSpec {
         } else if let Some(rest) = params.strip_prefix("csi:") {
             Self::parse_csi(rest, params)
         } else {
-            Err(ParamsError::UnknownScheme(params.to_owned()))
+            Err(ParamsError::UnknownScheme(Shown::params(params)))
         }
     }
 
@@ -190,14 +291,14 @@ impl DiskSpec {
         let (path, snap) = match split_escaped(&path, '@', whole)?.as_slice() {
             [p] => (p.clone(), None),
             [p, s] => (p.clone(), Some(nonempty(unescape(s), "snapshot", whole)?)),
-            _ => return Err(ParamsError::EmptyName(whole.to_owned(), "snapshot")),
+            _ => return Err(ParamsError::EmptyName(Shown::params(whole), "snapshot")),
         };
         let names: Vec<String> = split_escaped(&path, '/', whole)?
             .iter()
             .map(|s| unescape(s))
             .collect();
         let mut spec = match names.as_slice() {
-            [_] => return Err(ParamsError::MissingImage(whole.to_owned())),
+            [_] => return Err(ParamsError::MissingImage(Shown::params(whole))),
             [pool, image] => DiskSpec::new(
                 PoolRef::Name(nonempty(pool.clone(), "pool", whole)?),
                 nonempty(image.clone(), "image", whole)?,
@@ -210,7 +311,7 @@ impl DiskSpec {
                 s.target.namespace = Some(nonempty(ns.clone(), "namespace", whole)?);
                 s
             }
-            _ => return Err(ParamsError::TooManyParts(whole.to_owned())),
+            _ => return Err(ParamsError::TooManyParts(Shown::params(whole))),
         };
         spec.target.snapshot = snap;
         for opt in parts {
@@ -222,8 +323,9 @@ impl DiskSpec {
 
     fn parse_csi(rest: &str, whole: &str) -> Result<DiskSpec, ParamsError> {
         let mut parts = split_escaped(rest, ':', whole)?.into_iter();
-        let handle = unescape(&parts.next().unwrap_or_default());
-        let bad = |why| ParamsError::BadCsiHandle(handle.clone(), why);
+        let raw_handle = parts.next().unwrap_or_default();
+        let handle = unescape(&raw_handle);
+        let bad = |why| ParamsError::BadCsiHandle(Shown::params(&raw_handle), why);
         // <version:4>-<clusterIDLen:4>-<clusterID>-<poolID:16>-<uuid:36>
         let version = handle.get(0..4).ok_or_else(|| bad("too short"))?;
         if !version.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -274,11 +376,11 @@ impl DiskSpec {
     /// What single options cannot tell.
     fn check(&self) -> Result<(), ParamsError> {
         match &self.target.encryption {
-            Some(e) if e.passphrase_file.is_empty() => Err(ParamsError::BadValue {
-                key: "encryption_format".into(),
-                value: format!("{:?}", e.format).to_lowercase(),
-                why: "needs encryption_passphrase_file",
-            }),
+            Some(e) if e.passphrase_file.is_empty() => Err(bad_value(
+                "encryption_format",
+                &format!("{:?}", e.format).to_lowercase(),
+                "needs encryption_passphrase_file",
+            )),
             _ => Ok(()),
         }
     }
@@ -289,29 +391,23 @@ impl DiskSpec {
         let pieces = split_escaped(opt, '=', opt)?;
         let (key, value) = match pieces.split_first() {
             Some((k, rest)) if !rest.is_empty() => (unescape(k), unescape(&rest.join("="))),
-            _ => return Err(ParamsError::BadOption(unescape(opt))),
+            _ => return Err(ParamsError::BadOption(Shown::params(opt))),
         };
         if key.is_empty() {
-            return Err(ParamsError::BadOption(unescape(opt)));
+            return Err(ParamsError::BadOption(Shown::params(opt)));
         }
         match key.as_str() {
             "id" => self.target.client_id = nonempty(value, "client id", opt)?,
             "conf" => self.target.conf = Some(value),
             "keyring" => self.target.keyring = Some(value),
-            "key" => self.target.key = Some(value),
+            "key" => self.target.key = Some(value.into()),
             "namespace" => self.target.namespace = Some(nonempty(value, "namespace", opt)?),
             "engine" => {
                 self.target.engine = match value.as_str() {
                     "auto" => EngineChoice::Auto,
                     "direct" => EngineChoice::Direct,
                     "librbd" => EngineChoice::Librbd,
-                    _ => {
-                        return Err(ParamsError::BadValue {
-                            key,
-                            value,
-                            why: "expected auto, direct or librbd",
-                        })
-                    }
+                    _ => return Err(bad_value(&key, &value, "expected auto, direct or librbd")),
                 }
             }
             "rbd_cache" => self.target.rbd_cache = parse_bool(&key, &value)?,
@@ -319,13 +415,7 @@ impl DiskSpec {
                 let format = match value.as_str() {
                     "luks1" => EncryptionFormat::Luks1,
                     "luks2" => EncryptionFormat::Luks2,
-                    _ => {
-                        return Err(ParamsError::BadValue {
-                            key,
-                            value,
-                            why: "expected luks1 or luks2",
-                        })
-                    }
+                    _ => return Err(bad_value(&key, &value, "expected luks1 or luks2")),
                 };
                 let file = self.target.encryption.take().map(|e| e.passphrase_file);
                 self.target.encryption = Some(Encryption {
@@ -356,13 +446,15 @@ impl DiskSpec {
             "stall_warn" => {
                 let d = parse_seconds(&key, &value)?;
                 if d.is_zero() {
-                    return Err(ParamsError::BadValue {
-                        key,
-                        value,
-                        why: "must be more than 0 seconds",
-                    });
+                    return Err(bad_value(&key, &value, "must be more than 0 seconds"));
                 }
                 self.stall_warn = Some(d);
+            }
+            _ if !key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ' ')) =>
+            {
+                return Err(ParamsError::BadOptionName(Shown::params(opt)))
             }
             _ => self.target.conf_options.push((key, value)),
         }
@@ -404,6 +496,7 @@ mod tests {
             s.target.key.as_deref(),
             Some("AQBHLcdl2Xq0JxAAwgDY1h6nD3pbkEV7mP8bGQ==")
         );
+        assert!(!format!("{s:?}").contains("AQBHLcdl"), "{s:?}");
         assert!(matches!(
             DiskSpec::parse("rbd:p/i:novalue"),
             Err(ParamsError::BadOption(_))
@@ -516,6 +609,116 @@ mod tests {
             DiskSpec::parse("rbd:p/i\\"),
             Err(ParamsError::DanglingEscape(_))
         ));
+    }
+
+    /// A cephx key as `ceph auth get-key` prints it.
+    const SECRET: &str = "AQBHLcdl2Xq0JxAAwgDY1h6nD3pbkEV7mP8bGQ==";
+
+    /// Parses `params` (which must fail) and checks that no form of the error shows the
+    /// secret: its Display, its Debug, and the chain a VBD writes to its `error` node.
+    fn refused_without_secret(params: &str) -> ParamsError {
+        let e = DiskSpec::parse(params).unwrap_err();
+        let vbd = crate::device::vbd::VbdError::Params(e.clone());
+        for shown in [e.to_string(), format!("{e:?}"), crate::chain(&vbd)] {
+            assert!(!shown.contains("AQBHLc"), "{params}: {shown}");
+            assert!(!shown.contains("bGQ=="), "{params}: {shown}");
+        }
+        e
+    }
+
+    #[test]
+    fn no_params_error_shows_an_inline_key() {
+        let k = SECRET;
+        type Case = (String, fn(&ParamsError) -> bool);
+        let cases: Vec<Case> = vec![
+            (format!("RBD:p/i:key={k}"), |e| {
+                matches!(e, ParamsError::UnknownScheme(_))
+            }),
+            (format!("rbd:onlypool:key={k}"), |e| {
+                matches!(e, ParamsError::MissingImage(_))
+            }),
+            (format!("rbd:a/b/c/d:key={k}:id=x"), |e| {
+                matches!(e, ParamsError::TooManyParts(_))
+            }),
+            (format!("rbd:/img:key={k}"), |e| {
+                matches!(e, ParamsError::EmptyName(_, "pool"))
+            }),
+            (format!("rbd:p/i@:key={k}"), |e| {
+                matches!(e, ParamsError::EmptyName(_, "snapshot"))
+            }),
+            (format!("rbd:p/i@a@b:key={k}"), |e| {
+                matches!(e, ParamsError::EmptyName(_, "snapshot"))
+            }),
+            (format!("rbd:p//i:key={k}"), |e| {
+                matches!(e, ParamsError::EmptyName(_, "namespace"))
+            }),
+            (format!("rbd:p/i:key={k}:id="), |e| {
+                matches!(e, ParamsError::EmptyName(_, "client id"))
+            }),
+            (format!("rbd:p/i:key={k}:oops"), |e| {
+                matches!(e, ParamsError::BadOption(_))
+            }),
+            // a mistyped escape hides the `=` from the parser, not the key from the message
+            (format!(r"rbd:p/i:key\={k}"), |e| {
+                matches!(e, ParamsError::BadOptionName(_))
+            }),
+            (
+                r"rbd:p/i:key\=AQBHLcdl2Xq0JxAAwgDY1h6nD3pbkEV7mP8bGQ".to_owned(),
+                |e| matches!(e, ParamsError::BadOption(_)),
+            ),
+            (format!("rbd:p/i:key={k}:engine=fast"), |e| {
+                matches!(e, ParamsError::BadValue { .. })
+            }),
+            (format!("rbd:p/i:key={k}:encryption_format=luks2"), |e| {
+                matches!(e, ParamsError::BadValue { .. })
+            }),
+            (format!(r"rbd:p/i:key={k}\"), |e| {
+                matches!(e, ParamsError::DanglingEscape(_))
+            }),
+            (format!(r"rbd:p/i:key={k}:conf=/x\"), |e| {
+                matches!(e, ParamsError::DanglingEscape(_))
+            }),
+            (format!("csi:0001-00ff-short:key={k}"), |e| {
+                matches!(e, ParamsError::BadCsiHandle(..))
+            }),
+            (format!(r"csi:0001\:key={k}"), |e| {
+                matches!(e, ParamsError::BadCsiHandle(..))
+            }),
+        ];
+        for (params, variant) in cases {
+            let e = refused_without_secret(&params);
+            assert!(variant(&e), "{params}: {e:?}");
+        }
+        // where the whole params is shown, the key's place says it was there
+        let e = refused_without_secret(&format!("rbd:onlypool:id=xen:key={k}:conf=/c"));
+        assert_eq!(
+            e.to_string(),
+            "params \"rbd:onlypool:id=xen:key=<redacted>:conf=/c\" has no `<pool>/<image>`"
+        );
+    }
+
+    #[test]
+    fn redaction_runs_to_the_next_unescaped_colon() {
+        assert_eq!(
+            redact("rbd:p/i:key=AB\\:CD:id=x"),
+            "rbd:p/i:key=<redacted>:id=x"
+        );
+        assert_eq!(
+            redact("rbd:p/i:KEY = AB:key=CD"),
+            "rbd:p/i:key=<redacted>:key=<redacted>"
+        );
+        assert_eq!(redact("rbd:p/i:key=AB\\"), "rbd:p/i:key=<redacted>");
+        // other options keep their values; `keyring` is a path, not a secret
+        assert_eq!(
+            redact("rbd:p/key=i:keyring=/k:monkey=x:mon_host=h\\:1"),
+            "rbd:p/key=i:keyring=/k:monkey=x:mon_host=h\\:1"
+        );
+        assert_eq!(
+            redact("rbd:p/i:key=ü\\é:id=x"),
+            "rbd:p/i:key=<redacted>:id=x"
+        );
+        assert_eq!(Shown::value("key", SECRET).as_str(), REDACTED);
+        assert_eq!(Shown::value("id", "xen").as_str(), "xen");
     }
 
     #[test]

@@ -67,8 +67,8 @@ pub struct ImageSpec {
     pub conf: Option<String>,
     /// Keyring file.
     pub keyring: Option<String>,
-    /// Inline key.
-    pub key: Option<String>,
+    /// Inline key (never shown: `Debug` prints it redacted).
+    pub key: Option<Secret>,
     /// Extra librados options.
     pub conf_options: Vec<(String, String)>,
     /// Engine.
@@ -96,6 +96,43 @@ pub struct ImageSpec {
     /// registration) may go unanswered once the image is open; it then fails with
     /// `ETIMEDOUT`, is logged, and is retried.
     pub control_timeout: std::time::Duration,
+}
+
+/// A secret (an inline cephx key): `Debug` and `Display` print `<redacted>`, so a spec logged
+/// or kept in an error shows none; the text is reached through `Deref`, where it is handed to
+/// librados.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl std::ops::Deref for Secret {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Secret {
+        Secret(s)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Secret {
+        Secret(s.to_owned())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// A RADOS client session: what the cluster knows a client by.

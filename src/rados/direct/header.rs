@@ -185,9 +185,9 @@ pub fn read(
     } else {
         (object_size, 1)
     };
-    let layout = Layout::new(object_size, su, sc).ok_or_else(|| {
+    let layout = Layout::new(object_size, su, sc).map_err(|e| {
         RadosError::Invalid(format!(
-            "image {id} has an unusable layout: order {order}, stripe unit {su}, count {sc}"
+            "image {id} has an unusable layout (order {order}, stripe unit {su}, count {sc}): {e}"
         ))
     })?;
     let data_pool = if features & feature::DATA_POOL != 0 {

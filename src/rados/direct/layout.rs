@@ -2,7 +2,10 @@
 //! image byte range to pieces of `rbd_data` objects, and back.
 //!
 //! Owns: arithmetic only. Pure, total: ranges are validated by the caller against the image
-//! size, and no input can make it panic or loop without bound.
+//! size, and no input can make it panic or loop without bound; a layout whose sizes do not
+//! fit the arithmetic (a crafted header's) is refused by [`Layout::new`], naming why.
+
+use thiserror::Error;
 
 /// An image's striping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,16 +28,60 @@ pub struct Piece {
     pub buf_off: u64,
 }
 
+/// A layout the arithmetic cannot use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum LayoutError {
+    /// Not a power of two of at least 4 KiB.
+    #[error("object size {0} is not a power of two of at least 4096 bytes")]
+    ObjectSize(u64),
+    /// Zero, or not a divisor of the object size.
+    #[error("stripe unit {stripe_unit} does not divide the object size {object_size}")]
+    StripeUnit {
+        /// The stripe unit.
+        stripe_unit: u64,
+        /// The object size.
+        object_size: u64,
+    },
+    /// Zero, or more objects per stripe than Ceph makes.
+    #[error("stripe count {0} is not between 1 and 65536")]
+    StripeCount(u64),
+    /// One object set (object size × stripe count) does not fit in 64 bits.
+    #[error("object size {object_size} times stripe count {stripe_count} overflows 64 bits")]
+    Period {
+        /// The object size.
+        object_size: u64,
+        /// The stripe count.
+        stripe_count: u64,
+    },
+}
+
 impl Layout {
     /// Checks what the header said.
-    pub fn new(object_size: u64, stripe_unit: u64, stripe_count: u64) -> Option<Layout> {
-        let ok = object_size.is_power_of_two()
-            && object_size >= 4096
-            && stripe_unit > 0
-            && object_size % stripe_unit == 0
-            && stripe_count > 0
-            && stripe_count <= 1 << 16;
-        ok.then_some(Layout {
+    pub fn new(
+        object_size: u64,
+        stripe_unit: u64,
+        stripe_count: u64,
+    ) -> Result<Layout, LayoutError> {
+        if !object_size.is_power_of_two() || object_size < 4096 {
+            return Err(LayoutError::ObjectSize(object_size));
+        }
+        if stripe_unit == 0 || object_size % stripe_unit != 0 {
+            return Err(LayoutError::StripeUnit {
+                stripe_unit,
+                object_size,
+            });
+        }
+        if stripe_count == 0 || stripe_count > 1 << 16 {
+            return Err(LayoutError::StripeCount(stripe_count));
+        }
+        // num_objects divides by the period: it must not wrap (order 63 over 2 objects did)
+        if object_size.checked_mul(stripe_count).is_none() {
+            return Err(LayoutError::Period {
+                object_size,
+                stripe_count,
+            });
+        }
+        Ok(Layout {
             object_size,
             stripe_unit,
             stripe_count,
@@ -223,9 +270,40 @@ mod tests {
 
     #[test]
     fn bad_layouts_are_refused() {
-        assert!(Layout::new(3 << 20, 1 << 20, 1).is_none());
-        assert!(Layout::new(4 << 20, 3 << 20, 1).is_none());
-        assert!(Layout::new(4 << 20, 4 << 20, 0).is_none());
-        assert!(Layout::new(0, 0, 1).is_none());
+        assert_eq!(
+            Layout::new(3 << 20, 1 << 20, 1),
+            Err(LayoutError::ObjectSize(3 << 20))
+        );
+        assert!(matches!(
+            Layout::new(4 << 20, 3 << 20, 1),
+            Err(LayoutError::StripeUnit { .. })
+        ));
+        assert_eq!(
+            Layout::new(4 << 20, 4 << 20, 0),
+            Err(LayoutError::StripeCount(0))
+        );
+        assert_eq!(Layout::new(0, 0, 1), Err(LayoutError::ObjectSize(0)));
+    }
+
+    #[test]
+    fn a_layout_whose_object_set_overflows_is_refused_by_name() {
+        // order 63 striped over 2 objects: 2^63 * 2 wraps to 0, and num_objects divided by it
+        let e = Layout::new(1 << 63, 1 << 63, 2).unwrap_err();
+        assert_eq!(
+            e,
+            LayoutError::Period {
+                object_size: 1 << 63,
+                stripe_count: 2
+            }
+        );
+        assert!(e.to_string().contains("overflows"), "{e}");
+        assert!(matches!(
+            Layout::new(1 << 62, 1 << 62, 4),
+            Err(LayoutError::Period { .. })
+        ));
+        // what fits is usable end to end
+        let l = Layout::new(1 << 61, 1 << 61, 4).unwrap();
+        assert_eq!(l.num_objects(u64::MAX), 8);
+        assert_eq!(Layout::new(1 << 63, 1 << 63, 1).unwrap().num_objects(1), 1);
     }
 }
