@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use rbdback::device::testfront::{toolstack_attach, toolstack_detach, AttachSpec, SimBlkfront};
 use rbdback::rados::testing::cluster;
+use rbdback::ring::Status;
 use rbdback::xen::sim::SimXen;
 use rbdback::xen::xenstore::Xenstore;
 use rbdback::xen::Platform;
@@ -882,4 +883,115 @@ fn a_second_serve_for_a_guest_waits_until_the_first_is_gone() {
     assert_stayed_connected(&states);
     drop(second);
     let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+/// The successor of a killed backend must fence (blocklist) its client before it writes. When
+/// it cannot (this client's caps lack `osd blocklist`), the guest's writes fail (reads go
+/// on), the log names the missing cap, and the state directory keeps the dead client
+/// recorded as unfenced, so no later instance skips the fence either. Once the operator grants
+/// the caps and asks for a re-open, the new client fences it, writes go through, and the
+/// record says fenced only now, with the address in the cluster's blocklist.
+#[test]
+fn a_predecessor_is_recorded_fenced_only_once_the_cluster_blocklisted_it() {
+    use rbdback::device::clients::{self, Mark};
+    let c = cluster();
+    let image = c.create_image("nofence", 16, None);
+    let who = format!("client.nofence{}", std::process::id());
+    let key = c.ceph(&[
+        "auth",
+        "get-or-create",
+        &who,
+        "mon",
+        "allow r",
+        "osd",
+        "allow rwx pool=rbd",
+    ]);
+    let (xen, dom0, run_dir, sup) = supervised("nofence");
+    let keyring = run_dir.with_extension("keyring");
+    std::fs::write(&keyring, key).unwrap();
+    const GUEST: u16 = 27;
+    let p = format!(
+        "{}:id={}:keyring={}",
+        params(&image),
+        who.trim_start_matches("client."),
+        keyring.display()
+    );
+    let spec = AttachSpec::new(&p);
+    let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
+    let mut f = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
+    let a = vec![0xa5u8; 4096];
+    assert_eq!(f.write_sync(0, 0, 0, &a).unwrap(), Status::Okay);
+    let pid = wait_new_serve(&run_dir, GUEST, 0);
+    let file = run_dir
+        .join("state")
+        .join(format!("guest-{GUEST}"))
+        .join(format!("vbd-{GUEST}-{}", spec.devid))
+        .join("client");
+    let read = || clients::parse(&std::fs::read_to_string(&file).unwrap_or_default());
+    let first = read();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].mark, Mark::Unfenced);
+    // past the supervisor's min_uptime, so the restart comes at once
+    std::thread::sleep(Duration::from_millis(1200));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    let pid2 = wait_new_serve(&run_dir, GUEST, pid);
+    // the successor cannot fence it: writes fail, reads are served
+    let deadline = Instant::now() + T;
+    loop {
+        let st = f.write_sync(0, 8, 0, &a).unwrap();
+        if st == Status::Error {
+            break;
+        }
+        assert!(Instant::now() < deadline, "writes never failed: {st:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (st, data) = f.read_sync(0, 0, 0, 4096).unwrap();
+    assert_eq!((st, data == a), (Status::Okay, true));
+    assert!(
+        sup.log().contains("do not allow `osd blocklist`"),
+        "the log does not name the missing cap:\n{}",
+        sup.log()
+    );
+    let now = read();
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert_eq!(
+        (now[0].gid, now[0].mark),
+        (first[0].gid, Mark::Unfenced),
+        "recorded fenced, never blocklisted"
+    );
+    assert!(!c.ceph(&["osd", "blocklist", "ls"]).contains(&first[0].addr));
+    // the operator grants the caps and has the disk re-opened with a new client
+    c.ceph(&[
+        "auth",
+        "caps",
+        &who,
+        "mon",
+        "profile rbd",
+        "osd",
+        "profile rbd pool=rbd",
+    ]);
+    dom0.write(&format!("{be}/reopen"), "1").unwrap();
+    let deadline = Instant::now() + T;
+    while f.write_sync(0, 8, 0, &a).unwrap() != Status::Okay {
+        assert!(Instant::now() < deadline, "writes never came back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + T;
+    loop {
+        let now = read();
+        if matches!(now[0].mark, Mark::Fenced(_)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recorded fenced: {now:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(c.ceph(&["osd", "blocklist", "ls"]).contains(&first[0].addr));
+    assert_eq!(
+        serve_pid(&run_dir, GUEST),
+        Some(pid2),
+        "the backend restarted"
+    );
+    f.close(T).unwrap();
+    let _ = std::fs::remove_file(&keyring);
+    c.ceph(&["auth", "del", &who]);
 }

@@ -16,7 +16,7 @@ use rbdback::device::testfront::{
     Workload,
 };
 use rbdback::device::vbd::Options;
-use rbdback::rados::testing::{one, private_cluster, wait_all, TestCluster, MON, OSD};
+use rbdback::rados::testing::{one, private_cluster, wait_all, Revive, TestCluster, MON, OSD};
 use rbdback::rados::{BlockOp, EngineChoice, Image, ImageSpec};
 use rbdback::ring::Status;
 use rbdback::xen::sim::SimXen;
@@ -57,15 +57,6 @@ fn faults() -> &'static TestCluster {
         .with_writer(|| Capture)
         .try_init();
     private_cluster("faults")
-}
-
-/// Resumes the cluster's daemons when a test ends, failed or not.
-struct Revive(&'static TestCluster);
-
-impl Drop for Revive {
-    fn drop(&mut self) {
-        self.0.revive();
-    }
 }
 
 /// The backend serving one guest disk on the faults cluster.

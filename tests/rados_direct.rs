@@ -10,7 +10,8 @@ use rbdback::rados::testing::{
     arm_osd_delay, cluster, drop_with_silent_osds, one, wait_all, TestCluster,
 };
 use rbdback::rados::{
-    BlockOp, EngineChoice, EngineKind, Image, ImageSpec, LockHold, LockStatus, Queue, RadosError,
+    BlockOp, ClientIdentity, EngineChoice, EngineKind, Image, ImageSpec, LockHold, LockStatus,
+    Queue, RadosError,
 };
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
@@ -1149,5 +1150,137 @@ fn a_scan_stops_at_its_deadline_and_says_how_far_it_got() {
             "rbd_directory",
             &format!("id_{id}"),
         ],
+    );
+}
+
+/// The RADOS client of a backend that served `name` and is gone.
+fn gone_client(c: &TestCluster, name: &str) -> ClientIdentity {
+    let img = Image::open(&direct_spec(c, name)).unwrap();
+    let me = img.client().unwrap();
+    drop(img);
+    me
+}
+
+fn blocklisted(c: &TestCluster, addr: &str) -> bool {
+    c.ceph(&["osd", "blocklist", "ls"]).contains(addr)
+}
+
+fn resuming_after(mut spec: ImageSpec, prev: &ClientIdentity) -> ImageSpec {
+    spec.predecessors = vec![prev.clone()];
+    spec.fence_predecessors = true;
+    spec
+}
+
+/// A predecessor is reported fenced only once it is: with the exclusive lock the control
+/// thread blocklists it after the open returned, and `predecessors_fenced` turns true with
+/// the address in the OSD map's blocklist; opens that fence before returning (librbd, an
+/// image without the lock) and opens with nothing to fence report it at once.
+#[test]
+fn predecessors_are_reported_fenced_once_blocklisted() {
+    let c = cluster();
+    let name = c.create_image("direct-pred", 4, None);
+    let prev = gone_client(c, &name);
+    let img = Image::open(&resuming_after(direct_spec(c, &name), &prev)).unwrap();
+    let t = Instant::now();
+    while !img.predecessors_fenced() {
+        assert!(t.elapsed() < Duration::from_secs(30), "never fenced");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        blocklisted(c, &prev.addr),
+        "reported fenced, not blocklisted"
+    );
+    drop(img);
+    let mut spec = direct_spec(c, &name);
+    spec.predecessors = vec![ClientIdentity {
+        fenced: true,
+        ..prev.clone()
+    }];
+    spec.fence_predecessors = true;
+    assert!(
+        Image::open(&spec).unwrap().predecessors_fenced(),
+        "nothing to fence"
+    );
+    let lockless = c.create_image("direct-pred-nolock", 4, Some("layering"));
+    for (image, engine) in [
+        (&name, EngineChoice::Librbd),
+        (&lockless, EngineChoice::Direct),
+    ] {
+        let prev = gone_client(c, image);
+        let mut spec = resuming_after(c.spec(image), &prev);
+        spec.engine = engine;
+        let img = Image::open(&spec).unwrap();
+        assert!(
+            img.predecessors_fenced(),
+            "{engine:?} fences before open returns"
+        );
+        assert!(blocklisted(c, &prev.addr), "{engine:?}");
+    }
+}
+
+/// A keyring for `client.nofence`, whose monitor capabilities do not allow `osd blocklist`.
+fn nofence_keyring(c: &TestCluster) -> String {
+    let key = c.ceph(&[
+        "auth",
+        "get-or-create",
+        "client.nofence",
+        "mon",
+        "allow r",
+        "osd",
+        "allow rwx pool=rbd",
+    ]);
+    let path = std::env::temp_dir().join(format!("rbdback-nofence-{}.keyring", std::process::id()));
+    std::fs::write(&path, key).unwrap();
+    path.display().to_string()
+}
+
+/// A client that may not blocklist resumes after a predecessor: the fence can never
+/// succeed, so writes fail at once naming the missing capability (instead of waiting for
+/// ever), reads are served, the predecessor is never reported fenced; the librbd engine
+/// fails the open with the same reason.
+#[test]
+fn a_fence_the_monitors_refuse_fails_writes_by_name_and_serves_reads() {
+    let c = cluster();
+    let name = c.create_image("direct-nofence", 4, None);
+    let img = Image::open(&direct_spec(c, &name)).unwrap();
+    let mut q = img.queue().unwrap();
+    let mut expect = vec![0u8; 4 << 20];
+    write(&mut q, &mut expect, 0, pattern(8192, 9));
+    let prev = img.client().unwrap();
+    drop(q);
+    drop(img);
+    let mut spec = resuming_after(direct_spec(c, &name), &prev);
+    spec.client_id = "nofence".into();
+    spec.keyring = Some(nofence_keyring(c));
+    let img = Image::open(&spec).unwrap();
+    let mut q = img.queue().unwrap();
+    assert!(read(&mut q, 0, 8192) == expect[..8192]);
+    for _ in 0..2 {
+        let t = Instant::now();
+        let r = one(
+            &mut q,
+            BlockOp::Write {
+                offset: 0,
+                buf: vec![1; 4096],
+            },
+        );
+        let e = r.result.expect_err("a write went out unfenced").to_string();
+        assert!(
+            e.contains("osd blocklist") && e.contains("profile rbd"),
+            "the missing capability is not named: {e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    }
+    assert!(read(&mut q, 0, 8192) == expect[..8192]);
+    assert!(!img.predecessors_fenced());
+    assert!(!blocklisted(c, &prev.addr));
+    drop(q);
+    drop(img);
+    spec.engine = EngineChoice::Librbd;
+    let e = Image::open(&spec).unwrap_err().to_string();
+    assert!(e.contains("osd blocklist"), "{e}");
+    assert!(
+        c.export(&name)[..8192] == expect[..8192],
+        "nothing was written"
     );
 }

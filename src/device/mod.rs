@@ -7,6 +7,7 @@
 //! dataplane thread on the cluster, or let one VBD's failure stop another's.
 
 pub mod backend;
+pub mod clients;
 pub mod crashpoint;
 pub mod dataplane;
 pub mod frontend;

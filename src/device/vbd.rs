@@ -24,6 +24,7 @@ use crate::ring::{self, BackRing};
 use crate::xen::xenstore::{Xenstore, XsError};
 use crate::xen::{DomId, EventChannels, GrantMapping, GrantTable, Platform, XenError};
 
+use super::clients;
 use super::dataplane::{Dataplane, QueueConfig, ResumeError};
 use super::frontend::{FrontendConfig, FrontendError, Limits};
 use super::journal::{Journal, JournalError, RingIdentity};
@@ -282,6 +283,11 @@ struct Vbd<P: Platform> {
     unusable_reported: bool,
     /// The `reopen` node could not be removed (and that was logged).
     reopen_refused: bool,
+    /// The gids of the RADOS clients this instance recorded in [`CLIENT_FILE`].
+    own_clients: Vec<u64>,
+    /// The predecessors the current image had to fence are recorded as fenced (or there
+    /// were none).
+    fence_recorded: bool,
 }
 
 fn node(xs: &Xenstore, path: &str) -> Result<String, VbdError> {
@@ -709,92 +715,104 @@ impl<P: Platform> Vbd<P> {
         Ok(false)
     }
 
-    /// Records this instance's RADOS client in the state directory, after the clients that
-    /// served the image before it (as `before` marks them: fenced, or still to be fenced by a
-    /// successor): if it dies, the next instance fences the unfenced ones before it writes,
-    /// and breaks the lock of any of them at once. Keeps the last [`CLIENTS_KEPT`].
-    fn remember_client(&self, image: &Image, before: &[rados::ClientIdentity]) {
-        let (Some(dir), Some(me)) = (&self.state, image.client()) else {
-            return;
-        };
-        let mut text = String::new();
-        let skip = before.len().saturating_sub(CLIENTS_KEPT - 1);
-        for p in before.iter().skip(skip) {
-            let mark = if p.fenced { " fenced" } else { "" };
-            text.push_str(&format!("{} {}{mark}\n", p.gid, p.addr));
-        }
-        text.push_str(&format!("{} {}\n", me.gid, me.addr));
-        let r =
-            std::fs::create_dir_all(dir).and_then(|()| std::fs::write(dir.join(CLIENT_FILE), text));
+    /// The clients [`CLIENT_FILE`] records (none when there is no file).
+    fn recorded_clients(&self) -> Vec<clients::Recorded> {
+        self.state
+            .as_ref()
+            .and_then(|d| std::fs::read_to_string(d.join(CLIENT_FILE)).ok())
+            .map(|t| clients::parse(&t))
+            .unwrap_or_default()
+    }
+
+    fn write_clients(&self, recorded: &[clients::Recorded]) {
+        let Some(dir) = &self.state else { return };
+        let r = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(dir.join(CLIENT_FILE), clients::render(recorded)));
         if let Err(e) = r {
             warn!(error = %e, dir = %dir.display(), "cannot record the client for a successor");
         }
     }
 
+    /// The gids of the predecessors the current image was asked to fence.
+    fn to_fence(&self) -> Vec<u64> {
+        self.ispec
+            .as_ref()
+            .filter(|s| s.fence_predecessors)
+            .map(|s| {
+                s.predecessors
+                    .iter()
+                    .filter(|p| !p.fenced)
+                    .map(|p| p.gid)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Records this instance's RADOS client in the state directory, after the clients that
+    /// served the image before it (`before`, as [`Vbd::fence_predecessor`] read them): if it
+    /// dies, the next instance fences every one that may still write before it writes, and
+    /// breaks the lock of any of them at once. Predecessors are marked fenced only once the
+    /// image says they are ([`Image::predecessors_fenced`]; later by [`Vbd::record_fenced`]).
+    fn remember_client(&mut self, image: &Image, mut before: Vec<clients::Recorded>) {
+        let Some(me) = image.client() else { return };
+        let to_fence = self.to_fence();
+        self.fence_recorded = to_fence.is_empty() || image.predecessors_fenced();
+        if self.fence_recorded {
+            clients::mark_fenced(&mut before, &to_fence, clients::now());
+        }
+        before.push(clients::Recorded::new(&me));
+        self.own_clients.push(me.gid);
+        self.write_clients(&before);
+    }
+
+    /// Records the predecessors as fenced once the image fenced them (the direct engine does
+    /// it on its control thread after the open returned).
+    fn record_fenced(&mut self) {
+        if self.fence_recorded || !self.image.as_ref().is_some_and(|i| i.predecessors_fenced()) {
+            return;
+        }
+        self.fence_recorded = true;
+        let mut recorded = self.recorded_clients();
+        clients::mark_fenced(&mut recorded, &self.to_fence(), clients::now());
+        self.write_clients(&recorded);
+        debug!("the previous backends' clients are recorded as fenced");
+    }
+
     /// Records a re-open's new client after the ones in the state directory: if this process
     /// dies, the next instance fences both it and the client it replaced (which may still
     /// have had requests in flight).
-    fn add_client(&self, image: &Image) {
-        let (Some(dir), Some(me)) = (&self.state, image.client()) else {
-            return;
-        };
-        let f = dir.join(CLIENT_FILE);
-        let text = std::fs::read_to_string(&f).unwrap_or_default();
-        let mut lines: Vec<&str> = text.lines().filter(|l| l.trim() != "clean").collect();
-        let me = format!("{} {}", me.gid, me.addr);
-        lines.push(&me);
-        let skip = lines.len().saturating_sub(CLIENTS_KEPT);
-        let mut out = lines[skip..].join("\n");
-        out.push('\n');
-        if let Err(e) = std::fs::write(&f, out) {
-            warn!(error = %e, dir = %dir.display(), "cannot record the client for a successor");
-        }
+    fn add_client(&mut self, image: &Image) {
+        let Some(me) = image.client() else { return };
+        let mut recorded = self.recorded_clients();
+        recorded.push(clients::Recorded::new(&me));
+        self.own_clients.push(me.gid);
+        self.write_clients(&recorded);
     }
 
-    /// Marks the recorded client as gone cleanly: stopped on purpose with nothing in flight
-    /// and its image closed, so the next instance need not fence it.
+    /// Marks this instance's clients as gone cleanly: stopped on purpose with nothing in
+    /// flight and every image closed, so the next instance need not fence them. Its
+    /// predecessors keep their marks (one this instance never managed to fence is fenced by
+    /// the next).
     fn client_left_cleanly(&self) {
-        if let Some(dir) = &self.state {
-            let f = dir.join(CLIENT_FILE);
-            if let Ok(text) = std::fs::read_to_string(&f) {
-                let _ = std::fs::write(&f, format!("{text}clean\n"));
-            }
+        if self.state.is_none() || self.own_clients.is_empty() {
+            return;
         }
+        let mut recorded = self.recorded_clients();
+        clients::mark_gone(&mut recorded, &self.own_clients);
+        self.write_clients(&recorded);
     }
 
     /// What previous instances recorded about their clients: the identities the image open
-    /// must fence (unless already fenced, or the last instance left cleanly) and whose lock
-    /// it may break at once.
-    fn fence_predecessor(&self, spec: &mut ImageSpec) {
-        let Some(dir) = &self.state else { return };
-        let Ok(text) = std::fs::read_to_string(dir.join(CLIENT_FILE)) else {
-            return;
-        };
-        let mut clean = false;
-        for line in text.lines() {
-            let mut words = line.split_whitespace();
-            match (words.next(), words.next(), words.next()) {
-                (Some("clean"), None, None) => clean = true,
-                (Some(gid), Some(addr), fenced) => {
-                    if let Ok(gid) = gid.parse() {
-                        spec.predecessors.push(rados::ClientIdentity {
-                            addr: addr.to_owned(),
-                            gid,
-                            fenced: fenced == Some("fenced"),
-                        });
-                    }
-                }
-                _ => {}
-            }
-        }
-        if clean {
-            for p in &mut spec.predecessors {
-                p.fenced = true;
-            }
-        }
+    /// must fence (all but those gone cleanly or fenced recently) and whose lock it may break
+    /// at once. Returns the records, for [`Vbd::remember_client`].
+    fn fence_predecessor(&self, spec: &mut ImageSpec) -> Vec<clients::Recorded> {
+        let recorded = self.recorded_clients();
+        let now = clients::now();
+        spec.predecessors = recorded.iter().map(|r| r.identity(now)).collect();
         spec.fence_predecessors = spec.predecessors.iter().any(|p| !p.fenced);
         let names: Vec<&str> = spec.predecessors.iter().map(|p| p.addr.as_str()).collect();
         info!(previous = ?names, fence = spec.fence_predecessors, "resuming after a previous backend");
+        recorded
     }
 
     /// Deletes the VBD's state directory (the device is gone for good).
@@ -865,12 +883,9 @@ enum Takeover {
     Adopt(XenbusState),
 }
 
-/// The client of the previous instance that served a VBD, kept in its state directory:
-/// `<address>` and whether it left cleanly.
+/// The clients of the instances that served a VBD, kept in its state directory (format:
+/// [`clients`]).
 const CLIENT_FILE: &str = "client";
-
-/// Clients of previous instances [`CLIENT_FILE`] keeps (one may still hold the lock).
-const CLIENTS_KEPT: usize = 16;
 
 /// Re-opening the image with a new client while the guest keeps its disk.
 impl<P: Platform> Vbd<P> {
@@ -918,12 +933,15 @@ impl<P: Platform> Vbd<P> {
             warn!("reopen asked for, but no image is open: nothing to re-open");
             return None;
         };
-        // the first open fenced the previous instances' clients; the one being replaced is
-        // ours, alive until its requests are back: never broken, never fenced here
-        for p in &mut spec.predecessors {
-            p.fenced = true;
+        // the one being replaced is ours, alive until its requests are back: never broken,
+        // never fenced here; the previous instances' clients are fenced by the new client
+        // too unless the first one already did
+        if self.image.as_ref().is_some_and(|i| i.predecessors_fenced()) {
+            for p in &mut spec.predecessors {
+                p.fenced = true;
+            }
+            spec.fence_predecessors = false;
         }
-        spec.fence_predecessors = false;
         info!(image = %spec, "re-opening the image with a new client");
         let t0 = Instant::now();
         let image = match self.open_watched(opener, &spec, stop) {
@@ -949,8 +967,9 @@ impl<P: Platform> Vbd<P> {
         }
         self.status.opened(&image);
         self.status.set_last_error(None);
-        self.add_client(&image);
         self.ispec = Some(spec);
+        self.add_client(&image);
+        self.fence_recorded = self.to_fence().is_empty() || image.predecessors_fenced();
         if let Some(old) = self.image.replace(image) {
             self.retired.push(old);
         }
@@ -1045,6 +1064,8 @@ pub fn run_vbd<P: Platform>(
         retired: Vec::new(),
         unusable_reported: false,
         reopen_refused: false,
+        own_clients: Vec::new(),
+        fence_recorded: true,
     };
     let image_node = |v: &str| {
         if let Err(e) = xs.write(&format!("{be}/{IMAGE_NODE}"), v) {
@@ -1095,7 +1116,7 @@ pub fn run_vbd<P: Platform>(
             } else {
                 info!(?takeover, frontend = %fe_state, "taking over a VBD a previous backend served");
             }
-            let mut predecessors = Vec::new();
+            let mut recorded = Vec::new();
             let opened = match DiskSpec::parse(&params) {
                 Err(e) => Err(VbdError::from(e)),
                 Ok(spec) if spec.target.snapshot.is_some() && !vbd.read_only => {
@@ -1113,9 +1134,8 @@ pub fn run_vbd<P: Platform>(
                         format!("{:?}", spec.target.engine).to_lowercase(),
                     );
                     if takeover == Takeover::Resume {
-                        vbd.fence_predecessor(&mut ispec);
+                        recorded = vbd.fence_predecessor(&mut ispec);
                     }
-                    predecessors.clone_from(&ispec.predecessors);
                     info!(image = %ispec, engine = ?spec.target.engine, "opening image");
                     vbd.ispec = Some(ispec.clone());
                     match vbd.open_watched(&opener, &ispec, &stop) {
@@ -1137,11 +1157,7 @@ pub fn run_vbd<P: Platform>(
                     vbd.status.set_last_error(None);
                     vbd.read_only = vbd.read_only || image.info().read_only;
                     vbd.capacity.store(image.size() / 512, Ordering::Relaxed);
-                    // the open fenced them all
-                    for p in &mut predecessors {
-                        p.fenced = true;
-                    }
-                    vbd.remember_client(&image, &predecessors);
+                    vbd.remember_client(&image, recorded);
                     vbd.image = Some(image);
                     usable = true;
                     let _ = xs.rm(&id.error_path());
@@ -1289,6 +1305,7 @@ pub fn run_vbd<P: Platform>(
             vbd.ispec.as_ref(),
             vbd.image.as_ref(),
         );
+        vbd.record_fenced();
         if vbd.check_reopen(&opener, &stop).is_some() {
             // stopped while re-opening: the rings stay with the guest for the next instance,
             // which fences this client (it is not marked as gone cleanly)

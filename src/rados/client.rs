@@ -10,7 +10,7 @@
 //! flight may still write (callers keep read buffers alive until the token comes back).
 
 use std::ffi::{c_char, c_void, CString};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -77,13 +77,37 @@ type CommandFn = unsafe extern "C" fn(
     *mut usize,
 ) -> i32;
 
-/// A cluster handle (`rados_t`), shut down on drop.
+/// A cluster handle (`rados_t`), shut down when the last of its holders goes: the
+/// [`Cluster`], and a helper thread still inside a blocking librados call on it (see
+/// [`Cluster::fence`]).
+#[derive(Debug)]
+struct Handle(sys::rados_t);
+
+// SAFETY: a rados_t is internally synchronised and documented as usable from many threads.
+unsafe impl Send for Handle {}
+// SAFETY: as above.
+unsafe impl Sync for Handle {}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: shut down once, by the last holder; every ioctx and image made from it is
+        // dropped first (they are fields declared before the cluster in LibrbdImage, and
+        // direct-engine contexts live in structures that also hold the cluster).
+        unsafe { sys::rados_shutdown(self.0) };
+    }
+}
+
+/// A cluster handle (`rados_t`), shut down on drop (later if a helper thread still uses it).
 #[derive(Debug)]
 pub(crate) struct Cluster {
     h: sys::rados_t,
+    life: Arc<Handle>,
+    /// The latest fence's helper thread (at most one runs at a time).
+    fence_job: Mutex<Option<Arc<FenceJob>>>,
 }
 
-// SAFETY: a rados_t is internally synchronised and documented as usable from many threads.
+// SAFETY: a rados_t is internally synchronised and documented as usable from many threads;
+// the other fields are Send and Sync.
 unsafe impl Send for Cluster {}
 // SAFETY: as above.
 unsafe impl Sync for Cluster {}
@@ -121,7 +145,11 @@ impl Cluster {
         if rc < 0 {
             return Err(fail("rados_create2", rc));
         }
-        let c = Cluster { h };
+        let c = Cluster {
+            h,
+            life: Arc::new(Handle(h)),
+            fence_job: Mutex::new(None),
+        };
         let conf = spec
             .conf
             .as_deref()
@@ -219,14 +247,6 @@ impl Cluster {
         // SAFETY: valid handle; out-pointer to a local.
         let r = unsafe { sys::rados_ioctx_create(self.h, p.as_ptr(), &mut io) };
         IoCtx::made(r, io, name.clone(), ns)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        // SAFETY: shut down once; every ioctx and image made from it is dropped first (they
-        // are fields declared before the cluster in LibrbdImage).
-        unsafe { sys::rados_shutdown(self.h) };
     }
 }
 
@@ -363,34 +383,89 @@ impl Cluster {
         })
     }
 
-    /// Fences every predecessor of `spec` not fenced yet (see `ImageSpec::predecessors`).
+    /// Fences every predecessor of `spec` not fenced yet (see `ImageSpec::predecessors`),
+    /// each bounded by the spec's `control_timeout`.
     pub(crate) fn fence_predecessors(&self, spec: &ImageSpec) -> Result<(), RadosError> {
         if spec.fence_predecessors {
             for who in spec.predecessors.iter().filter(|p| !p.fenced) {
-                self.fence(who)?;
+                self.fence(&who.addr, spec.control_timeout, &|| false)?;
+                tracing::info!(addr = %who.addr, client = %who.entity(),
+                               "fenced the previous backend's client (blocklisted)");
             }
         }
         Ok(())
     }
 
-    /// Fences a dead predecessor: blocklists its address, then waits for the OSD map that
-    /// says so, so that none of its operations still on the way can be applied after ours.
-    pub(crate) fn fence(&self, who: &super::ClientIdentity) -> Result<(), RadosError> {
-        self.blocklist_add(&who.addr, 0)
-            .map_err(|errno| RadosError::Call {
-                what: "blocklisting the previous backend's client",
-                errno,
-            })?;
-        // SAFETY: valid, connected handle; blocks until the latest map arrived (bounded by
-        // the mon op timeout set at connect).
-        rc(unsafe { sys::rados_wait_for_latest_osdmap(self.h) }).map_err(|errno| {
-            RadosError::Call {
-                what: "waiting for the OSD map that fences the previous backend",
-                errno,
+    /// Fences the client at `addr` (`ip:port/nonce`): blocklists it, then waits until this
+    /// client has the OSD map that carries the blocklisting, so that none of the fenced
+    /// client's operations still on the way can be applied after ours (librbd's lock
+    /// breaking does the same two steps). This client's own address is refused (`EINVAL`):
+    /// it never fences itself.
+    ///
+    /// librados bounds neither step: `rados_blocklist_add` waits for the latest OSD map after
+    /// its monitor command, and that wait (`Objecter::wait_for_latest_osdmap`, a
+    /// `MonClient::get_version` request) has no timeout of its own, whatever
+    /// `rados_mon_op_timeout` says. So both run on a helper thread and the caller waits at
+    /// most `limit`, or until `abandon` returns true (asked every 100 ms); either way it gets
+    /// [`RadosError::TimedOut`] naming the step. The helper keeps the cluster handle alive
+    /// until librados returns (for ever, if it never does: the handle is then leaked, never
+    /// shut down under it), and a later fence waits for it rather than starting another.
+    pub(crate) fn fence(
+        &self,
+        addr: &str,
+        limit: Duration,
+        abandon: &dyn Fn() -> bool,
+    ) -> Result<(), RadosError> {
+        let refused = |step: &'static str, errno| RadosError::Fence {
+            addr: addr.to_owned(),
+            step,
+            errno: Errno(errno),
+        };
+        if self.identity().is_some_and(|me| me.addr == addr) {
+            return Err(refused(FENCE_STEPS[0], -libc::EINVAL));
+        }
+        let a = CString::new(addr).map_err(|_| refused(FENCE_STEPS[0], -libc::EINVAL))?;
+        let deadline = Instant::now() + limit;
+        let timed_out = |job: &FenceJob| RadosError::TimedOut {
+            what: format!("fencing client {} ({})", job.addr, job.step_name()),
+            secs: limit.as_secs(),
+        };
+        let earlier = lock(&self.fence_job).clone();
+        if let Some(job) = earlier {
+            match job.wait(deadline, abandon) {
+                // the same fence, done meanwhile (a retry after a time-out)
+                Some(0) if job.addr == addr => return Ok(()),
+                Some(_) => {}
+                None => return Err(timed_out(&job)),
             }
-        })?;
-        tracing::info!(addr = %who.addr, client = %who.entity(), "fenced the previous backend's client (blocklisted)");
-        Ok(())
+        }
+        let job = Arc::new(FenceJob {
+            addr: addr.to_owned(),
+            step: AtomicU8::new(0),
+            done: Waiter::default(),
+        });
+        *lock(&self.fence_job) = Some(Arc::clone(&job));
+        let (j, life) = (Arc::clone(&job), Arc::clone(&self.life));
+        std::thread::Builder::new()
+            .name("rbd-fence".into())
+            .spawn(move || {
+                // SAFETY: the handle is connected and stays valid while `life` is held (it
+                // is shut down only when its last holder goes); librados only reads the
+                // string, which lives until the call returns.
+                let mut r = unsafe { sys::rados_blocklist_add(life.0, a.as_ptr().cast_mut(), 0) };
+                if r >= 0 {
+                    j.step.store(1, Ordering::Release);
+                    // SAFETY: as above.
+                    r = unsafe { sys::rados_wait_for_latest_osdmap(life.0) };
+                }
+                j.done.finish(r);
+            })
+            .map_err(RadosError::Sys)?;
+        match job.wait(deadline, abandon) {
+            Some(r) if r >= 0 => Ok(()),
+            Some(r) => Err(refused(job.step_name(), r)),
+            None => Err(timed_out(&job)),
+        }
     }
 
     /// The name of pool `id` (from the client's map).
@@ -459,13 +534,6 @@ impl Cluster {
         }
         rc(r)?;
         Ok(text)
-    }
-
-    /// Blocklists a client address (`ip:port/nonce`) for `secs` seconds (0: the default).
-    pub(crate) fn blocklist_add(&self, addr: &str, secs: u32) -> Result<(), Errno> {
-        let a = name(addr)?;
-        // SAFETY: valid handle; librados only reads the string.
-        rc(unsafe { sys::rados_blocklist_add(self.h, a.as_ptr().cast_mut(), secs) }).map(|_| ())
     }
 }
 
@@ -818,7 +886,55 @@ pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a timed-out call's cancellation may take to settle before its memory is leaked.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
-/// A synchronous call's completion, signalled from librados' finisher thread.
+/// The two steps of a fence, for messages.
+const FENCE_STEPS: [&str; 2] = [
+    "blocklisting it",
+    "waiting for the OSD map that carries its blocklisting",
+];
+
+/// A fence running on its helper thread ([`Cluster::fence`]).
+struct FenceJob {
+    addr: String,
+    /// Which of [`FENCE_STEPS`] it is in.
+    step: AtomicU8,
+    done: Waiter,
+}
+
+impl std::fmt::Debug for FenceJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FenceJob")
+            .field("addr", &self.addr)
+            .field("step", &self.step)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FenceJob {
+    fn step_name(&self) -> &'static str {
+        let [blocklisting, waiting] = FENCE_STEPS;
+        if self.step.load(Ordering::Acquire) == 0 {
+            blocklisting
+        } else {
+            waiting
+        }
+    }
+
+    /// Its result, once it finished by `deadline` and before `abandon` said to stop waiting.
+    fn wait(&self, deadline: Instant, abandon: &dyn Fn() -> bool) -> Option<i32> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(r) = self.done.wait(Some(left.min(Duration::from_millis(100)))) {
+                return Some(r);
+            }
+            if left.is_zero() || abandon() {
+                return None;
+            }
+        }
+    }
+}
+
+/// A synchronous call's completion, signalled from librados' finisher thread (or a helper
+/// thread).
 #[derive(Default)]
 struct Waiter {
     rv: Mutex<Option<i32>>,
@@ -826,6 +942,12 @@ struct Waiter {
 }
 
 impl Waiter {
+    /// Records the result and wakes the waiters.
+    fn finish(&self, rv: i32) {
+        *lock(&self.rv) = Some(rv);
+        self.cv.notify_all();
+    }
+
     /// The operation's result, once it completed within `limit` (`None`: no limit).
     fn wait(&self, limit: Option<Duration>) -> Option<i32> {
         let deadline = limit.map(|l| Instant::now() + l);
@@ -856,8 +978,7 @@ extern "C" fn on_waiter(comp: sys::rados_completion_t, arg: *mut c_void) {
     let w = unsafe { Arc::from_raw(arg.cast_const().cast::<Waiter>()) };
     // SAFETY: `comp` is this callback's completion (released by the caller, not here).
     let rv = unsafe { sys::rados_aio_get_return_value(comp) };
-    *lock(&w.rv) = Some(rv);
-    w.cv.notify_all();
+    w.finish(rv);
 }
 
 /// How a bounded call failed to finish.
@@ -1228,5 +1349,54 @@ mod tests {
         assert_eq!(json_field(j, "acting_primary"), Some("0"));
         assert_eq!(json_field(j, "epoch"), Some("19"));
         assert_eq!(json_field(j, "missing"), None);
+    }
+}
+
+/// Fault tests on the private cluster `target/ceph-faults` (one at a time with the other
+/// fault tests: see `.config/nextest.toml`).
+#[cfg(test)]
+mod faults {
+    use std::time::{Duration, Instant};
+
+    use super::Cluster;
+    use crate::rados::testing::{private_cluster, Revive, MON};
+    use crate::rados::RadosError;
+
+    /// With the monitor frozen, a fence ends by its bound with the step named (librados
+    /// bounds neither the blocklist command's wait for the latest OSD map nor that wait
+    /// alone); a second fence meanwhile waits for the first instead of starting another;
+    /// once the monitor answers again the fence completes.
+    #[test]
+    fn a_fence_without_monitors_ends_by_its_bound() {
+        let c = private_cluster("faults");
+        let _revive = Revive(c);
+        let cluster = Cluster::connect(&c.spec("none")).unwrap();
+        let addr = format!("127.0.0.1:1/{}", std::process::id());
+        c.daemon("stop", MON);
+        let t = Instant::now();
+        let e = cluster
+            .fence(&addr, Duration::from_secs(2), &|| false)
+            .unwrap_err();
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(4), "took {took:?}");
+        assert!(matches!(e, RadosError::TimedOut { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains(&format!("fencing client {addr} (blocklisting it)")),
+            "{e}"
+        );
+        // a stop request ends the wait at once
+        let t = Instant::now();
+        cluster
+            .fence(&addr, Duration::from_secs(30), &|| true)
+            .unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        c.daemon("cont", MON);
+        cluster
+            .fence(&addr, Duration::from_secs(60), &|| false)
+            .unwrap();
+        let listed = c.ceph(&["osd", "blocklist", "ls"]);
+        assert!(listed.contains(&addr), "{listed}");
+        c.ceph(&["osd", "blocklist", "rm", &addr]);
     }
 }

@@ -94,7 +94,8 @@ pub struct ImageSpec {
     pub fence_predecessors: bool,
     /// Direct engine: how long one control-path call (header reads, lock requests, watch
     /// registration) may go unanswered once the image is open; it then fails with
-    /// `ETIMEDOUT`, is logged, and is retried.
+    /// `ETIMEDOUT`, is logged, and is retried. Both engines: how long fencing one
+    /// predecessor may wait for the monitors.
     pub control_timeout: std::time::Duration,
 }
 
@@ -347,6 +348,29 @@ pub enum RadosError {
         /// The error.
         errno: Errno,
     },
+    /// A previous client could not be fenced (blocklisted, and the OSD map that says so
+    /// seen); the message names the missing capability when the monitors refused.
+    #[error("cannot fence client {addr} ({step}): {errno}{}", fence_hint(.errno))]
+    Fence {
+        /// The client's address.
+        addr: String,
+        /// What failed.
+        step: &'static str,
+        /// The error.
+        errno: Errno,
+    },
+    /// A write could not get the image's exclusive lock; `why` says what stands in the way.
+    #[error("{what} at offset {offset}: {why}")]
+    NoLock {
+        /// Write, discard, write zeroes.
+        what: &'static str,
+        /// Byte offset.
+        offset: u64,
+        /// Why the lock could not be had.
+        why: String,
+        /// The error behind it.
+        errno: Errno,
+    },
     /// The cluster did not finish something in time.
     #[error("{what}: not done within {secs} s")]
     TimedOut {
@@ -368,6 +392,27 @@ pub enum RadosError {
     /// A system resource (eventfd) could not be created.
     #[error("system error: {0}")]
     Sys(#[from] std::io::Error),
+}
+
+/// What an operator can do about a fence the monitors refused.
+fn fence_hint(errno: &Errno) -> &'static str {
+    match -errno.0 {
+        libc::EACCES | libc::EPERM => {
+            "; this client's capabilities do not allow `osd blocklist` (give it mon 'profile rbd', \
+             or mon 'allow command \"osd blocklist\"')"
+        }
+        libc::EINVAL => "; the monitors do not take the address (or it is this client's own)",
+        _ => "",
+    }
+}
+
+impl RadosError {
+    /// A fence that cannot succeed by retrying: the monitors refused it (capabilities, or an
+    /// address they do not take).
+    pub fn fence_refused(&self) -> bool {
+        matches!(self, RadosError::Fence { errno, .. }
+            if matches!(-errno.0, libc::EACCES | libc::EPERM | libc::EINVAL))
+    }
 }
 
 /// A negative errno from librados/librbd, printed with its name.
@@ -659,6 +704,25 @@ impl Image {
         match &self.engine {
             Engine::Direct(i) => i.locate(offset).map(Some),
             Engine::Librbd(_) | Engine::Memory(_) => Ok(None),
+        }
+    }
+
+    /// Whether the previous clients this open was asked to fence
+    /// ([`ImageSpec::predecessors`] not marked `fenced`, when
+    /// [`ImageSpec::fence_predecessors`] is set) are fenced: blocklisted, and the OSD map that
+    /// carries the blocklisting seen by this client, so none of their writes can land after
+    /// ours.
+    ///
+    /// The direct engine with the exclusive lock fences them on its control thread after
+    /// [`Image::open`] returned (reads need not wait; writes wait for it): false until that
+    /// is done, and for as long as it fails (the reason goes to the log, and to the writes it
+    /// holds up when it cannot succeed). True at once for opens that fenced before returning
+    /// (librbd, the direct engine without the exclusive lock or read-only), when there is
+    /// nothing to fence, and for the in-memory engine. Never goes back to false.
+    pub fn predecessors_fenced(&self) -> bool {
+        match &self.engine {
+            Engine::Direct(i) => i.predecessors_fenced(),
+            Engine::Librbd(_) | Engine::Memory(_) => true,
         }
     }
 

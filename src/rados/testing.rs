@@ -127,6 +127,7 @@ impl TestCluster {
         let Some(dir) = &self.dir else { return };
         for (action, name) in [
             ("cont", OSD),
+            ("cont", MON),
             ("start", MON),
             ("start", OSD),
             ("start", "mgr.x"),
@@ -208,6 +209,17 @@ impl TestCluster {
         let data = std::fs::read(&dir).unwrap_or_default();
         let _ = std::fs::remove_file(&dir);
         data
+    }
+}
+
+/// Resumes a private cluster's daemons when dropped: a test that injects a fault holds one,
+/// so the fault ends with the test, failed or not.
+#[derive(Debug)]
+pub struct Revive(pub &'static TestCluster);
+
+impl Drop for Revive {
+    fn drop(&mut self) {
+        self.0.revive();
     }
 }
 

@@ -42,6 +42,12 @@ use header::{feature, Header};
 const NOTIFY_TIMEOUT_MS: u64 = 5000;
 /// How often the holder checks that its exclusive lock is still its own.
 const LOCK_CHECK: Duration = Duration::from_secs(10);
+/// How often a fence that keeps failing the same way is logged as a warning.
+const FENCE_WARN_EVERY: Duration = Duration::from_secs(60);
+/// How long after a failed fence it is tried again when no write waits for it (a refused
+/// fence: an operator must act first).
+const FENCE_RETRY: Duration = Duration::from_secs(1);
+const FENCE_REFUSED_RETRY: Duration = Duration::from_secs(30);
 /// Discard granularity: krbd's default `alloc_size`.
 pub const ALLOC_SIZE: u64 = 64 << 10;
 
@@ -118,8 +124,11 @@ pub(crate) struct Shared {
     pub cluster: Cluster,
     /// Previous rbdback clients of this image that are gone (`ImageSpec::predecessors`).
     pub(crate) predecessors: Vec<super::ClientIdentity>,
-    /// Some of them still have to be fenced before this client takes the lock.
+    /// Some of them still have to be fenced before this client takes the lock (set at open,
+    /// cleared by the control thread once they are).
     pub(crate) fence_pending: AtomicBool,
+    /// The spec's `control_timeout` (also the bound of one fence).
+    pub(crate) control_timeout: Duration,
 }
 
 impl Shared {
@@ -175,6 +184,11 @@ pub struct DirectImage {
 }
 
 impl DirectImage {
+    /// See [`super::Image::predecessors_fenced`].
+    pub fn predecessors_fenced(&self) -> bool {
+        !self.shared.fence_pending.load(Ordering::Acquire)
+    }
+
     /// The exclusive lock as this client holds it (local state: no cluster round trip).
     pub fn lock_status(&self) -> super::LockStatus {
         let st = self.shared.lock_state();
@@ -261,7 +275,12 @@ impl DirectImage {
             stop: AtomicBool::new(false),
             header_oid,
             predecessors: spec.predecessors.clone(),
-            fence_pending: AtomicBool::new(fence_later && spec.fence_predecessors),
+            fence_pending: AtomicBool::new(
+                fence_later
+                    && spec.fence_predecessors
+                    && spec.predecessors.iter().any(|p| !p.fenced),
+            ),
+            control_timeout: spec.control_timeout,
             meta,
             cluster,
         });
@@ -407,10 +426,19 @@ struct Control {
     rewatch_at: Option<Instant>,
     /// Notifies sent and not completed (librados must not be shut down under them).
     notifies: usize,
+    /// Which predecessors this thread fenced.
+    fenced: Vec<bool>,
+    /// When to try the fence again while no write waits for it.
+    fence_at: Instant,
+    /// The last fence failure logged as a warning, and when.
+    fence_warned: Option<(String, Instant)>,
+    /// When to try again to unlock a lock being released (after a failed unlock).
+    release_at: Instant,
 }
 
 impl Control {
     fn new(s: Arc<Shared>) -> Control {
+        let predecessors = s.predecessors.len();
         Control {
             s,
             requesting: false,
@@ -419,13 +447,17 @@ impl Control {
             last_check: Instant::now(),
             rewatch_at: None,
             notifies: 0,
+            fenced: vec![false; predecessors],
+            fence_at: Instant::now(),
+            fence_warned: None,
+            release_at: Instant::now(),
         }
     }
 
     fn run(mut self) {
         let mut events = Vec::new();
         let mut done: Vec<AioDone> = Vec::new();
-        self.fence();
+        self.fence_in_background();
         loop {
             {
                 let mut fds = [
@@ -568,8 +600,14 @@ impl Control {
                 };
                 if let Some(old) = lost {
                     warn!(image = %self.s.name, "exclusive lock lost with the watch; re-acquiring");
-                    // the cluster call is made without holding the state the queues need
-                    let _ = cls_lock::unlock(&self.s.meta, &self.s.header_oid, RBD_LOCK_NAME, &old);
+                    // the cluster call is made without holding the state the queues need; if
+                    // it fails (times out), the next acquisition finds the hold ours and drops
+                    // it (`drop_stale_hold`)
+                    if let Err(e) =
+                        cls_lock::unlock(&self.s.meta, &self.s.header_oid, RBD_LOCK_NAME, &old)
+                    {
+                        debug!(image = %self.s.name, error = %e, "unlocking the old watch's hold failed");
+                    }
                 }
                 self.refresh();
             }
@@ -632,11 +670,16 @@ impl Control {
             let st = self.s.lock_state();
             (st.lock.clone(), st.want_lock, st.writers)
         };
+        if !want {
+            self.fence_in_background();
+        }
         match lock_state {
             LockState::Unlocked if want && !self.requesting && Instant::now() >= self.retry_at => {
                 self.try_acquire();
             }
-            LockState::Releasing(cookie) if writers == 0 => self.release(&cookie, true),
+            LockState::Releasing(cookie) if writers == 0 && Instant::now() >= self.release_at => {
+                self.release(&cookie, true);
+            }
             LockState::Locked(cookie) if self.last_check.elapsed() >= LOCK_CHECK => {
                 self.last_check = Instant::now();
                 self.check_lock(&cookie);
@@ -671,6 +714,11 @@ impl Control {
             why
         };
         warn!(image = %self.s.name, "{why}");
+        self.fail_parked(errno, why);
+    }
+
+    /// Fails the writes waiting for the lock with `why` (logged by the caller).
+    fn fail_parked(&mut self, errno: i32, why: String) {
         let mut st = self.s.lock_state();
         st.lock_failure = Some(LockFailure {
             errno: Errno(errno),
@@ -683,27 +731,117 @@ impl Control {
         }
     }
 
-    /// Blocklists the previous backends that may still write (see `ImageSpec::predecessors`);
-    /// until that is done no lock is taken, so no write of ours goes out. Retried at every
-    /// lock attempt if the monitors refused.
-    fn fence(&mut self) {
-        if !self.s.fence_pending.load(Ordering::Relaxed) {
+    /// Blocklists the previous backends that may still write (see `ImageSpec::predecessors`)
+    /// and waits for the OSD map that says so; until that is done no lock is taken, so no
+    /// write of ours goes out. Each fence is bounded by the control timeout (and a stop
+    /// request); `Ok` once every one is done, which [`DirectImage::predecessors_fenced`]
+    /// then reports.
+    fn fence(&mut self) -> Result<(), RadosError> {
+        if !self.s.fence_pending.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let s = Arc::clone(&self.s);
+        for (who, done) in s.predecessors.iter().zip(self.fenced.iter_mut()) {
+            if who.fenced || *done {
+                continue;
+            }
+            s.cluster.fence(&who.addr, s.control_timeout, &|| {
+                s.stop.load(Ordering::Relaxed)
+            })?;
+            info!(image = %s.name, addr = %who.addr, client = %who.entity(),
+                  "fenced the previous backend's client (blocklisted)");
+            *done = true;
+        }
+        self.fence_warned = None;
+        s.fence_pending.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Logs a failed fence: as a warning when it is new or the last warning is old, else at
+    /// debug level (a fence retried every second must not flood the log).
+    fn fence_failed(&mut self, e: &RadosError, consequence: &str) {
+        let msg = crate::chain(e);
+        let warned = self
+            .fence_warned
+            .as_ref()
+            .is_some_and(|(m, at)| *m == msg && at.elapsed() < FENCE_WARN_EVERY);
+        if warned {
+            debug!(image = %self.s.name, error = %msg, "cannot fence a previous backend yet");
+        } else {
+            warn!(image = %self.s.name, error = %msg, "cannot fence a previous backend; {consequence}");
+            self.fence_warned = Some((msg, Instant::now()));
+        }
+    }
+
+    /// Fences the predecessors while no write waits for the lock (at open, and retries), so
+    /// that they are reported fenced as soon as possible.
+    fn fence_in_background(&mut self) {
+        if !self.s.fence_pending.load(Ordering::Acquire) || Instant::now() < self.fence_at {
             return;
         }
-        for who in self.s.predecessors.iter().filter(|p| !p.fenced) {
-            if let Err(e) = self.s.cluster.fence(who) {
-                warn!(image = %self.s.name, error = %crate::chain(&e),
-                      "cannot fence a previous backend yet; writes wait");
-                return;
+        if let Err(e) = self.fence() {
+            let refused = e.fence_refused();
+            self.fence_failed(&e, "writes will fail until it is");
+            self.fence_at = Instant::now()
+                + if refused {
+                    FENCE_REFUSED_RETRY
+                } else {
+                    FENCE_RETRY
+                };
+        }
+    }
+
+    /// What writes waiting for a fence the monitors refused fail with.
+    fn fence_refusal(&self, e: &RadosError) -> String {
+        format!(
+            "image {}: no write may go out before the previous backend is fenced, and the \
+             fence was refused: {}",
+            self.s.name,
+            crate::chain(e)
+        )
+    }
+
+    /// `client.<gid>` of this client, as lock owner lists name it.
+    fn entity(&self) -> String {
+        format!("client.{}", self.s.gid)
+    }
+
+    /// Drops a hold of the header lock that this client took under an earlier watch (whose
+    /// unlock failed or timed out when the watch was replaced): ours to unlock, never a peer
+    /// to ask for it or to fence. False when the unlock failed (waiting writes are told).
+    fn drop_stale_hold(&mut self, stale: &str) -> bool {
+        info!(image = %self.s.name, cookie = %stale,
+              "the exclusive lock is held by this client under an earlier watch; unlocking it");
+        match cls_lock::unlock(&self.s.meta, &self.s.header_oid, RBD_LOCK_NAME, stale) {
+            Ok(()) => true,
+            Err(Errno(e)) if e == -libc::ENOENT => true,
+            Err(e) => {
+                self.retry_at = Instant::now() + Duration::from_secs(1);
+                self.fail_waiters(
+                    e.0,
+                    format!("cannot unlock this client's earlier hold of the exclusive lock: {e}"),
+                );
+                false
             }
         }
-        self.s.fence_pending.store(false, Ordering::Relaxed);
     }
 
     fn try_acquire(&mut self) {
-        self.fence();
-        if self.s.fence_pending.load(Ordering::Relaxed) {
-            self.retry_at = Instant::now() + Duration::from_secs(1);
+        if let Err(e) = self.fence() {
+            self.retry_at = Instant::now() + FENCE_RETRY;
+            if e.fence_refused() {
+                // it cannot succeed until an operator acts: the writes fail by name (reads
+                // go on), as the librbd engine's open would
+                self.fence_failed(&e, "writes fail until it is");
+                let why = self.fence_refusal(&e);
+                let errno = match &e {
+                    RadosError::Fence { errno, .. } => errno.0,
+                    _ => -libc::EACCES,
+                };
+                self.fail_parked(errno, why);
+            } else {
+                self.fence_failed(&e, "writes wait");
+            }
             return;
         }
         for _ in 0..3 {
@@ -734,6 +872,15 @@ impl Control {
             let Some((client, hcookie, _addr)) = lockers.holders.first().cloned() else {
                 continue; // released meanwhile: try again
             };
+            if client == self.entity() {
+                if hcookie == cookie {
+                    return self.acquired(cookie);
+                }
+                if !self.drop_stale_hold(&hcookie) {
+                    return;
+                }
+                continue;
+            }
             if self.s.predecessors.iter().any(|p| p.entity() == client) {
                 // the holder is the backend we replace: it is gone and cannot answer a
                 // request (librbd would wait for its watch to time out, ~30 s)
@@ -809,8 +956,10 @@ impl Control {
         }
     }
 
-    /// The holder answered no lock request: blocklist it and break its lock (krbd does the
-    /// same once its watch is gone).
+    /// The holder answered no lock request: fence it (blocklisted, and the OSD map that says
+    /// so seen, as librbd does before breaking a lock) and break its lock (krbd does the same
+    /// once its watch is gone). A hold of our own (an earlier watch's) is unlocked instead:
+    /// this client never fences itself.
     fn break_dead_owner(&mut self) {
         let Ok(l) = cls_lock::list_lockers(&self.s.meta, &self.s.header_oid, RBD_LOCK_NAME) else {
             return;
@@ -818,10 +967,32 @@ impl Control {
         let Some((client, cookie, addr)) = l.holders.first().cloned() else {
             return;
         };
+        if client == self.entity() {
+            self.drop_stale_hold(&cookie);
+            return;
+        }
         warn!(image = %self.s.name, holder = %client, %addr,
               "exclusive lock holder does not answer; blocklisting it and breaking its lock");
-        if let Err(e) = self.s.cluster.blocklist_add(&addr, 0) {
-            warn!(image = %self.s.name, error = %e, "blocklist failed");
+        let s = Arc::clone(&self.s);
+        if let Err(e) = s
+            .cluster
+            .fence(&addr, s.control_timeout, &|| s.stop.load(Ordering::Relaxed))
+        {
+            if e.fence_refused() {
+                self.retry_at = Instant::now() + FENCE_RETRY;
+                let why = format!(
+                    "image {}: the exclusive lock's holder {client} does not answer and \
+                     cannot be fenced: {}",
+                    self.s.name,
+                    crate::chain(&e)
+                );
+                let errno = match &e {
+                    RadosError::Fence { errno, .. } => errno.0,
+                    _ => -libc::EACCES,
+                };
+                return self.fail_waiters(errno, why);
+            }
+            warn!(image = %self.s.name, error = %crate::chain(&e), "blocklisting the holder failed");
             return;
         }
         if let Err(e) = cls_lock::break_lock(
@@ -909,14 +1080,24 @@ impl Control {
         Ok(map)
     }
 
-    fn release(&mut self, cookie: &str, notify: bool) {
+    /// Unlocks the object map and the header. Only once the header's unlock succeeded (or
+    /// found the lock gone) is the lock marked released and, with `notify`, announced; when
+    /// it failed (timed out) the lock is still ours: the state stays as it was (new writes
+    /// keep waiting), the failure is logged, the unlock is retried a second later, and false
+    /// comes back.
+    fn release(&mut self, cookie: &str, notify: bool) -> bool {
         let has_map = self.s.lock_state().header.features & feature::OBJECT_MAP != 0;
         if has_map {
             let _ = cls_lock::unlock(&self.s.meta, &self.s.objmap_oid, RBD_LOCK_NAME, "");
         }
-        if let Err(e) = cls_lock::unlock(&self.s.meta, &self.s.header_oid, RBD_LOCK_NAME, cookie) {
-            if e.0 != -libc::ENOENT {
-                warn!(image = %self.s.name, error = %e, "unlocking the header failed");
+        match cls_lock::unlock(&self.s.meta, &self.s.header_oid, RBD_LOCK_NAME, cookie) {
+            Ok(()) => {}
+            Err(Errno(e)) if e == -libc::ENOENT => {}
+            Err(e) => {
+                warn!(image = %self.s.name, error = %e,
+                      "unlocking the header failed; the lock is still ours, retrying");
+                self.release_at = Instant::now() + Duration::from_secs(1);
+                return false;
             }
         }
         let wanted = {
@@ -933,16 +1114,15 @@ impl Control {
         if wanted {
             self.retry_at = Instant::now() + Duration::from_millis(500);
         }
+        true
     }
 
     fn shutdown(&mut self) {
         let lock = self.s.lock_state().lock.clone();
         let cid = self.s.cid();
-        let held = match lock {
-            LockState::Locked(c) | LockState::Releasing(c) => {
-                self.release(&c, false);
-                true
-            }
+        // one attempt: a lock we could not release is broken by its next owner
+        let released = match lock {
+            LockState::Locked(c) | LockState::Releasing(c) => self.release(&c, false),
             LockState::Unlocked => false,
         };
         // the watch goes first, so the RELEASED_LOCK notify below does not wait for an
@@ -951,7 +1131,7 @@ impl Control {
         if cookie != 0 {
             let _ = self.s.meta.unwatch(cookie);
         }
-        if held {
+        if released {
             self.notify_as(notify_op::RELEASED_LOCK, TOKEN_OTHER_NOTIFY, cid);
         }
         // every notify must complete before the pool context and the cluster go
@@ -989,5 +1169,119 @@ pub(crate) fn objmap_apply(map: &mut [u8], objno: u64, new: u8, current: Option<
         if ok {
             *s = new;
         }
+    }
+}
+
+/// The lock protocol on the shared test cluster, with state only this crate can reach.
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{cls_lock, codec, LockState, RBD_LOCK_NAME, RBD_LOCK_TAG};
+    use crate::rados::testing::{cluster, one};
+    use crate::rados::{BlockOp, Engine, EngineChoice, Image};
+
+    /// A hold of the header lock under this client's own entity but a stale cookie (an
+    /// earlier watch's, whose unlock timed out when the watch was replaced) is unlocked
+    /// and the lock taken: the client never asks itself for the lock, and never blocklists
+    /// itself as a dead owner.
+    #[test]
+    fn a_stale_hold_of_our_own_is_unlocked_never_fenced() {
+        let c = cluster();
+        let name = c.create_image("direct-stale", 4, None);
+        let mut spec = c.spec(&name);
+        spec.engine = EngineChoice::Direct;
+        let img = Image::open(&spec).unwrap();
+        let Engine::Direct(d) = &img.engine else {
+            panic!("not the direct engine")
+        };
+        let s = &d.shared;
+        // watch handles are pointers: never 1
+        let stale = format!("{} 1", codec::RBD_LOCK_COOKIE_PREFIX);
+        let input = codec::lock_input(RBD_LOCK_NAME, &stale, RBD_LOCK_TAG);
+        s.meta
+            .exec_write(&s.header_oid, "lock", "lock", &input)
+            .unwrap();
+        let mut q = img.queue().unwrap();
+        let t = Instant::now();
+        let r = one(
+            &mut q,
+            BlockOp::Write {
+                offset: 0,
+                buf: vec![5; 4096],
+            },
+        );
+        r.result.unwrap();
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+        assert_eq!(img.unusable(), None);
+        let me = img.client().unwrap();
+        let listed = c.ceph(&["osd", "blocklist", "ls"]);
+        assert!(!listed.contains(&me.addr), "blocklisted itself: {listed}");
+        let l = cls_lock::list_lockers(&s.meta, &s.header_oid, RBD_LOCK_NAME).unwrap();
+        let cookies: Vec<&str> = l.holders.iter().map(|h| h.1.as_str()).collect();
+        assert_eq!(cookies, [s.cookie().as_str()]);
+        assert!(matches!(s.lock_state().lock, LockState::Locked(_)));
+    }
+}
+
+/// Fault tests on the private cluster `target/ceph-faults` (one at a time with the other
+/// fault tests: see `.config/nextest.toml`).
+#[cfg(test)]
+mod faults {
+    use std::time::{Duration, Instant};
+
+    use super::{cls_lock, LockState, RBD_LOCK_NAME};
+    use crate::rados::testing::{one, private_cluster, Revive, OSD};
+    use crate::rados::{BlockOp, Engine, EngineChoice, Image, LockHold};
+
+    /// A hand-over whose unlock times out (the OSD frozen past the control timeout) keeps
+    /// the lock: still releasing, nothing announced, the unlock retried until it goes
+    /// through once the OSD answers; the cluster then holds no lock of ours.
+    #[test]
+    fn a_release_whose_unlock_times_out_keeps_the_lock_until_unlocked() {
+        let c = private_cluster("faults");
+        let _revive = Revive(c);
+        let name = c.create_image("release", 4, None);
+        let mut spec = c.spec(&name);
+        spec.engine = EngineChoice::Direct;
+        spec.control_timeout = Duration::from_secs(1);
+        let img = Image::open(&spec).unwrap();
+        let mut q = img.queue().unwrap();
+        let w = one(
+            &mut q,
+            BlockOp::Write {
+                offset: 0,
+                buf: vec![3; 4096],
+            },
+        );
+        w.result.unwrap();
+        assert_eq!(img.lock_status().state, LockHold::Held);
+        let Engine::Direct(d) = &img.engine else {
+            panic!("not the direct engine")
+        };
+        let s = &d.shared;
+        c.daemon("stop", OSD);
+        // what a peer's lock request does (a notify cannot reach us through a frozen OSD)
+        {
+            let mut st = s.lock_state();
+            if let LockState::Locked(cookie) = &st.lock {
+                st.lock = LockState::Releasing(cookie.clone());
+            }
+        }
+        s.control.kick();
+        std::thread::sleep(Duration::from_secs(5));
+        assert_eq!(
+            img.lock_status().state,
+            LockHold::Releasing,
+            "the unlock timed out: the lock is still ours"
+        );
+        c.daemon("cont", OSD);
+        let t = Instant::now();
+        while img.lock_status().state != LockHold::NotHeld {
+            assert!(t.elapsed() < Duration::from_secs(30), "never released");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let l = cls_lock::list_lockers(&s.meta, &s.header_oid, RBD_LOCK_NAME).unwrap();
+        assert!(l.holders.is_empty(), "still locked: {:?}", l.holders);
     }
 }

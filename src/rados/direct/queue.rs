@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::super::client::{AioDone, AioSink, IoCtx, WriteOp};
 use super::super::{BlockOp, Completion, Errno, RadosError};
@@ -1135,12 +1135,14 @@ impl DirectQueue {
                     | BlockOp::WriteZeroes { offset, .. } => *offset,
                     _ => 0,
                 };
-                warn!(image = %self.shared.name, "{what} failed: {}", f.why);
+                // the control thread logged the reason once; each write carries it
+                debug!(image = %self.shared.name, "{what} failed: {}", f.why);
                 self.ready.push(Completion {
                     tag,
-                    result: Err(RadosError::Io {
+                    result: Err(RadosError::NoLock {
                         what,
                         offset,
+                        why: f.why.clone(),
                         errno: f.errno,
                     }),
                     buf: op.into_buf(),
