@@ -12,7 +12,8 @@ import sys
 DOM0 = ["dom0-toolstack", "rbdback-package", "ceph-health-ok", "rbd-images-created", "hotplug-selftest", "xl-create",
         "xvda-connected", "ring-page-order", "multi-queue", "persistent-grants", "indirect-segments",
         "block-attach", "block-detach", "domu-finished",
-        "export-xvda-64-16M", "export-xvda-68-8M-zero", "export-xvda-96-4M", "export-xvdb-8-4M"]
+        "export-xvda-64-16M", "export-xvda-68-8M-zero", "export-xvda-96-4M", "export-xvdb-8-4M",
+        "no-crash-messages"]
 RBDBACK = ["rbdback-supervisor", "rbdback-serve"]
 GUEST = ["xvda-present", "blkfront-params", "guest-persistent-grants", "guest-indirect-segments",
          "guest-queues", "guest-ring-size", "fio-seq-verify", "fio-rand-verify", "fio-mixed-verify",
