@@ -86,7 +86,7 @@ fn twenty_bad_configurations_are_named_removed_and_leave_the_other_disk_alone() 
         (
             on(&format!("rbd:rbd/{good}:keyring=/nonexistent/keyring")),
             "w",
-            "client.admin",
+            "found no keyring (keyring = /nonexistent/keyring)",
         ),
         (on(&format!("rbd:rbd/{good}:bogus_option=1")), "w", "bogus_option"),
         (on(&format!("rbd:rbd/{plain}@no-such-snap")), "r", "no-such-snap"),

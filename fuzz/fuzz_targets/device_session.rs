@@ -57,6 +57,7 @@ fuzz_target!(|input: Input| {
         limits,
         QueueConfig {
             max_inflight_bytes: 1 << 20,
+            ..QueueConfig::default()
         },
     );
     let image = Image::memory(2048 * 512);

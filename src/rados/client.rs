@@ -119,9 +119,16 @@ impl Cluster {
         // SAFETY: valid, configured handle; blocks at most the mount timeout.
         let rc = unsafe { sys::rados_connect(c.h) };
         if rc < 0 {
+            // librados says ENOENT when no keyring of its search list exists: name the list
+            let what = match c.get("keyring") {
+                Ok(list) if rc == -libc::ENOENT => {
+                    format!("rados_connect found no keyring (keyring = {})", list.trim())
+                }
+                _ => "rados_connect".to_owned(),
+            };
             return Err(RadosError::Connect {
                 client: spec.client_id.clone(),
-                what: "rados_connect".to_owned(),
+                what,
                 errno: Errno(rc),
             });
         }

@@ -14,11 +14,14 @@ DOM0 = ["dom0-toolstack", "rbdback-package", "ceph-health-ok", "rbd-images-creat
         "block-attach", "block-detach", "domu-finished",
         "export-xvda-64-16M", "export-xvda-68-8M-zero", "export-xvda-96-4M", "export-xvdb-8-4M",
         "no-crash-messages"]
-RBDBACK = ["rbdback-supervisor", "rbdback-serve"]
+RBDBACK = ["rbdback-supervisor", "rbdback-serve", "serve-kill-1", "serve-kill-2", "serve-upgrade",
+           "xvda-state-steady", "bad-attach-missing-image", "bad-attach-missing-pool",
+           "bad-attach-unknown-id", "bad-attach-no-pool-in-target", "bad-attach-missing-keyring",
+           "bad-create"]
 GUEST = ["xvda-present", "blkfront-params", "guest-persistent-grants", "guest-indirect-segments",
          "guest-queues", "guest-ring-size", "fio-seq-verify", "fio-rand-verify", "fio-mixed-verify",
          "fio-flush", "flush-reached-device", "discard-zeros", "pattern-readback", "xvdb-io",
-         "xvdb-detached"]
+         "xvdb-detached", "guest-no-io-errors"]
 MARKS = [("Xen boot", r"Xen version"), ("dom0 kernel", r"Building a PV Dom0"),
          ("dom0 userspace", r"dom0 userspace started"), ("Ceph HEALTH_OK", r"XENLAB-CHECK ceph-health-ok"),
          ("DOM0-READY", r"DOM0-READY"), ("xl create done", r"XL-CREATE-DONE"),
