@@ -3,7 +3,8 @@
 //!
 //! Owns: the socket (created 0600 in a 0700 run directory, which a sandboxed `serve` makes
 //! 0711 to reach its state; removed when the server is dropped, except by a sandboxed `serve`,
-//! which may not: its supervisor removes it), the line protocol and the dispatch of commands to handlers ([`Commands`]); the
+//! which may not: its supervisor removes it; and only while it is still the file this server
+//! bound: a socket another process bound at the path since is left alone), the line protocol and the dispatch of commands to handlers ([`Commands`]); the
 //! client side ([`call`], [`serve_sockets`]) that `rbdback status` and the metrics exporter use.
 //! Trusts: only root reaches the socket (its mode: root's, bound before a sandboxed `serve`
 //! drops); still, every request is
@@ -162,6 +163,18 @@ pub struct Server {
     /// be able to connect to its own socket's path).
     wake: Option<UnixListener>,
     thread: Option<JoinHandle<()>>,
+    /// The socket file this server bound (device, inode): only that file is removed.
+    file: FileId,
+}
+
+/// A file's identity: its device and inode numbers.
+type FileId = (u64, u64);
+
+/// The identity of the file at `path` itself (a symlink is not followed).
+fn file_id(path: &Path) -> std::io::Result<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path)?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// A control socket bound and listening, not served yet: a sandboxed `serve` binds it as root,
@@ -170,6 +183,7 @@ pub struct Server {
 pub struct Bound {
     path: PathBuf,
     listener: UnixListener,
+    file: FileId,
 }
 
 impl Server {
@@ -203,14 +217,23 @@ impl Server {
         let listener = UnixListener::bind(&path).map_err(io("cannot listen on", &path))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(io("cannot set the mode of", &path))?;
-        Ok(Bound { path, listener })
+        let file = file_id(&path).map_err(io("cannot stat", &path))?;
+        Ok(Bound {
+            path,
+            listener,
+            file,
+        })
     }
 }
 
 impl Bound {
     /// Serves `commands` on a thread of its own.
     pub fn serve(self, commands: Commands) -> Result<Server, ControlError> {
-        let Bound { path, listener } = self;
+        let Bound {
+            path,
+            listener,
+            file,
+        } = self;
         let io = |what, path: &Path| {
             let path = path.to_owned();
             move |source| ControlError::Io { what, path, source }
@@ -230,6 +253,7 @@ impl Bound {
             stop,
             wake: Some(wake),
             thread: Some(thread),
+            file,
         })
     }
 }
@@ -251,7 +275,20 @@ impl Drop for Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        // only our own socket file: a newer process (a hand-over's successor, a second
+        // instance) may have bound its own at the path meanwhile. The look and the unlink are
+        // two steps (there is no unlink-if-inode): one binding just between them would still
+        // lose its socket; a `serve` holds its instance lock until it exits, so its successor
+        // cannot bind then.
+        match file_id(&self.path) {
+            Ok(id) if id == self.file => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            Ok(_) => {
+                debug!(socket = %self.path.display(), "the control socket is another process's now; left in place");
+            }
+            Err(_) => {}
+        }
     }
 }
 
@@ -402,6 +439,26 @@ mod tests {
         let p = s.path().to_owned();
         drop(s);
         assert!(!p.exists(), "the socket is removed with the server");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_dropped_server_leaves_a_newer_servers_socket_in_place() {
+        let d = dir();
+        let mut a = Commands::default();
+        a.add("who", |_| Ok(json!("a")));
+        let old = Server::start(&d, "serve-8.sock", a).unwrap();
+        let p = old.path().to_owned();
+        assert_eq!(call(&p, "who", Value::Null).unwrap(), json!("a"));
+        // a newer process replaces the socket at the same path (as `bind` does: unlink, bind)
+        let mut b = Commands::default();
+        b.add("who", |_| Ok(json!("b")));
+        let new = Server::start(&d, "serve-8.sock", b).unwrap();
+        drop(old);
+        assert!(p.exists(), "the old server removed the newer one's socket");
+        assert_eq!(call(&p, "who", Value::Null).unwrap(), json!("b"));
+        drop(new);
+        assert!(!p.exists(), "the newer server removes its own socket");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

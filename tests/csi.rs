@@ -399,6 +399,204 @@ fn bad_requests_get_csi_error_codes() {
     p.unstage("vol-e", &good.staging_target_path).unwrap();
 }
 
+/// The volume id and the paths come from kubelet, untrusted: an id that could be read as a
+/// path or break a record line, a path with `..` or no root, is refused with
+/// `INVALID_ARGUMENT` naming the field, by every call, before anything is read or written.
+#[test]
+fn ids_and_paths_that_could_escape_are_refused_by_every_call() {
+    let c = cluster();
+    let image = c.create_image("csi-untrusted", 8, None);
+    let mut p = start(c, "untrusted");
+    let good = stage_req(&p, c, "vol-u", &image);
+    p.stage(good.clone()).unwrap();
+    let staging = PathBuf::from(&good.staging_target_path);
+    let target = p.dir.join("pods/uid-u/volumes/vol-u/mount");
+    p.publish(publish_req(&good, &target)).unwrap();
+    let refused = |r: Result<(), tonic::Status>, field: &str| {
+        let e = r.expect_err(field);
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().starts_with(field), "{}", e.message());
+    };
+    let long = "v".repeat(257);
+    let bad_ids = [
+        "../vol-u",
+        "vol/u",
+        "..",
+        "vol-u\nvolume_id x",
+        "vol\0u",
+        &long,
+    ];
+    for id in bad_ids {
+        let mut r = good.clone();
+        r.volume_id = id.into();
+        // a stage of it would write a record and a keyring
+        r.staging_target_path = p.dir.join("staging-bad").display().to_string();
+        refused(p.stage(r.clone()), "volume_id");
+        let mut pr = publish_req(&good, &p.dir.join("target-bad"));
+        pr.volume_id = id.into();
+        refused(p.publish(pr), "volume_id");
+        refused(p.unpublish(id, &target), "volume_id");
+        refused(p.unstage(id, &good.staging_target_path), "volume_id");
+        refused(p.stats(id, &target).map(drop), "volume_id");
+        refused(p.expand(id, &target, 0).map(drop), "volume_id");
+    }
+    assert!(!p.dir.join("staging-bad").exists());
+    assert!(!p.dir.join("target-bad").exists());
+    assert_eq!(
+        std::fs::read_dir(p.dir.join("state/keys")).unwrap().count(),
+        1,
+        "no keyring but the good volume's"
+    );
+
+    // the good volume's own paths, spelt with `..`: refused, not followed
+    let dotted = |path: &Path| {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        path.parent().unwrap().join("x/..").join(name)
+    };
+    refused(
+        p.unstage("vol-u", &dotted(&staging).display().to_string()),
+        "staging_target_path",
+    );
+    refused(p.unpublish("vol-u", &dotted(&target)), "target_path");
+    refused(p.stats("vol-u", &dotted(&target)).map(drop), "volume_path");
+    refused(
+        p.expand("vol-u", &dotted(&target), 0).map(drop),
+        "volume_path",
+    );
+    let mut r = publish_req(&good, &p.dir.join("target-dots/../target-u2"));
+    refused(p.publish(r.clone()), "target_path");
+    r.target_path = p.dir.join("target-u2").display().to_string();
+    r.staging_target_path = dotted(&staging).display().to_string();
+    refused(p.publish(r), "staging_target_path");
+    let mut r = good.clone();
+    r.staging_target_path = dotted(&staging).display().to_string();
+    refused(p.stage(r), "staging_target_path");
+    let mut r = good.clone();
+    r.staging_target_path = format!("{}\n", good.staging_target_path);
+    refused(p.stage(r), "staging_target_path");
+    refused(
+        p.unpublish("vol-u", Path::new("relative/mount")),
+        "target_path",
+    );
+    assert!(!p.dir.join("target-u2").exists());
+    assert!(target.join(DISK_FILE).exists() && staging.join(STAGE_RECORD).exists());
+
+    p.unpublish("vol-u", &target).unwrap();
+    p.unstage("vol-u", &good.staging_target_path).unwrap();
+    assert!(!staging.join(STAGE_RECORD).exists());
+}
+
+/// Unstage and unpublish remove only what the plugin made for the volume they name: another
+/// volume's stage or publication, or files rbdback did not write, are left alone (and the call
+/// answers OK: the named volume is not there, as the CSI specification has it). A publish to
+/// a target that holds another volume, the same volume with another access, or files rbdback
+/// did not write is `ALREADY_EXISTS`; the same publish again is OK.
+#[test]
+fn unstage_and_unpublish_touch_only_their_volume_and_publish_refuses_a_taken_target() {
+    let c = cluster();
+    let (img_a, img_b) = (
+        c.create_image("csi-own-a", 8, None),
+        c.create_image("csi-own-b", 8, None),
+    );
+    let mut p = start(c, "own");
+    let (sa, sb) = (
+        stage_req(&p, c, "vol-a", &img_a),
+        stage_req(&p, c, "vol-b", &img_b),
+    );
+    p.stage(sa.clone()).unwrap();
+    p.stage(sb.clone()).unwrap();
+    let (ta, tb) = (p.dir.join("target-a"), p.dir.join("target-b"));
+    p.publish(publish_req(&sa, &ta)).unwrap();
+    p.publish(publish_req(&sb, &tb)).unwrap();
+    let files = |dir: &Path| -> Vec<(String, String)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let name = e.file_name().into_string().unwrap();
+                (name, std::fs::read_to_string(e.path()).unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let key_dir = p.dir.join("state/keys");
+    let keys = || std::fs::read_dir(&key_dir).unwrap().count();
+    let (staged_b, published_b) = (files(Path::new(&sb.staging_target_path)), files(&tb));
+    assert_eq!(keys(), 2);
+
+    // A's calls naming B's paths
+    p.unpublish("vol-a", &tb).unwrap();
+    assert_eq!(files(&tb), published_b, "B's publication is intact");
+    p.unstage("vol-a", &sb.staging_target_path).unwrap();
+    assert_eq!(files(Path::new(&sb.staging_target_path)), staged_b);
+    assert_eq!(keys(), 2, "both keyrings are there");
+    // A publishing over B's target
+    let e = p.publish(publish_req(&sa, &tb)).unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    assert!(
+        e.message().contains("publishes volume vol-b"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(files(&tb), published_b);
+    // B is still served: stats find it at its target
+    p.stats("vol-b", &tb).unwrap();
+
+    // A again, read-only this time: incompatible with its read-write publication
+    let mut ro = publish_req(&sa, &ta);
+    ro.readonly = true;
+    let e = p.publish(ro.clone()).unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    assert!(
+        e.message().contains("access=rw") && e.message().contains("access=ro"),
+        "{}",
+        e.message()
+    );
+    let xl = std::fs::read_to_string(ta.join(XL_DISK_FILE)).unwrap();
+    assert!(xl.starts_with("access=rw, "), "{xl}");
+    p.publish(publish_req(&sa, &ta)).unwrap(); // the same again: OK
+                                               // a publication cut short before its xl-disk is completed by the retry
+    std::fs::remove_file(ta.join(XL_DISK_FILE)).unwrap();
+    p.publish(ro.clone()).unwrap();
+    let xl = std::fs::read_to_string(ta.join(XL_DISK_FILE)).unwrap();
+    assert!(xl.starts_with("access=ro, "), "{xl}");
+    p.unpublish("vol-a", &ta).unwrap();
+    assert!(!ta.exists());
+
+    // files rbdback did not write, at a target and a staging path it never used
+    let foreign = p.dir.join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join(DISK_FILE), "someone else's\n").unwrap();
+    let before = files(&foreign);
+    let e = p.publish(publish_req(&sa, &foreign)).unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    assert!(e.message().contains("did not write"), "{}", e.message());
+    p.unpublish("vol-a", &foreign).unwrap();
+    p.unstage("vol-a", &foreign.display().to_string()).unwrap();
+    std::fs::write(foreign.join(STAGE_RECORD), "not a record\n").unwrap();
+    let before_rec = files(&foreign);
+    p.unpublish("vol-a", &foreign).unwrap();
+    p.unstage("vol-a", &foreign.display().to_string()).unwrap();
+    assert_eq!(files(&foreign), before_rec, "left alone");
+    assert!(before_rec.len() == before.len() + 1);
+    let e = p.publish(publish_req(&sa, &foreign)).unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    assert_eq!(keys(), 2, "no keyring went with those calls");
+
+    // each volume's own calls remove its own
+    p.unpublish("vol-b", &tb).unwrap();
+    assert!(!tb.exists());
+    p.unstage("vol-b", &sb.staging_target_path).unwrap();
+    p.unstage("vol-a", &sa.staging_target_path).unwrap();
+    assert_eq!(keys(), 0);
+    for s in [&sa, &sb] {
+        assert!(!Path::new(&s.staging_target_path)
+            .join(STAGE_RECORD)
+            .exists());
+    }
+}
+
 /// A guest over the simulated Xen with one disk attached by the toolstack and served by
 /// rbdback, which re-reads the image's size every 300 ms.
 struct Guest {

@@ -6,12 +6,16 @@
 //! each staging path and the disk descriptor (and a copy of the record) in each publish path,
 //! and the threads that ask the cluster on a call's behalf (`flight.rs`: one per volume and
 //! kind, so a silent cluster and kubelet's retries cannot pile them up).
-//! Trusts: nothing in a request: every field is checked, the disk string it builds goes
-//! through the same parser as a VBD's `params`, and the image is opened once (bounded in time)
-//! before a stage succeeds, so a missing image, a bad key or an unreachable cluster is named
-//! at stage time with the matching gRPC code.
+//! Trusts: nothing in a request: every field is checked (a volume id is one short line with
+//! no `/`, a path is absolute with no `..`; else `INVALID_ARGUMENT` naming the field), the
+//! disk string it builds goes through the same parser as a VBD's `params`, and the image is
+//! opened once (bounded in time) before a stage succeeds, so a missing image, a bad key or an
+//! unreachable cluster is named at stage time with the matching gRPC code.
 //! Must never: log a secret, create a dom0 block device (rbdback serves guests, not dom0),
-//! touch a path the request did not name (apart from its own keyrings), resize an image
+//! touch a path the request did not name (apart from its own keyrings), remove or overwrite
+//! a file it did not write for the volume the call names (unstage and unpublish act only
+//! where the stage record names that volume; a publish over another volume's, another
+//! access's or foreign files is `ALREADY_EXISTS`), write through a link, resize an image
 //! (ceph-csi's controller does; NodeExpandVolume only checks the new size is there), or keep
 //! a kubelet call waiting on the cluster longer than its configured wait.
 //!
@@ -165,6 +169,16 @@ pub enum CsiError {
         /// Its value.
         path: String,
     },
+    /// An identifier or path that the plugin refuses to use.
+    #[error("{field} {value:?} {why}")]
+    Refused {
+        /// The field.
+        field: &'static str,
+        /// Its value (the first 64 characters of a long one).
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Block access was asked for.
     #[error(
         "block access: rbdback serves RBD volumes to Xen guests and makes no dom0 block device; \
@@ -275,13 +289,41 @@ pub enum CsiError {
         /// `limit_bytes`.
         limit: u64,
     },
-    /// The staging path holds another volume.
-    #[error("{path} already stages volume {other}")]
-    StagedElsewhere {
-        /// Staging path.
+    /// The staging or publish path holds another volume.
+    #[error("{path} already {verb} volume {other}")]
+    HoldsAnother {
+        /// The path.
         path: String,
-        /// The volume staged there.
+        /// `stages` or `publishes`.
+        verb: &'static str,
+        /// The volume there.
         other: String,
+    },
+    /// The volume is published at the path with another access.
+    #[error(
+        "volume {volume} is already published at {path} with access={published}; this request \
+         asks for access={asked} (unpublish it first)"
+    )]
+    PublishedOtherwise {
+        /// Volume id.
+        volume: String,
+        /// The publish path.
+        path: String,
+        /// `ro` or `rw`, as published.
+        published: String,
+        /// `ro` or `rw`, as asked.
+        asked: &'static str,
+    },
+    /// The publish path holds files of the names the plugin writes, which it did not write.
+    #[error(
+        "{path} holds {file}, which rbdback did not write (no stage record of rbdback is \
+         there); it is left alone"
+    )]
+    NotOurs {
+        /// The publish path.
+        path: String,
+        /// The file found.
+        file: &'static str,
     },
     /// Publish before stage.
     #[error("volume {volume} is not staged at {path}")]
@@ -330,6 +372,7 @@ impl CsiError {
         match self {
             CsiError::Missing(_)
             | CsiError::NotAbsolute { .. }
+            | CsiError::Refused { .. }
             | CsiError::BlockAccess
             | CsiError::Capability(_)
             | CsiError::Secrets(_)
@@ -355,7 +398,9 @@ impl CsiError {
             CsiError::NotHere { .. } => Code::NotFound,
             CsiError::NegativeCapacity(_) => Code::InvalidArgument,
             CsiError::TooSmall { .. } | CsiError::TooLarge { .. } => Code::OutOfRange,
-            CsiError::StagedElsewhere { .. } => Code::AlreadyExists,
+            CsiError::HoldsAnother { .. }
+            | CsiError::PublishedOtherwise { .. }
+            | CsiError::NotOurs { .. } => Code::AlreadyExists,
             CsiError::NotStaged { .. } | CsiError::Clusters { .. } => Code::FailedPrecondition,
             CsiError::Thread { .. } | CsiError::Io { .. } | CsiError::NotARecord(_) => {
                 Code::Internal
@@ -378,6 +423,53 @@ fn need<'a>(v: &'a str, what: &'static str) -> Result<&'a str, CsiError> {
     }
 }
 
+/// The longest volume id accepted, in bytes (the CSI specification asks COs for ids of at
+/// most 128 bytes; ceph-csi's handles are about 80).
+pub const MAX_VOLUME_ID: usize = 256;
+
+/// The longest path accepted, in bytes (Linux's `PATH_MAX` with its terminating NUL).
+const MAX_PATH: usize = 4095;
+
+fn refused(field: &'static str, value: &str, why: impl Into<String>) -> CsiError {
+    CsiError::Refused {
+        field,
+        value: value.chars().take(64).collect(),
+        why: why.into(),
+    }
+}
+
+/// A field that must be one line of at most `max` bytes.
+fn one_line(v: &str, field: &'static str, max: usize) -> Result<(), CsiError> {
+    if v.len() > max {
+        return Err(refused(
+            field,
+            v,
+            format!("is {} bytes long, more than {max}", v.len()),
+        ));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(refused(field, v, "holds a control character"));
+    }
+    Ok(())
+}
+
+/// A volume id: it names files and threads and goes into stage records and disk strings, so
+/// it must be one short line that cannot be read as a path.
+fn need_volume_id(v: &str) -> Result<&str, CsiError> {
+    let field = "volume_id";
+    let v = need(v, field)?;
+    one_line(v, field, MAX_VOLUME_ID)?;
+    if v.contains('/') {
+        return Err(refused(field, v, "holds a '/'"));
+    }
+    if v == "." || v == ".." {
+        return Err(refused(field, v, "is a path component"));
+    }
+    Ok(v)
+}
+
+/// A path the request names: absolute, without `..` components (the plugin writes and
+/// removes files under it) or control characters.
 fn need_abs(v: &str, what: &'static str) -> Result<PathBuf, CsiError> {
     let p = Path::new(need(v, what)?);
     if !p.is_absolute() {
@@ -385,6 +477,10 @@ fn need_abs(v: &str, what: &'static str) -> Result<PathBuf, CsiError> {
             what,
             path: v.to_owned(),
         });
+    }
+    one_line(v, what, MAX_PATH)?;
+    if p.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(refused(what, v, "has a '..' component"));
     }
     Ok(p.to_path_buf())
 }
@@ -441,10 +537,12 @@ fn key_file_name(volume_id: &str) -> String {
 fn write_private(path: &Path, text: &str) -> Result<(), CsiError> {
     let tmp = path.with_extension("tmp");
     let io = |e| CsiError::io("cannot write", path, e);
+    // a new file: one left in the (kubelet's, not our) directory, or a symlink planted there,
+    // is replaced, never written through
+    remove(&tmp)?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(io)?;
@@ -534,6 +632,37 @@ impl Record {
     }
 }
 
+/// Whether the stage record in `dir` is `volume_id`'s (so that `call` may remove what the
+/// plugin made there for it); says why not in the log when another volume's record or a file
+/// rbdback did not write is there.
+fn held(dir: &Path, volume_id: &str, call: &'static str) -> Result<bool, CsiError> {
+    match Record::read(dir) {
+        Ok(Some(rec)) if rec.volume_id == volume_id => Ok(true),
+        Ok(None) => {
+            info!(volume = %volume_id, path = %dir.display(), call, "the volume is not there (done before?): nothing to do");
+            Ok(false)
+        }
+        Ok(Some(rec)) => {
+            warn!(volume = %volume_id, path = %dir.display(), other = %rec.volume_id, call,
+                  "the path holds another volume: left alone");
+            Ok(false)
+        }
+        Err(CsiError::NotARecord(record)) => {
+            warn!(volume = %volume_id, path = %dir.display(), record, call,
+                  "the path holds a record rbdback did not write: left alone");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The access (`ro` or `rw`) of the publication in `target`, as its `xl-disk` says.
+fn published_access(target: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(target.join(XL_DISK_FILE)).ok()?;
+    let access = text.strip_prefix("access=")?.split(',').next()?.trim();
+    Some(access.to_owned())
+}
+
 impl Plugin {
     fn keyring_path(&self, volume_id: &str) -> PathBuf {
         self.cfg
@@ -604,13 +733,14 @@ impl Plugin {
     }
 
     async fn stage(&self, r: NodeStageVolumeRequest) -> Result<(), CsiError> {
-        let volume_id = need(&r.volume_id, "volume_id")?.to_owned();
+        let volume_id = need_volume_id(&r.volume_id)?.to_owned();
         let staging = need_abs(&r.staging_target_path, "staging_target_path")?;
         let read_only = check_capability(r.volume_capability.as_ref())?;
         let staged_before = match Record::read(&staging)? {
             Some(old) if old.volume_id != volume_id => {
-                return Err(CsiError::StagedElsewhere {
+                return Err(CsiError::HoldsAnother {
                     path: staging.display().to_string(),
+                    verb: "stages",
                     other: old.volume_id,
                 })
             }
@@ -673,10 +803,15 @@ impl Plugin {
     }
 
     fn unstage(&self, r: &NodeUnstageVolumeRequest) -> Result<(), CsiError> {
-        let volume_id = need(&r.volume_id, "volume_id")?;
+        let volume_id = need_volume_id(&r.volume_id)?;
         let staging = need_abs(&r.staging_target_path, "staging_target_path")?;
-        remove(&staging.join(STAGE_RECORD))?;
+        // only what this volume's stage made: CSI answers OK for a volume not staged there
+        if !held(&staging, volume_id, "unstage")? {
+            return Ok(());
+        }
+        // the record goes last, so that a retry after a failure here still finds it
         remove(&self.keyring_path(volume_id))?;
+        remove(&staging.join(STAGE_RECORD))?;
         self.last_usage
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -686,7 +821,7 @@ impl Plugin {
     }
 
     fn publish(&self, r: &NodePublishVolumeRequest) -> Result<(), CsiError> {
-        let volume_id = need(&r.volume_id, "volume_id")?;
+        let volume_id = need_volume_id(&r.volume_id)?;
         let staging = need_abs(&r.staging_target_path, "staging_target_path")?;
         let target = need_abs(&r.target_path, "target_path")?;
         let read_only = check_capability(r.volume_capability.as_ref())? || r.readonly;
@@ -696,22 +831,65 @@ impl Plugin {
                 volume: volume_id.to_owned(),
                 path: staging.display().to_string(),
             })?;
-        std::fs::create_dir_all(&target).map_err(|e| CsiError::io("cannot create", &target, e))?;
         let access = if read_only { "ro" } else { "rw" };
+        let path = || target.display().to_string();
+        match Record::read(&target) {
+            Ok(Some(old)) if old.volume_id != volume_id => {
+                return Err(CsiError::HoldsAnother {
+                    path: path(),
+                    verb: "publishes",
+                    other: old.volume_id,
+                })
+            }
+            // published before: the same access is idempotent, another is refused (a
+            // publication without its xl-disk, cut short, is made again)
+            Ok(Some(_)) => match published_access(&target) {
+                Some(published) if published != access => {
+                    return Err(CsiError::PublishedOtherwise {
+                        volume: volume_id.to_owned(),
+                        path: path(),
+                        published,
+                        asked: access,
+                    })
+                }
+                _ => {}
+            },
+            // the record is written first: files without one are someone else's
+            Ok(None) => {
+                if let Some(file) = [DISK_FILE, XL_DISK_FILE]
+                    .into_iter()
+                    .find(|f| std::fs::symlink_metadata(target.join(f)).is_ok())
+                {
+                    return Err(CsiError::NotOurs { path: path(), file });
+                }
+            }
+            Err(CsiError::NotARecord(_)) => {
+                return Err(CsiError::NotOurs {
+                    path: path(),
+                    file: STAGE_RECORD,
+                })
+            }
+            Err(e) => return Err(e),
+        }
+        std::fs::create_dir_all(&target).map_err(|e| CsiError::io("cannot create", &target, e))?;
         let xl = format!(
             "access={access}, backendtype=phy, script=block-rbdback, target={}",
             rec.disk
         );
+        rec.write(&target)?;
         write_private(&target.join(DISK_FILE), &format!("{}\n", rec.disk))?;
         write_private(&target.join(XL_DISK_FILE), &format!("{xl}\n"))?;
-        rec.write(&target)?;
         info!(volume = %volume_id, target = %target.display(), access, "published");
         Ok(())
     }
 
     fn unpublish(&self, r: &NodeUnpublishVolumeRequest) -> Result<(), CsiError> {
-        let volume_id = need(&r.volume_id, "volume_id")?;
+        let volume_id = need_volume_id(&r.volume_id)?;
         let target = need_abs(&r.target_path, "target_path")?;
+        // only what this volume's publish made: CSI answers OK for a volume not published there
+        if !held(&target, volume_id, "unpublish")? {
+            return Ok(());
+        }
         remove(&target.join(DISK_FILE))?;
         remove(&target.join(XL_DISK_FILE))?;
         remove(&target.join(STAGE_RECORD))?;
@@ -776,7 +954,7 @@ impl Plugin {
     }
 
     async fn stats(&self, r: &NodeGetVolumeStatsRequest) -> Result<Usage, CsiError> {
-        let volume_id = need(&r.volume_id, "volume_id")?;
+        let volume_id = need_volume_id(&r.volume_id)?;
         let path = need_abs(&r.volume_path, "volume_path")?;
         let (disk, spec) = self.volume_at(volume_id, &path, &r.staging_target_path)?;
         let deadline = self.cfg.stats_deadline;
@@ -823,7 +1001,7 @@ impl Plugin {
     }
 
     async fn expand(&self, r: &NodeExpandVolumeRequest) -> Result<u64, CsiError> {
-        let volume_id = need(&r.volume_id, "volume_id")?;
+        let volume_id = need_volume_id(&r.volume_id)?;
         let path = need_abs(&r.volume_path, "volume_path")?;
         if r.volume_capability.is_some() {
             check_capability(r.volume_capability.as_ref())?;
@@ -1033,6 +1211,83 @@ mod tests {
             .contains("no monitors"));
         assert!(cluster_entry("{", "a").is_err());
         assert!(cluster_entry("{}", "a").unwrap_err().contains("list"));
+    }
+
+    #[test]
+    fn volume_ids_and_paths_that_could_escape_are_refused_by_name() {
+        let refused = |e: CsiError, field: &str, why: &str| {
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+            let m = e.to_string();
+            assert!(m.starts_with(field) && m.contains(why), "{m}");
+        };
+        assert_eq!(
+            need_volume_id("0001-0009-ceph-0000000000000002-abc").unwrap(),
+            "0001-0009-ceph-0000000000000002-abc"
+        );
+        assert!(need_volume_id(&"v".repeat(MAX_VOLUME_ID)).is_ok());
+        let long = "v".repeat(MAX_VOLUME_ID + 1);
+        refused(need_volume_id(&long).unwrap_err(), "volume_id", "257 bytes");
+        assert!(need_volume_id(&long).unwrap_err().to_string().len() < 200);
+        for id in ["a\nvolume_id b", "a\0", "a\u{7f}b"] {
+            refused(need_volume_id(id).unwrap_err(), "volume_id", "control");
+        }
+        for id in ["../../etc", "a/b", "/"] {
+            refused(need_volume_id(id).unwrap_err(), "volume_id", "'/'");
+        }
+        for id in [".", ".."] {
+            refused(need_volume_id(id).unwrap_err(), "volume_id", "component");
+        }
+        assert!(matches!(
+            need_volume_id(""),
+            Err(CsiError::Missing("volume_id"))
+        ));
+
+        let ok = "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pv-1/mount";
+        assert_eq!(need_abs(ok, "target_path").unwrap(), Path::new(ok));
+        assert!(need_abs("/a/..b/c../.x", "target_path").is_ok());
+        for p in ["/a/../etc", "/a/b/..", "/.."] {
+            refused(
+                need_abs(p, "target_path").unwrap_err(),
+                "target_path",
+                "'..'",
+            );
+        }
+        refused(
+            need_abs("/a\nb", "staging_target_path").unwrap_err(),
+            "staging_target_path",
+            "control",
+        );
+        let long = format!("/{}", "d".repeat(MAX_PATH));
+        refused(
+            need_abs(&long, "target_path").unwrap_err(),
+            "target_path",
+            "bytes long",
+        );
+        let e = need_abs("a/b", "target_path").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.to_string().starts_with("target_path"), "{e}");
+    }
+
+    #[test]
+    fn private_files_are_not_written_through_a_planted_link() {
+        let d = std::env::temp_dir().join(format!("rbdback-csi-write-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let victim = d.join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        std::os::unix::fs::symlink(&victim, d.join("disk.tmp")).unwrap();
+        write_private(&d.join(DISK_FILE), "rbd:p/i\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert_eq!(
+            std::fs::read_to_string(d.join(DISK_FILE)).unwrap(),
+            "rbd:p/i\n"
+        );
+        let mode = std::fs::metadata(d.join(DISK_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
