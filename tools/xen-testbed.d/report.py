@@ -14,10 +14,11 @@ DOM0 = ["dom0-toolstack", "rbdback-package", "ceph-health-ok", "rbd-images-creat
         "block-attach", "block-detach", "domu-finished",
         "export-xvda-64-16M", "export-xvda-68-8M-zero", "export-xvda-96-4M", "export-xvdb-8-4M",
         "no-crash-messages"]
-RBDBACK = ["rbdback-supervisor", "rbdback-serve", "serve-kill-1", "serve-kill-2", "serve-upgrade",
+RBDBACK = ["rbdback-supervisor", "rbdback-serve", "serve-sandboxed", "osd-restart", "serve-kill-1", "serve-kill-2", "serve-upgrade",
            "xvda-state-steady", "bad-attach-missing-image", "bad-attach-missing-pool",
            "bad-attach-unknown-id", "bad-attach-no-pool-in-target", "bad-attach-missing-keyring",
-           "bad-create"]
+           "bad-create", "csi-stage", "csi-publish", "csi-attach", "xvdc-io", "csi-detach",
+           "csi-unpublish-unstage", "export-xvdc-4-4M"]
 GUEST = ["xvda-present", "blkfront-params", "guest-persistent-grants", "guest-indirect-segments",
          "guest-queues", "guest-ring-size", "fio-seq-verify", "fio-rand-verify", "fio-mixed-verify",
          "fio-flush", "flush-reached-device", "discard-zeros", "pattern-readback", "xvdb-io",
