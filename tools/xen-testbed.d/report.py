@@ -19,6 +19,10 @@ RBDBACK = ["rbdback-supervisor", "rbdback-serve", "serve-sandboxed", "osd-restar
            "bad-attach-unknown-id", "bad-attach-no-pool-in-target", "bad-attach-missing-keyring",
            "bad-create", "csi-stage", "csi-publish", "csi-attach", "xvdc-io", "csi-detach",
            "csi-unpublish-unstage", "export-xvdc-4-4M"]
+# XENLAB_MIGRATION=1: the migration guest (live migration, save/restore, a hung source)
+MIGRATION = ["mig-create", "mig-xvda-present", "mig-live-migrate", "mig-save-restore", "mig-hung-source-fenced",
+             "mig-hung-source-cannot-write", "mig-fio-long-verify", "mig-no-io-errors", "mig-finished",
+             "mig-one-writer", "export-xenlab-m-0-32M"]
 GUEST = ["xvda-present", "blkfront-params", "guest-persistent-grants", "guest-indirect-segments",
          "guest-queues", "guest-ring-size", "fio-seq-verify", "fio-rand-verify", "fio-mixed-verify",
          "fio-flush", "flush-reached-device", "discard-zeros", "pattern-readback", "xvdb-io",
@@ -27,14 +31,16 @@ MARKS = [("Xen boot", r"Xen version"), ("dom0 kernel", r"Building a PV Dom0"),
          ("dom0 userspace", r"dom0 userspace started"), ("Ceph HEALTH_OK", r"XENLAB-CHECK ceph-health-ok"),
          ("DOM0-READY", r"DOM0-READY"), ("xl create done", r"XL-CREATE-DONE"),
          ("guest xvda up", r"DOMU-MARK XVDA-UP"), ("guest fio done", r"fio done"),
-         ("guest done", r"DOMU\[.*DONE"), ("power off", r"POWEROFF")]
-STRIP = re.compile(r"^\[\s*([0-9.]+)\]\s*(?:domU>\s*)?")
+         ("guest done", r"DOMU\[.*DONE"), ("live migration", r"EVENT migrate"),
+         ("save/restore", r"EVENT save-restore"), ("hung migration", r"EVENT hung-migrate"),
+         ("power off", r"POWEROFF")]
+STRIP = re.compile(r"^\[\s*([0-9.]+)\]\s*(?:domU2?>\s*)?")
 
 
 def main(path):
     lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
     checks, order, features, nodes, times = {}, [], [], [], {}
-    backend, blkback = "rbdback", "absent"
+    backend, blkback, migration = "rbdback", "absent", "0"
     for raw in lines:
         m = STRIP.match(raw)
         t = float(m.group(1)) if m else None
@@ -42,9 +48,9 @@ def main(path):
         for name, pat in MARKS:
             if name not in times and t is not None and re.search(pat, line):
                 times[name] = t
-        mm = re.match(r"XENLAB-MODE backend=(\S+) blkback=(\S+)", line)
+        mm = re.match(r"XENLAB-MODE backend=(\S+) blkback=(\S+)(?: migration=(\S+))?", line)
         if mm:
-            backend, blkback = mm.groups()
+            backend, blkback, migration = mm.group(1), mm.group(2), mm.group(3) or "0"
         mc = re.match(r"(?:XENLAB|DOMU)-CHECK (\S+) (PASS|FAIL) ?(.*)", line)
         if mc:
             name, res, detail = mc.groups()
@@ -57,6 +63,8 @@ def main(path):
             nodes.append(line[len("XENLAB-NODE "):])
 
     required = DOM0 + GUEST + (RBDBACK if backend == "rbdback" else [])
+    if backend == "rbdback" and migration == "1":
+        required += MIGRATION
     if backend == "rbdback" and blkback == "loaded":
         required.append("blkback-unbound")
     for name in required:
