@@ -505,6 +505,21 @@ fn unstage_and_unpublish_touch_only_their_volume_and_publish_refuses_a_taken_tar
     );
     p.stage(sa.clone()).unwrap();
     p.stage(sb.clone()).unwrap();
+    // A staged again: the same access is idempotent, read-only over its read-write stage is
+    // incompatible (CSI: ALREADY_EXISTS), and the stage is left as it was
+    let record = Path::new(&sa.staging_target_path).join(STAGE_RECORD);
+    let staged_a = std::fs::read_to_string(&record).unwrap();
+    p.stage(sa.clone()).unwrap();
+    let mut sa_ro = sa.clone();
+    sa_ro.volume_capability = mount(Mode::SingleNodeReaderOnly);
+    let e = p.stage(sa_ro).unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    assert!(
+        e.message().contains("staged") && e.message().contains("access=rw"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(std::fs::read_to_string(&record).unwrap(), staged_a);
     let (ta, tb) = (p.dir.join("target-a"), p.dir.join("target-b"));
     p.publish(publish_req(&sa, &ta)).unwrap();
     p.publish(publish_req(&sb, &tb)).unwrap();

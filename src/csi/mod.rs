@@ -299,6 +299,21 @@ pub enum CsiError {
         /// The volume there.
         other: String,
     },
+    /// The volume is staged at the path with another access.
+    #[error(
+        "volume {volume} is already staged at {path} with access={staged}; this request asks \
+         for access={asked} (unstage it first)"
+    )]
+    StagedOtherwise {
+        /// Volume id.
+        volume: String,
+        /// The staging path.
+        path: String,
+        /// `ro` or `rw`, as staged.
+        staged: String,
+        /// `ro` or `rw`, as asked.
+        asked: &'static str,
+    },
     /// The volume is published at the path with another access.
     #[error(
         "volume {volume} is already published at {path} with access={published}; this request \
@@ -400,6 +415,7 @@ impl CsiError {
             CsiError::TooSmall { .. } | CsiError::TooLarge { .. } => Code::OutOfRange,
             CsiError::HoldsAnother { .. }
             | CsiError::PublishedOtherwise { .. }
+            | CsiError::StagedOtherwise { .. }
             | CsiError::NotOurs { .. } => Code::AlreadyExists,
             CsiError::NotStaged { .. } | CsiError::Clusters { .. } => Code::FailedPrecondition,
             CsiError::Thread { .. } | CsiError::Io { .. } | CsiError::NotARecord(_) => {
@@ -601,10 +617,12 @@ fn cluster_entry(text: &str, id: &str) -> Result<ClusterEntry, String> {
     })
 }
 
-/// The stage record: the volume and the disk string built for it.
+/// The stage record: the volume, the disk string built for it, and the access it was staged
+/// with (`ro` or `rw`; absent in records of earlier versions, which any access matches).
 struct Record {
     volume_id: String,
     disk: String,
+    access: Option<String>,
 }
 
 impl Record {
@@ -621,13 +639,20 @@ impl Record {
                 .map(str::to_owned)
         };
         match (field("volume_id"), field("disk")) {
-            (Some(volume_id), Some(disk)) => Ok(Some(Record { volume_id, disk })),
+            (Some(volume_id), Some(disk)) => Ok(Some(Record {
+                volume_id,
+                disk,
+                access: field("access"),
+            })),
             _ => Err(CsiError::NotARecord(path.display().to_string())),
         }
     }
 
     fn write(&self, dir: &Path) -> Result<(), CsiError> {
-        let text = format!("volume_id {}\ndisk {}\n", self.volume_id, self.disk);
+        let mut text = format!("volume_id {}\ndisk {}\n", self.volume_id, self.disk);
+        if let Some(a) = &self.access {
+            text.push_str(&format!("access {a}\n"));
+        }
         write_private(&dir.join(STAGE_RECORD), &text)
     }
 }
@@ -736,6 +761,7 @@ impl Plugin {
         let volume_id = need_volume_id(&r.volume_id)?.to_owned();
         let staging = need_abs(&r.staging_target_path, "staging_target_path")?;
         let read_only = check_capability(r.volume_capability.as_ref())?;
+        let access = if read_only { "ro" } else { "rw" };
         let staged_before = match Record::read(&staging)? {
             Some(old) if old.volume_id != volume_id => {
                 return Err(CsiError::HoldsAnother {
@@ -744,7 +770,20 @@ impl Plugin {
                     other: old.volume_id,
                 })
             }
-            old => old.is_some(),
+            // staged before: the same access is idempotent, another is refused (CSI: an
+            // incompatible volume_capability is ALREADY_EXISTS)
+            Some(old) => match old.access {
+                Some(staged) if staged != access => {
+                    return Err(CsiError::StagedOtherwise {
+                        volume: volume_id,
+                        path: staging.display().to_string(),
+                        staged,
+                        asked: access,
+                    })
+                }
+                _ => true,
+            },
+            None => false,
         };
         let result = self
             .verify_and_record(&r, &volume_id, &staging, read_only)
@@ -796,6 +835,7 @@ impl Plugin {
         Record {
             volume_id: volume_id.clone(),
             disk,
+            access: Some(if read_only { "ro" } else { "rw" }.to_owned()),
         }
         .write(staging)?;
         info!(volume = %volume_id, staging = %staging.display(), "staged");
