@@ -205,6 +205,48 @@ fn supervised(name: &str) -> (std::sync::Arc<SimXen>, Xenstore, PathBuf, Proc) {
     (xen, dom0, run_dir, sup)
 }
 
+/// The guest's verified I/O on `front` (queue depth 8, half writes over `span_sectors`) on a
+/// thread of its own, until `stop` is set: the instant of every answer in `answers`; the
+/// thread gives back the workload's report and the frontend.
+#[allow(clippy::type_complexity)]
+fn verified_io(
+    mut front: SimBlkfront,
+    span_sectors: u64,
+    seed: u64,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    std::thread::JoinHandle<(
+        Result<rbdback::device::testfront::RunReport, rbdback::device::testfront::FrontTestError>,
+        SimBlkfront,
+    )>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
+    let (s2, a2) = (Arc::clone(&stop), Arc::clone(&answers));
+    let worker = std::thread::spawn(move || {
+        let w = rbdback::device::testfront::Workload {
+            qd: 8,
+            write_pct: 50,
+            span_sectors,
+            seed,
+            verify: true,
+            indirect_every: 0,
+            flush_every: 0,
+            latencies: false,
+        };
+        let r = w.run(
+            &mut front,
+            |_| !s2.load(Ordering::Relaxed),
+            |_, d| a2.lock().unwrap().push(d.answered),
+        );
+        (r, front)
+    });
+    (stop, answers, worker)
+}
+
 /// The guest saw its backend Connected all along, and no protocol violation.
 fn assert_stayed_connected(states: &rbdback::device::testfront::BackendStates) {
     let seen = states.seen();
@@ -449,38 +491,17 @@ fn a_backend_killed_at_any_instant_is_resumed_without_the_guest_seeing_an_error(
 /// disk waited.
 #[test]
 fn a_live_upgrade_is_invisible_to_the_guest() {
-    use rbdback::device::testfront::{BackendStates, Workload};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
+    use rbdback::device::testfront::BackendStates;
+    use std::sync::atomic::Ordering;
     let c = cluster();
     let image = c.create_image("upgrade", 64, None);
     let (xen, dom0, run_dir, mut sup) = supervised("upgrade");
     const GUEST: u16 = 24;
     let spec = AttachSpec::new(&params(&image));
     let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
-    let mut front = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
+    let front = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
     let states = BackendStates::watch(front.domain(), &be, &fe).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let answers: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
-    let (s2, a2) = (Arc::clone(&stop), Arc::clone(&answers));
-    let worker = std::thread::spawn(move || {
-        let w = Workload {
-            qd: 8,
-            write_pct: 50,
-            span_sectors: 32 << 11,
-            seed: 0xab,
-            verify: true,
-            indirect_every: 0,
-            flush_every: 0,
-            latencies: false,
-        };
-        let r = w.run(
-            &mut front,
-            |_| !s2.load(Ordering::Relaxed),
-            |_, d| a2.lock().unwrap().push(d.answered),
-        );
-        (r, front)
-    });
+    let (stop, answers, worker) = verified_io(front, 32 << 11, 0xab);
     let upgrades: usize = std::env::var("RBDBACK_UPGRADES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -787,9 +808,8 @@ fn a_forbidden_system_call_kills_the_backend_and_the_next_one_resumes_every_disk
 /// resumes the rings. The guest sees no error and no state change.
 #[test]
 fn a_second_serve_for_a_guest_waits_until_the_first_is_gone() {
-    use rbdback::device::testfront::{BackendStates, Workload};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
+    use rbdback::device::testfront::BackendStates;
+    use std::sync::atomic::Ordering;
     let c = cluster();
     let image = c.create_image("twice", 16, None);
     let xen = SimXen::start().unwrap();
@@ -806,29 +826,9 @@ fn a_second_serve_for_a_guest_waits_until_the_first_is_gone() {
     );
     let spec = AttachSpec::new(&params(&image));
     let (be, fe) = toolstack_attach(&dom0, 0, GUEST, &spec).unwrap();
-    let mut front = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
+    let front = SimBlkfront::connect(xen.frontend(GUEST).unwrap(), &be, &fe, &spec, T).unwrap();
     let states = BackendStates::watch(front.domain(), &be, &fe).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let answers: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
-    let (s2, a2) = (Arc::clone(&stop), Arc::clone(&answers));
-    let worker = std::thread::spawn(move || {
-        let w = Workload {
-            qd: 8,
-            write_pct: 50,
-            span_sectors: 16 << 11,
-            seed: 0x26,
-            verify: true,
-            indirect_every: 0,
-            flush_every: 0,
-            latencies: false,
-        };
-        let r = w.run(
-            &mut front,
-            |_| !s2.load(Ordering::Relaxed),
-            |_, d| a2.lock().unwrap().push(d.answered),
-        );
-        (r, front)
-    });
+    let (stop, answers, worker) = verified_io(front, 16 << 11, 0x26);
     std::thread::sleep(Duration::from_secs(1));
     let second = Proc::spawn(
         &xen,

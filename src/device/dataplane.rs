@@ -281,6 +281,17 @@ struct Orphan {
     taken: Instant,
 }
 
+impl Orphan {
+    /// What is kept of a request given up while its engine operation still runs.
+    fn of(e: &InFlight) -> Orphan {
+        Orphan {
+            extent: e.extent,
+            bytes: e.bytes,
+            taken: e.taken,
+        }
+    }
+}
+
 /// What one [`Dataplane::expire`] pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Expired {
@@ -492,14 +503,7 @@ impl Dataplane {
         let mut pending: Vec<(u64, u8, Entry)> = Vec::new();
         for (tag, e) in std::mem::take(&mut self.inflight) {
             pending.push((e.id, e.operation, e.entry));
-            self.orphans.insert(
-                tag,
-                Orphan {
-                    extent: e.extent,
-                    bytes: e.bytes,
-                    taken: e.taken,
-                },
-            );
+            self.orphans.insert(tag, Orphan::of(&e));
         }
         for w in self.deferred.drain(..).chain(self.held.drain(..)) {
             pending.push((w.req.id, w.req.operation, w.entry));
@@ -1134,14 +1138,7 @@ impl Dataplane {
             let Some(e) = self.inflight.remove(&tag) else {
                 continue;
             };
-            self.orphans.insert(
-                tag,
-                Orphan {
-                    extent: e.extent,
-                    bytes: e.bytes,
-                    taken: e.taken,
-                },
-            );
+            self.orphans.insert(tag, Orphan::of(&e));
             self.ids.remove(&e.id);
             named.push((e.id, e.operation, e.extent.offset));
             self.metrics.answered(e.class, 0, e.started.elapsed());
