@@ -472,3 +472,33 @@ fn a_watch_flood_is_bounded() {
     dom0.write(path, "after").unwrap();
     assert_eq!(w.recv_timeout(Duration::from_secs(1)).unwrap().path, path);
 }
+
+/// A simulated Xen starts in a directory left by a dead process with the same pid (pids are
+/// reused): the stale sockets there are cleared instead of failing the bind (AddrInUse).
+#[test]
+fn a_stale_directory_of_a_reused_pid_does_not_stop_the_sim() {
+    let first = SimXen::start().unwrap();
+    let name = first
+        .dir()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let (prefix, n) = name.rsplit_once('-').unwrap();
+    let n: u64 = n.parse().unwrap();
+    for next in n + 1..n + 5 {
+        let stale = first.dir().with_file_name(format!("{prefix}-{next}"));
+        std::fs::create_dir_all(&stale).unwrap();
+        let _listener = std::os::unix::net::UnixListener::bind(stale.join("xenstored.sock"));
+        std::fs::write(stale.join("leftover"), b"x").unwrap();
+    }
+    let second = SimXen::start().unwrap();
+    assert!(!second.dir().join("leftover").exists());
+    let xs = second.platform().xenstore().unwrap();
+    xs.write("/local/domain/0/probe", "1").unwrap();
+    assert_eq!(
+        xs.read("/local/domain/0/probe").unwrap().as_deref(),
+        Some("1")
+    );
+}

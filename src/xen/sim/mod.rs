@@ -364,6 +364,9 @@ impl SimXen {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("rbdback-simxen-{}-{n}", std::process::id()));
+        // a directory of this name is a dead process's (pids are reused; a test that panicked
+        // leaves its own): its sockets would make the binds below fail, so it goes
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| XenError::io("create sim dir", e))?;
         let sock = dir.join("xenstored.sock");
         let xenstored = xenstored::SimXenstored::start(&sock)
